@@ -1,0 +1,505 @@
+"""A thin, typed async dynamic client over kubernetes_asyncio's REST client.
+
+We speak to the API server with plain JSON dicts and our own paths, headers and content types
+(server-side apply, PartialObjectMetadata, raw watch streams with bookmarks) instead of the
+generated typed APIs, which cannot express most of that. kubernetes_asyncio still does what it is
+good at: kubeconfig/in-cluster loading, TLS and bearer-token refresh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+from urllib.parse import quote
+
+import aiohttp
+from kubernetes_asyncio import config as kube_config
+from kubernetes_asyncio.client import ApiClient, Configuration
+
+from kaos_modelapi import __version__
+
+USER_AGENT = f"kaos-modelapi/{__version__}"
+
+JSON = "application/json"
+APPLY_PATCH = "application/apply-patch+yaml"
+PARTIAL_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+PARTIAL_METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+
+Obj = dict[str, Any]
+Query = list[tuple[str, str]]
+OnResponse = Callable[[str, int], None]
+"""Called once per HTTP request with (method, status code); code 0 means no response arrived."""
+
+WatchEventType = Literal["ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR"]
+_WATCH_EVENT_TYPES: frozenset[str] = frozenset({"ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR"})
+
+
+@dataclass(frozen=True)
+class Resource:
+    group: str
+    version: str
+    plural: str
+    kind: str
+    namespaced: bool = True
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def path(
+        self, namespace: str | None = None, name: str | None = None, subresource: str | None = None
+    ) -> str:
+        """The REST path; without a namespace a namespaced resource is addressed cluster-wide."""
+        prefix = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        parts = [prefix]
+        if self.namespaced and namespace is not None:
+            parts.append(f"namespaces/{_segment(namespace)}")
+        elif not self.namespaced and namespace is not None:
+            raise ValueError(f"{self.kind} is cluster-scoped; got namespace {namespace!r}")
+        parts.append(self.plural)
+        if name is not None:
+            parts.append(_segment(name))
+        if subresource is not None:
+            if name is None:
+                raise ValueError("a subresource needs a name")
+            parts.append(subresource)
+        return "/".join(parts)
+
+
+MODELAPI = Resource("kaos.tools", "v1alpha1", "modelapis", "ModelAPI")
+DEPLOYMENT = Resource("apps", "v1", "deployments", "Deployment")
+SERVICE = Resource("", "v1", "services", "Service")
+CONFIGMAP = Resource("", "v1", "configmaps", "ConfigMap")
+SECRET = Resource("", "v1", "secrets", "Secret")
+HTTPROUTE = Resource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
+EVENT = Resource("events.k8s.io", "v1", "events", "Event")
+LEASE = Resource("coordination.k8s.io", "v1", "leases", "Lease")
+NAMESPACE = Resource("", "v1", "namespaces", "Namespace", namespaced=False)
+
+DEFAULT_RESOURCES: tuple[Resource, ...] = (
+    MODELAPI,
+    DEPLOYMENT,
+    SERVICE,
+    CONFIGMAP,
+    SECRET,
+    HTTPROUTE,
+    EVENT,
+    LEASE,
+    NAMESPACE,
+)
+
+
+def _segment(value: str) -> str:
+    if not value or value in (".", ".."):
+        raise ValueError(f"invalid path segment {value!r}")
+    return quote(value, safe="")
+
+
+class ApiError(Exception):
+    """Any failed request: an HTTP status with the server's Status reason/message, or status 0 for
+    a request that got no response (connection refused/reset, timeout)."""
+
+    def __init__(self, status: int, reason: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.retry_after = retry_after
+
+    def is_not_found(self) -> bool:
+        return self.status == 404
+
+    def is_conflict(self) -> bool:
+        return self.status == 409
+
+    def is_already_exists(self) -> bool:
+        return self.status == 409 and self.reason == "AlreadyExists"
+
+    def is_gone(self) -> bool:
+        return self.status == 410
+
+    def is_invalid(self) -> bool:
+        return self.status == 422
+
+    def is_forbidden(self) -> bool:
+        return self.status == 403
+
+    def is_unauthorized(self) -> bool:
+        return self.status == 401
+
+    def is_too_many_requests(self) -> bool:
+        return self.status == 429
+
+    def is_transport(self) -> bool:
+        return self.status == 0
+
+    def is_retryable(self) -> bool:
+        """Worth retrying unchanged: throttling, server trouble, or no response at all."""
+        return self.status in (0, 429, 500, 502, 503, 504)
+
+
+class Gone(ApiError):
+    """410: the resourceVersion we asked for has been compacted away; the caller must relist."""
+
+
+def error_from_status(status: int, body: Mapping[str, Any] | None, fallback: str = "") -> ApiError:
+    """Build the error for an HTTP status and (if the body was a meta/v1 Status) its details."""
+    body = body or {}
+    raw_code = body.get("code")
+    code = raw_code if isinstance(raw_code, int) else status
+    reason = str(body.get("reason") or fallback or "Unknown")
+    message = str(body.get("message") or fallback or "")
+    details = body.get("details") if isinstance(body.get("details"), dict) else {}
+    retry_after = details.get("retryAfterSeconds") if isinstance(details, dict) else None
+    cls = Gone if code == 410 else ApiError
+    return cls(int(code), reason, message, float(retry_after) if retry_after else None)
+
+
+@dataclass(frozen=True)
+class ListResult:
+    items: list[Obj]
+    resource_version: str
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    type: WatchEventType
+    object: Obj
+
+    @property
+    def resource_version(self) -> str | None:
+        rv = self.object.get("metadata", {}).get("resourceVersion")
+        return str(rv) if rv else None
+
+
+def parse_watch_line(line: bytes, resource: Resource, metadata_only: bool) -> WatchEvent | None:
+    """One line of a watch stream -> an event; ``Gone`` for an expired resourceVersion."""
+    line = line.strip()
+    if not line:
+        return None
+    raw = json.loads(line)
+    event_type = raw.get("type")
+    obj = raw.get("object")
+    if event_type not in _WATCH_EVENT_TYPES or not isinstance(obj, dict):
+        raise ApiError(0, "BadWatchEvent", f"unexpected watch event: {line[:200]!r}")
+    if event_type == "ERROR":
+        error = error_from_status(int(obj.get("code") or 500), obj)
+        if isinstance(error, Gone):
+            raise error
+        return WatchEvent("ERROR", obj)
+    if event_type != "BOOKMARK" and metadata_only:
+        obj = with_type(obj, resource)
+    return WatchEvent(cast(WatchEventType, event_type), obj)
+
+
+def with_type(obj: Obj, resource: Resource) -> Obj:
+    """Stamp apiVersion/kind: list items arrive without them, metadata-only ones as
+    PartialObjectMetadata; the cache should hold objects that say what they are."""
+    return {**obj, "apiVersion": resource.api_version, "kind": resource.kind}
+
+
+def _split_lines(buffer: bytearray) -> list[bytes]:
+    """Pop every complete line off the front of buffer."""
+    lines = []
+    start = 0
+    while (end := buffer.find(b"\n", start)) >= 0:
+        lines.append(bytes(buffer[start:end]))
+        start = end + 1
+    del buffer[:start]
+    return lines
+
+
+class KubeClient:
+    """Async dynamic client. One per process; pass it to whatever needs the API.
+
+    ``on_response`` (optional) is told (method, status) for every request, which is what
+    controller-runtime's ``rest_client_requests_total{code,method}`` counts.
+    """
+
+    def __init__(
+        self,
+        api_client: ApiClient,
+        *,
+        on_response: OnResponse | None = None,
+        resources: Iterable[Resource] = DEFAULT_RESOURCES,
+        request_timeout: float = 60.0,
+        user_agent: str = USER_AGENT,
+    ) -> None:
+        self._api = api_client
+        self._on_response = on_response
+        self._by_type = {(r.api_version, r.kind): r for r in resources}
+        self._timeout = request_timeout
+        self._user_agent = user_agent
+
+    def resource_for(self, obj: Mapping[str, Any]) -> Resource:
+        key = (obj.get("apiVersion"), obj.get("kind"))
+        try:
+            return self._by_type[cast(tuple[str, str], key)]
+        except KeyError:
+            raise ValueError(f"no Resource known for apiVersion/kind {key}") from None
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    async def get(self, resource: Resource, namespace: str | None, name: str) -> Obj:
+        obj = await self._json("GET", resource.path(namespace, name))
+        return with_type(obj, resource)
+
+    async def list(
+        self,
+        resource: Resource,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        metadata_only: bool = False,
+        page_size: int = 500,
+    ) -> ListResult:
+        """A consistent list of everything (paged; falls back to one unpaged list if a continue
+        token expires mid-way, like client-go's pager)."""
+        try:
+            return await self._list_paged(resource, namespace, label_selector, metadata_only, page_size)
+        except Gone:
+            return await self._list_paged(resource, namespace, label_selector, metadata_only, 0)
+
+    async def _list_paged(
+        self,
+        resource: Resource,
+        namespace: str | None,
+        label_selector: str | None,
+        metadata_only: bool,
+        page_size: int,
+    ) -> ListResult:
+        accept = PARTIAL_METADATA_LIST if metadata_only else JSON
+        items: list[Obj] = []
+        token = ""
+        while True:
+            query = _query(labelSelector=label_selector, limit=page_size or None)
+            if token:
+                query.append(("continue", token))
+            page = await self._json("GET", resource.path(namespace), query=query, accept=accept)
+            items.extend(with_type(item, resource) for item in page.get("items") or [])
+            meta = page.get("metadata") or {}
+            token = meta.get("continue") or ""
+            if not token:
+                return ListResult(items, str(meta.get("resourceVersion") or ""))
+
+    async def watch(
+        self,
+        resource: Resource,
+        namespace: str | None = None,
+        resource_version: str | None = None,
+        label_selector: str | None = None,
+        metadata_only: bool = False,
+        timeout_seconds: int | None = None,
+    ) -> AsyncIterator[WatchEvent]:
+        """Raw watch stream with bookmarks. Ends when the server closes it (timeout_seconds);
+        raises ``Gone`` when resource_version is too old and ``ApiError`` on anything else.
+        Use it inside ``contextlib.aclosing`` so an abandoned stream closes its connection."""
+        query = _query(
+            watch="true",
+            allowWatchBookmarks="true",
+            resourceVersion=resource_version,
+            labelSelector=label_selector,
+            timeoutSeconds=timeout_seconds,
+        )
+        accept = PARTIAL_METADATA if metadata_only else JSON
+        # The server ends the stream after timeout_seconds; if it goes silent for much longer the
+        # connection is dead and we would rather find out than hang.
+        read_timeout = (timeout_seconds + 30) if timeout_seconds else None
+        timeout = aiohttp.ClientTimeout(total=None, connect=self._timeout, sock_read=read_timeout)
+        response = await self._send("GET", resource.path(namespace), query, accept, None, timeout)
+        try:
+            if response.status != 200:
+                raise await self._error_from_response(response)
+            buffer = bytearray()
+            async for chunk in self._chunks(response):
+                buffer.extend(chunk)
+                for line in _split_lines(buffer):
+                    event = parse_watch_line(line, resource, metadata_only)
+                    if event is not None:
+                        yield event
+        finally:
+            # A half-read stream cannot go back to the pool.
+            response.close()
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    async def apply(self, obj: Mapping[str, Any], field_manager: str, force: bool = False) -> Obj:
+        """Server-side apply: ``obj`` is our whole intent for the fields we manage."""
+        return await self._apply(obj, field_manager, force, subresource=None)
+
+    async def apply_status(self, obj: Mapping[str, Any], field_manager: str, force: bool = False) -> Obj:
+        """Server-side apply on the status subresource (``obj`` carries identity + ``status``)."""
+        return await self._apply(obj, field_manager, force, subresource="status")
+
+    async def _apply(
+        self, obj: Mapping[str, Any], field_manager: str, force: bool, subresource: str | None
+    ) -> Obj:
+        resource = self.resource_for(obj)
+        namespace, name = _identity(obj, resource)
+        query = _query(fieldManager=field_manager, force="true" if force else None)
+        result = await self._json(
+            "PATCH",
+            resource.path(namespace, name, subresource),
+            query=query,
+            body=dict(obj),
+            content_type=APPLY_PATCH,
+        )
+        return with_type(result, resource)
+
+    async def create(self, obj: Mapping[str, Any], field_manager: str | None = None) -> Obj:
+        resource = self.resource_for(obj)
+        namespace = obj.get("metadata", {}).get("namespace") if resource.namespaced else None
+        if resource.namespaced and not namespace:
+            raise ValueError(f"{resource.kind} needs metadata.namespace")
+        query = _query(fieldManager=field_manager)
+        result = await self._json("POST", resource.path(namespace), query=query, body=dict(obj))
+        return with_type(result, resource)
+
+    async def delete(
+        self,
+        resource: Resource,
+        namespace: str | None,
+        name: str,
+        uid: str | None,
+        propagation_policy: str | None = "Background",
+    ) -> bool:
+        """Delete one object, only if it still has ``uid`` (so a same-named replacement survives).
+
+        True if the server accepted the deletion; False if the object was already gone (404) or
+        is a different object now (the UID precondition failed)."""
+        options: Obj = {"apiVersion": "v1", "kind": "DeleteOptions"}
+        if uid is not None:
+            options["preconditions"] = {"uid": uid}
+        if propagation_policy is not None:
+            options["propagationPolicy"] = propagation_policy
+        try:
+            await self._json("DELETE", resource.path(namespace, name), body=options)
+        except ApiError as err:
+            if err.is_not_found() or (uid is not None and _is_uid_precondition_failure(err)):
+                return False
+            raise
+        return True
+
+    # -- transport ------------------------------------------------------------------------------
+
+    async def _json(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Query | None = None,
+        body: Obj | None = None,
+        accept: str = JSON,
+        content_type: str = JSON,
+    ) -> Obj:
+        timeout = aiohttp.ClientTimeout(total=self._timeout)
+        response = await self._send(method, path, query or [], accept, (body, content_type), timeout)
+        try:
+            if not 200 <= response.status < 300:
+                raise await self._error_from_response(response)
+            try:
+                data = await response.read()
+            except (aiohttp.ClientError, TimeoutError) as err:
+                raise ApiError(0, type(err).__name__, str(err) or repr(err)) from err
+        finally:
+            response.release()
+        try:
+            decoded = json.loads(data) if data else {}
+        except ValueError as err:
+            raise ApiError(response.status, "BadResponse", f"not JSON: {data[:200]!r}") from err
+        if not isinstance(decoded, dict):
+            raise ApiError(response.status, "BadResponse", f"not a JSON object: {data[:200]!r}")
+        return decoded
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        query: Query,
+        accept: str,
+        payload: tuple[Obj | None, str] | None,
+        client_timeout: aiohttp.ClientTimeout,
+    ) -> aiohttp.ClientResponse:
+        body, content_type = payload if payload is not None else (None, JSON)
+        headers = {"Accept": accept, "Content-Type": content_type, "User-Agent": self._user_agent}
+        # Adds (and, for in-cluster/exec credentials, refreshes) the bearer token.
+        await self._api.update_params_for_auth(headers, query, ["BearerToken"])
+        url = f"{self._api.configuration.host}{path}"
+        try:
+            response = await self._api.rest_client.request(
+                method,
+                url,
+                query_params=dict(query),
+                headers=headers,
+                body=body,
+                _preload_content=False,
+                _request_timeout=client_timeout,
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as err:
+            self._count(method, 0)
+            raise ApiError(0, type(err).__name__, str(err) or repr(err)) from err
+        self._count(method, response.status)
+        return cast(aiohttp.ClientResponse, response)
+
+    @staticmethod
+    async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in response.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError, OSError) as err:
+            raise ApiError(0, type(err).__name__, str(err) or repr(err)) from err
+
+    @staticmethod
+    async def _error_from_response(response: aiohttp.ClientResponse) -> ApiError:
+        try:
+            data = await response.read()
+            body = json.loads(data) if data else None
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            body = None
+        error = error_from_status(
+            response.status, body if isinstance(body, dict) else None, response.reason or ""
+        )
+        if error.retry_after is None and (header := response.headers.get("Retry-After", "")).isdigit():
+            error.retry_after = float(header)
+        return error
+
+    def _count(self, method: str, code: int) -> None:
+        if self._on_response is not None:
+            self._on_response(method, code)
+
+
+def _query(**params: str | int | None) -> Query:
+    return [(key, str(value)) for key, value in params.items() if value is not None]
+
+
+def _identity(obj: Mapping[str, Any], resource: Resource) -> tuple[str | None, str]:
+    meta = obj.get("metadata") or {}
+    name = meta.get("name")
+    if not name:
+        raise ValueError(f"{resource.kind} needs metadata.name")
+    namespace = meta.get("namespace") if resource.namespaced else None
+    if resource.namespaced and not namespace:
+        raise ValueError(f"{resource.kind} {name} needs metadata.namespace")
+    return namespace, str(name)
+
+
+def _is_uid_precondition_failure(err: ApiError) -> bool:
+    return err.is_conflict() and "precondition" in err.message.lower() and "uid" in err.message.lower()
+
+
+async def load_api_client(kubeconfig: str | None) -> ApiClient:
+    """An ApiClient from the given kubeconfig file; else in-cluster credentials when running in a
+    pod; else the default kubeconfig ($KUBECONFIG or ~/.kube/config), as kubectl would."""
+    configuration = Configuration()
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        # untyped upstream; it fills `configuration` and installs a token-file refresh hook
+        kube_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    else:
+        await kube_config.load_kube_config(
+            config_file=kubeconfig, client_configuration=configuration, persist_config=False
+        )
+    client = ApiClient(configuration=configuration)
+    client.user_agent = USER_AGENT
+    return client
