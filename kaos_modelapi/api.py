@@ -1,0 +1,402 @@
+"""The ModelAPI resource (kaos.tools/v1alpha1) as pydantic models.
+
+These models are the single source of the CRD: `crd.py` generates the OpenAPI schema from them, and each
+validation rule is written once, as a `Rule` holding both the CEL expression the API server enforces and the
+Python check that `kaos-modelapi render` applies offline, so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, model_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError
+
+GROUP = "kaos.tools"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "ModelAPI"
+PLURAL = "modelapis"
+SINGULAR = "modelapi"
+SHORT_NAMES = ("mapi",)
+
+# The Service is named "modelapi-<name>" and must be a DNS-1035 label (at most 63 characters).
+SERVICE_PREFIX = "modelapi-"
+MAX_NAME_LENGTH = 63 - len(SERVICE_PREFIX)
+DEFAULT_ROUTE_TIMEOUT = "120s"
+# Gateway API's Duration (GEP-2257), as its own CRDs validate it.
+DURATION_PATTERN = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One validation rule, enforced by the API server (CEL) and mirrored in Python for offline use."""
+
+    cel: str
+    message: str
+    check: Callable[[Any], bool]
+    field_path: str | None = None  # relative to the object the rule sits on, e.g. ".apiBase"
+    reason: str | None = None
+
+    def to_crd(self) -> dict[str, Any]:
+        rule: dict[str, Any] = {"rule": self.cel, "message": self.message}
+        if self.field_path:
+            rule["fieldPath"] = self.field_path
+        if self.reason:
+            rule["reason"] = self.reason
+        return rule
+
+
+class K8sModel(BaseModel):
+    """Base for every API type: camelCase field names as Kubernetes spells them, rules attached."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    rules: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> K8sModel:
+        for rule in self.rules:
+            if not rule.check(self):
+                where = rule.field_path.lstrip(".") if rule.field_path else ""
+                raise PydanticCustomError("cel", "{where}{message}", {
+                    "where": f"{where}: " if where else "", "message": rule.message})
+        return self
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        if cls.rules:
+            schema["x-kubernetes-validations"] = [rule.to_crd() for rule in cls.rules]
+        return schema
+
+
+def _is_http_url(value: str | None) -> bool:
+    if value is None:
+        return True
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+# --- Kubernetes' own shapes (the subset a ModelAPI uses) -------------------------------------------------
+
+
+class SecretKeySelector(K8sModel):
+    """Selects a key of a Secret in the ModelAPI's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="Name of the Secret.")
+    key: str = Field(min_length=1, max_length=253, description="Key in the Secret's data.")
+    optional: bool | None = Field(default=None, description="Whether the Secret or its key may be absent.")
+
+
+class ConfigMapKeySelector(K8sModel):
+    """Selects a key of a ConfigMap in the ModelAPI's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="Name of the ConfigMap.")
+    key: str = Field(min_length=1, max_length=253, description="Key in the ConfigMap's data.")
+    optional: bool | None = Field(default=None, description="Whether the ConfigMap or its key may be absent.")
+
+
+class ObjectFieldSelector(K8sModel):
+    """Selects a field of the pod, e.g. metadata.namespace."""
+
+    apiVersion: str | None = Field(default=None, description="Version of the schema fieldPath is written in.")
+    fieldPath: str = Field(description="Path of the field to select.")
+
+
+class ResourceFieldSelector(K8sModel):
+    """Selects a container's resource request or limit."""
+
+    containerName: str | None = Field(default=None, description="Container name.")
+    resource: str = Field(description="Resource to select, e.g. limits.memory.")
+    divisor: int | str | None = Field(default=None, description="Output format of the exposed resource.")
+
+
+class EnvVarSource(K8sModel):
+    """Where an environment variable's value comes from (exactly one source)."""
+
+    secretKeyRef: SecretKeySelector | None = Field(default=None, description="A key of a Secret.")
+    configMapKeyRef: ConfigMapKeySelector | None = Field(default=None, description="A key of a ConfigMap.")
+    fieldRef: ObjectFieldSelector | None = Field(default=None, description="A field of the pod.")
+    resourceFieldRef: ResourceFieldSelector | None = Field(default=None, description="A container resource.")
+
+    rules = (
+        Rule(
+            cel="[has(self.secretKeyRef), has(self.configMapKeyRef), has(self.fieldRef),"
+            " has(self.resourceFieldRef)].filter(x, x).size() == 1",
+            message="valueFrom needs exactly one of secretKeyRef, configMapKeyRef, fieldRef or resourceFieldRef",
+            check=lambda s: sum(
+                x is not None for x in (s.secretKeyRef, s.configMapKeyRef, s.fieldRef, s.resourceFieldRef)
+            ) == 1,
+        ),
+    )
+
+
+class EnvVar(K8sModel):
+    """An environment variable, as in a Kubernetes container (value or valueFrom)."""
+
+    name: str = Field(min_length=1, max_length=256, description="Name of the variable.")
+    value: str | None = Field(default=None, description="Literal value.")
+    valueFrom: EnvVarSource | None = Field(default=None, description="Source of the value.")
+
+    rules = (
+        Rule(
+            cel="!(has(self.value) && has(self.valueFrom))",
+            message="set either value or valueFrom, not both",
+            check=lambda s: not (s.value is not None and s.valueFrom is not None),
+        ),
+    )
+
+
+# --- ModelAPI spec ----------------------------------------------------------------------------------------
+
+
+class ConfigYaml(K8sModel):
+    """A complete LiteLLM config, given inline or from a Secret (exactly one)."""
+
+    fromString: str | None = Field(
+        default=None, max_length=262144, description="The LiteLLM config.yaml content, used as is."
+    )
+    fromSecretKeyRef: SecretKeySelector | None = Field(
+        default=None,
+        description="A Secret key holding the LiteLLM config.yaml. The Secret is mounted into the pod; the "
+        "operator never reads it. Changing the Secret's content does not restart the pods.",
+    )
+
+    rules = (
+        Rule(
+            cel="has(self.fromString) != has(self.fromSecretKeyRef)",
+            message="set exactly one of fromString or fromSecretKeyRef",
+            check=lambda s: (s.fromString is None) != (s.fromSecretKeyRef is None),
+        ),
+    )
+
+
+class ProxyConfig(K8sModel):
+    """LiteLLM proxy settings. configYaml: that config is used as is (apiBase and model are ignored);
+    apiBase only: wildcard, any model a client names is forwarded to apiBase; apiBase and model: only that
+    model, forwarded to apiBase; model only: mock, no backend, a request's mock_response is returned."""
+
+    apiBase: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="Backend URL (http or https), e.g. http://ollama.ollama.svc:11434. Alone, it enables "
+        "wildcard mode.",
+    )
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="One model name, e.g. ollama/smollm2:135m. With apiBase: single-model mode; alone: mock "
+        "mode.",
+    )
+    configYaml: ConfigYaml | None = Field(default=None, description="A complete LiteLLM config.")
+    env: list[EnvVar] | None = Field(
+        default=None,
+        max_length=256,
+        description="Environment variables for the LiteLLM container; they win over the operator's own.",
+    )
+
+    rules = (
+        Rule(
+            cel="has(self.apiBase) || has(self.model) || has(self.configYaml)",
+            message="set at least one of apiBase (wildcard proxy), model (mock, or single model with apiBase) "
+            "or configYaml (your own LiteLLM config)",
+            check=lambda s: s.apiBase is not None or s.model is not None or s.configYaml is not None,
+        ),
+        Rule(
+            cel="!has(self.apiBase) || (isURL(self.apiBase) && url(self.apiBase).getScheme() in ['http', "
+            "'https'] && url(self.apiBase).getHostname() != '')",
+            message="must be an absolute http or https URL, such as http://ollama.ollama.svc:11434",
+            check=lambda s: _is_http_url(s.apiBase),
+            field_path=".apiBase",
+        ),
+    )
+
+
+class HostedConfig(K8sModel):
+    """Ollama settings: the model is pulled by the pull-model init container, then served."""
+
+    model: str = Field(
+        min_length=1, max_length=256, description="Ollama model reference to pull and serve, e.g. smollm2:135m."
+    )
+    env: list[EnvVar] | None = Field(
+        default=None, max_length=256, description="Environment variables for the Ollama containers."
+    )
+
+
+class GatewayRoute(K8sModel):
+    """Settings of the HTTPRoute created when the operator is configured with a Gateway."""
+
+    timeout: str = Field(
+        default=DEFAULT_ROUTE_TIMEOUT,
+        max_length=32,
+        description="Request timeout of the HTTPRoute (Gateway API Duration, e.g. 120s, 4m, 1h30m). 0s sets "
+        "no timeout, so the Gateway's own default applies.",
+    )
+
+    rules = (
+        Rule(
+            cel=f"self.timeout.matches('{DURATION_PATTERN}')",
+            message="must be a Gateway API duration such as 120s, 4m or 1h30m (0s for the Gateway's default)",
+            check=lambda s: re.match(DURATION_PATTERN, s.timeout) is not None,
+            field_path=".timeout",
+        ),
+    )
+
+
+Mode = Literal["Proxy", "Hosted"]
+
+
+class ModelAPISpec(K8sModel):
+    """What the ModelAPI serves: a LiteLLM proxy (mode Proxy) or Ollama in the cluster (mode Hosted)."""
+
+    mode: Mode = Field(description="Proxy: a LiteLLM proxy in front of other backends. Hosted: Ollama.")
+    proxyConfig: ProxyConfig | None = Field(default=None, description="Required when mode is Proxy.")
+    hostedConfig: HostedConfig | None = Field(default=None, description="Required when mode is Hosted.")
+    podSpec: dict[str, Any] | None = Field(
+        default=None,
+        description="A partial PodSpec merged onto the generated one with strategic-merge-patch semantics "
+        "(containers, initContainers, volumes and env merge by name; ports by containerPort; volumeMounts by "
+        "mountPath; $patch directives honoured). The main container is named model-api.",
+    )
+    gatewayRoute: GatewayRoute | None = Field(default=None, description="HTTPRoute settings.")
+
+    rules = (
+        Rule(
+            cel="self.mode != 'Proxy' || has(self.proxyConfig)",
+            message="proxyConfig is required when mode is Proxy",
+            check=lambda s: s.mode != "Proxy" or s.proxyConfig is not None,
+            field_path=".proxyConfig",
+            reason="FieldValueRequired",
+        ),
+        Rule(
+            cel="self.mode != 'Proxy' || !has(self.hostedConfig)",
+            message="hostedConfig must not be set when mode is Proxy: remove it, or set mode: Hosted",
+            check=lambda s: s.mode != "Proxy" or s.hostedConfig is None,
+            field_path=".hostedConfig",
+            reason="FieldValueForbidden",
+        ),
+        Rule(
+            cel="self.mode != 'Hosted' || has(self.hostedConfig)",
+            message="hostedConfig is required when mode is Hosted",
+            check=lambda s: s.mode != "Hosted" or s.hostedConfig is not None,
+            field_path=".hostedConfig",
+            reason="FieldValueRequired",
+        ),
+        Rule(
+            cel="self.mode != 'Hosted' || !has(self.proxyConfig)",
+            message="proxyConfig must not be set when mode is Hosted: remove it, or set mode: Proxy",
+            check=lambda s: s.mode != "Hosted" or s.proxyConfig is None,
+            field_path=".proxyConfig",
+            reason="FieldValueForbidden",
+        ),
+    )
+
+    def effective_timeout(self) -> str:
+        return self.gatewayRoute.timeout if self.gatewayRoute else DEFAULT_ROUTE_TIMEOUT
+
+
+# --- ModelAPI status ----------------------------------------------------------------------------------
+
+
+Phase = Literal["Pending", "Ready", "Failed"]
+
+
+class Condition(K8sModel):
+    """A standard Kubernetes condition (metav1.Condition)."""
+    model_config = ConfigDict(extra="ignore")  # tolerate fields a newer operator version wrote
+
+    type: str = Field(max_length=316, description="Condition type, e.g. Ready.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(max_length=1024, description="One CamelCase word saying why.")
+    message: str = Field(default="", max_length=32768, description="Human-readable details.")
+    lastTransitionTime: str = Field(description="When status last changed (RFC 3339).")
+    observedGeneration: int | None = Field(default=None, description="The generation this was computed from.")
+
+
+class DeploymentCondition(K8sModel):
+    """A condition copied from the Deployment."""
+    model_config = ConfigDict(extra="ignore")  # tolerate fields a newer operator version wrote
+
+    type: str = Field(description="Available, Progressing or ReplicaFailure.")
+    status: str = Field(description="True, False or Unknown.")
+    reason: str | None = Field(default=None, description="Why.")
+    message: str | None = Field(default=None, description="Details.")
+    lastUpdateTime: str | None = Field(default=None, description="Last update.")
+    lastTransitionTime: str | None = Field(default=None, description="Last status change.")
+
+
+class DeploymentStatus(K8sModel):
+    """Key status fields of the Deployment, for rolling-update visibility."""
+    model_config = ConfigDict(extra="ignore")  # tolerate fields a newer operator version wrote
+
+    replicas: int = Field(default=0, description="Non-terminated pods.")
+    readyReplicas: int = Field(default=0, description="Pods with the Ready condition.")
+    availableReplicas: int = Field(default=0, description="Available pods.")
+    updatedReplicas: int = Field(default=0, description="Pods with the desired template.")
+    conditions: list[DeploymentCondition] = Field(default_factory=list, description="Deployment conditions.")
+
+
+class ModelAPIStatus(K8sModel):
+    """What the operator observed."""
+    model_config = ConfigDict(extra="ignore")  # tolerate fields a newer operator version wrote
+
+    phase: Phase = Field(default="Pending", description="Pending, Ready or Failed.")
+    ready: bool = Field(default=False, description="Whether the endpoint serves requests.")
+    endpoint: str = Field(default="", description="In-cluster URL for agents.")
+    model: str = Field(default="", description="The model(s) served, as shown by kubectl get.")
+    message: str = Field(default="", description="What is happening or what is wrong.")
+    observedGeneration: int | None = Field(default=None, description="The spec generation last acted on.")
+    deployment: DeploymentStatus | None = Field(default=None, description="Mirror of the Deployment status.")
+    conditions: list[Condition] = Field(default_factory=list, description="Standard conditions (Ready).")
+
+
+# --- The resource -----------------------------------------------------------------------------------------
+
+
+class ObjectMeta(BaseModel):
+    """The part of metadata the operator reads; everything else is kept but ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    namespace: str = "default"
+    uid: str = ""
+    generation: int = 0
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class ModelAPI(K8sModel):
+    """A ModelAPI: one OpenAI-compatible LLM endpoint for agents in the cluster."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    apiVersion: Literal["kaos.tools/v1alpha1"] = API_VERSION
+    kind: Literal["ModelAPI"] = KIND
+    metadata: ObjectMeta
+    spec: ModelAPISpec
+    status: ModelAPIStatus | None = None
+
+    rules = (
+        Rule(
+            cel=f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+            message=f"metadata.name must be at most {MAX_NAME_LENGTH} characters: the Service "
+            f"{SERVICE_PREFIX}<name> must be a DNS label of at most 63 characters; choose a shorter name",
+            check=lambda s: len(s.metadata.name) <= MAX_NAME_LENGTH,
+        ),
+        Rule(
+            cel="!self.metadata.name.contains('.')",
+            message="metadata.name must not contain '.': the Service modelapi-<name> must be a DNS label; "
+            "use '-' instead",
+            check=lambda s: "." not in s.metadata.name,
+        ),
+    )
+
+    @property
+    def key(self) -> str:
+        return f"{self.metadata.namespace}/{self.metadata.name}"

@@ -1,0 +1,359 @@
+"""The desired state of one ModelAPI: every child object, as plain Kubernetes dicts.
+
+Pure and synchronous: a ModelAPI and the operator settings in, the children out. No I/O, no clock, no
+randomness. The only thing the builder cannot produce is the LiteLLM master key's value: it emits the
+Secret without data and marks it, and the apply layer fills in a random key when it creates it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from . import api, litellm, ollama
+from .api import EnvVar, ModelAPI
+from .settings import Settings
+from .smp import StrategicMergeError, merge_pod_spec
+
+CONTAINER = "model-api"
+INIT_CONTAINER = "pull-model"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "kaos-modelapi"
+CONFIG_HASH_ANNOTATION = "kaos.tools/config-hash"
+# On a Secret the operator creates: the data key to fill with a random value on creation, never after.
+GENERATE_KEY_ANNOTATION = "kaos.tools/generate-key"
+
+
+class SpecError(Exception):
+    """The spec is valid for the API server but cannot be turned into children (status: Failed)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """A Secret the pod cannot start without."""
+
+    name: str
+    why: str
+
+
+@dataclass(frozen=True)
+class Desired:
+    children: tuple[dict[str, Any], ...]
+    endpoint: str
+    model: str
+    secret_refs: tuple[SecretRef, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+
+# --- names and metadata -----------------------------------------------------------------------------------
+
+
+def workload_name(name: str) -> str:
+    return f"{api.SERVICE_PREFIX}{name}"
+
+
+def config_map_name(name: str) -> str:
+    return f"litellm-config-{name}"
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {"app": "modelapi", "modelapi": name}
+
+
+def labels(name: str) -> dict[str, str]:
+    return {**selector_labels(name), MANAGED_BY_LABEL: MANAGED_BY}
+
+
+def owner_reference(m: ModelAPI) -> dict[str, Any]:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "name": m.metadata.name,
+        "uid": m.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(m: ModelAPI, name: str) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": m.metadata.namespace, "labels": labels(m.metadata.name)}
+    if m.metadata.uid:  # absent when rendering a file offline
+        meta["ownerReferences"] = [owner_reference(m)]
+    return meta
+
+
+def _object(api_version: str, kind: str, metadata: dict[str, Any], **body: Any) -> dict[str, Any]:
+    return {"apiVersion": api_version, "kind": kind, "metadata": metadata, **body}
+
+
+# --- env ----------------------------------------------------------------------------------------------
+
+
+def _env_dicts(env: list[EnvVar] | None) -> list[dict[str, Any]]:
+    return [e.model_dump(exclude_none=True) for e in env or []]
+
+
+def merge_env(operator: list[dict[str, Any]], user: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The user's variables win on the same name; operator variables keep their place so that a user's
+    $(VAR) reference to one of them still resolves."""
+    by_name = {e["name"]: e for e in user}
+    merged = [by_name.get(e["name"], e) for e in operator]
+    known = {e["name"] for e in operator}
+    return merged + [e for e in user if e["name"] not in known]
+
+
+def _user_secret_refs(env: list[EnvVar] | None) -> list[SecretRef]:
+    refs = []
+    for e in env or []:
+        ref = e.valueFrom.secretKeyRef if e.valueFrom else None
+        if ref is not None and not ref.optional:
+            refs.append(SecretRef(ref.name, f"env {e.name}"))
+    return refs
+
+
+# --- Proxy (LiteLLM) ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ProxyPlan:
+    """What differs between the Proxy variants."""
+
+    config_text: str | None  # ConfigMap content; None when the config is mounted from the user's Secret
+    config_volume: dict[str, Any]
+    auth: str
+    model: str
+    notes: tuple[str, ...]
+
+
+def _parse_user_config(text: str) -> dict[str, Any]:
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError("InvalidConfig", f"spec.proxyConfig.configYaml.fromString is not valid YAML: "
+                                         f"{' '.join(str(e).split())}") from e
+    if not isinstance(config, dict):
+        raise SpecError("InvalidConfig", "spec.proxyConfig.configYaml.fromString must be a YAML mapping "
+                                         "(a LiteLLM config with model_list)")
+    return config
+
+
+def _model_names(config: dict[str, Any]) -> str:
+    entries = config.get("model_list") or []
+    names = [str(e.get("model_name")) for e in entries if isinstance(e, dict) and e.get("model_name")]
+    return ",".join(names)
+
+
+def _proxy_plan(m: ModelAPI) -> _ProxyPlan:
+    pc = m.spec.proxyConfig
+    assert pc is not None  # guaranteed by the spec rules
+    cm_volume = {"name": "litellm-config", "configMap": {"name": config_map_name(m.metadata.name)}}
+    if pc.configYaml is not None:
+        notes = ()
+        if pc.apiBase is not None or pc.model is not None:
+            notes = ("proxyConfig.apiBase and proxyConfig.model are ignored because configYaml is set",)
+        ref = pc.configYaml.fromSecretKeyRef
+        if ref is not None:
+            volume = {"name": "litellm-config", "secret": {
+                "secretName": ref.name, "items": [{"key": ref.key, "path": litellm.CONFIG_FILE}]}}
+            return _ProxyPlan(None, volume, litellm.AUTH_OPEN, f"(Secret {ref.name})", notes)
+        text = pc.configYaml.fromString or ""
+        config = _parse_user_config(text)
+        return _ProxyPlan(text, cm_volume, litellm.AUTH_OPEN, _model_names(config), notes)
+    if pc.apiBase is not None and pc.model is not None:
+        generated, model, auth = litellm.single_model_config(pc.apiBase, pc.model), pc.model, litellm.AUTH_OPEN
+    elif pc.apiBase is not None:
+        generated, model, auth = litellm.wildcard_config(pc.apiBase), "*", litellm.AUTH_OPEN
+    else:
+        assert pc.model is not None
+        generated, model, auth = litellm.mock_config(pc.model), pc.model, litellm.AUTH_MOCK
+    return _ProxyPlan(yaml.safe_dump(generated, sort_keys=False), cm_volume, auth, model, ())
+
+
+def _proxy_env(m: ModelAPI, plan: _ProxyPlan) -> list[dict[str, Any]]:
+    key_ref = {"name": litellm.master_key_secret_name(m.metadata.name), "key": litellm.MASTER_KEY_SECRET_KEY}
+    operator = [
+        {"name": litellm.ENV_MASTER_KEY, "valueFrom": {"secretKeyRef": key_ref}},
+        {"name": litellm.ENV_LOCAL_COST_MAP, "value": "True"},
+        {"name": litellm.ENV_AUTH, "value": plan.auth},
+        {"name": litellm.ENV_RUNTIME_DIR, "value": litellm.RUNTIME_DIR},
+    ]
+    assert m.spec.proxyConfig is not None
+    return merge_env(operator, _env_dicts(m.spec.proxyConfig.env))
+
+
+def _http_probe(path: str, **timing: int) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": "http"}, **timing}
+
+
+def _proxy_pod_spec(m: ModelAPI, s: Settings, plan: _ProxyPlan) -> dict[str, Any]:
+    container = {
+        "name": CONTAINER,
+        "image": s.litellm_image,
+        "command": ["python3", "-c", litellm.BOOT_SCRIPT],
+        "args": ["--config", litellm.CONFIG_PATH, "--port", str(litellm.PORT)],
+        "ports": [{"name": "http", "containerPort": litellm.PORT, "protocol": "TCP"}],
+        "env": _proxy_env(m, plan),
+        "volumeMounts": [
+            {"name": "litellm-config", "mountPath": litellm.CONFIG_DIR, "readOnly": True},
+            {"name": "litellm-runtime", "mountPath": litellm.RUNTIME_DIR},
+        ],
+        # LiteLLM needs several seconds to import on a small node; the startup probe covers slow starts
+        # without making liveness lax for the rest of the pod's life.
+        "startupProbe": _http_probe(litellm.LIVENESS_PATH, periodSeconds=5, failureThreshold=60),
+        "livenessProbe": _http_probe(litellm.LIVENESS_PATH, periodSeconds=15, failureThreshold=4),
+        "readinessProbe": _http_probe(litellm.READINESS_PATH, periodSeconds=10),
+    }
+    return {
+        "containers": [container],
+        "volumes": [plan.config_volume, {"name": "litellm-runtime", "emptyDir": {}}],
+    }
+
+
+def _proxy_children(m: ModelAPI, s: Settings) -> tuple[_ProxyPlan, list[dict[str, Any]], list[SecretRef]]:
+    plan = _proxy_plan(m)
+    assert m.spec.proxyConfig is not None
+    children = []
+    if plan.config_text is not None:
+        children.append(_object("v1", "ConfigMap", _metadata(m, config_map_name(m.metadata.name)),
+                                data={litellm.CONFIG_FILE: plan.config_text}))
+    user_env = {e.name for e in m.spec.proxyConfig.env or []}
+    if litellm.ENV_MASTER_KEY not in user_env:
+        meta = _metadata(m, litellm.master_key_secret_name(m.metadata.name))
+        meta["annotations"] = {GENERATE_KEY_ANNOTATION: litellm.MASTER_KEY_SECRET_KEY}
+        children.append(_object("v1", "Secret", meta, type="Opaque"))
+    refs = _user_secret_refs(m.spec.proxyConfig.env)
+    config_ref = m.spec.proxyConfig.configYaml.fromSecretKeyRef if m.spec.proxyConfig.configYaml else None
+    if config_ref is not None and not config_ref.optional:
+        refs.insert(0, SecretRef(config_ref.name, "configYaml.fromSecretKeyRef"))
+    return plan, children, refs
+
+
+# --- Hosted (Ollama) ------------------------------------------------------------------------------------
+
+
+def _hosted_pod_spec(m: ModelAPI, s: Settings) -> dict[str, Any]:
+    hc = m.spec.hostedConfig
+    assert hc is not None
+    user_env = _env_dicts(hc.env)
+    data_mount = [{"name": "ollama-data", "mountPath": ollama.DATA_DIR}]
+    pull = {
+        "name": INIT_CONTAINER,
+        "image": s.ollama_image,
+        "command": ["/bin/sh", "-c", ollama.PULL_SCRIPT],
+        # The model name reaches the shell only through the environment, never inside the script text.
+        "env": merge_env(user_env, [{"name": ollama.ENV_MODEL, "value": hc.model}]),
+        "volumeMounts": data_mount,
+    }
+    serve = {
+        "name": CONTAINER,
+        "image": s.ollama_image,
+        "ports": [{"name": "http", "containerPort": ollama.PORT, "protocol": "TCP"}],
+        "env": merge_env([{"name": "OLLAMA_HOST", "value": f"0.0.0.0:{ollama.PORT}"}], user_env),
+        "volumeMounts": data_mount,
+        "livenessProbe": _http_probe(ollama.LIVENESS_PATH, periodSeconds=15, failureThreshold=4),
+        "readinessProbe": _http_probe(ollama.READINESS_PATH, periodSeconds=10),
+    }
+    return {
+        "initContainers": [pull],
+        "containers": [serve],
+        "volumes": [{"name": "ollama-data", "emptyDir": {}}],
+    }
+
+
+# --- shared children -------------------------------------------------------------------------------------
+
+
+def config_hash(pod_spec: dict[str, Any], config_data: dict[str, str] | None) -> str:
+    """Changes exactly when what runs in the pod changes: the pod spec or the mounted config content
+    (LiteLLM does not reload its config, so a new config needs new pods)."""
+    canonical = json.dumps({"podSpec": pod_spec, "config": config_data}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _deployment(m: ModelAPI, pod_spec: dict[str, Any], config_data: dict[str, str] | None) -> dict[str, Any]:
+    name = m.metadata.name
+    template = {
+        "metadata": {
+            "labels": labels(name),
+            "annotations": {CONFIG_HASH_ANNOTATION: config_hash(pod_spec, config_data)},
+        },
+        "spec": pod_spec,
+    }
+    # No replicas field: left to its default (1) or to whoever scales the Deployment (an autoscaler).
+    spec = {"selector": {"matchLabels": selector_labels(name)}, "template": template}
+    return _object("apps/v1", "Deployment", _metadata(m, workload_name(name)), spec=spec)
+
+
+def _service(m: ModelAPI, port: int) -> dict[str, Any]:
+    spec = {
+        "type": "ClusterIP",
+        "selector": selector_labels(m.metadata.name),
+        "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
+    }
+    return _object("v1", "Service", _metadata(m, workload_name(m.metadata.name)), spec=spec)
+
+
+def _http_route(m: ModelAPI, s: Settings, port: int) -> dict[str, Any]:
+    assert s.gateway is not None
+    parent: dict[str, Any] = {"name": s.gateway.name, "namespace": s.gateway.namespace}
+    if s.gateway.section_name:
+        parent["sectionName"] = s.gateway.section_name
+    rule: dict[str, Any] = {
+        "matches": [{"path": {"type": "PathPrefix",
+                              "value": f"/{m.metadata.namespace}/modelapi/{m.metadata.name}"}}],
+        "filters": [{"type": "URLRewrite",
+                     "urlRewrite": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"}}}],
+        "backendRefs": [{"name": workload_name(m.metadata.name), "port": port}],
+    }
+    timeout = m.spec.effective_timeout()
+    if not _is_zero_duration(timeout):
+        rule["timeouts"] = {"request": timeout}
+    spec = {"parentRefs": [parent], "rules": [rule]}
+    return _object("gateway.networking.k8s.io/v1", "HTTPRoute",
+                   _metadata(m, workload_name(m.metadata.name)), spec=spec)
+
+
+def _is_zero_duration(value: str) -> bool:
+    return all(ch in "0hms" for ch in value)
+
+
+def _apply_override(m: ModelAPI, pod_spec: dict[str, Any]) -> dict[str, Any]:
+    if not m.spec.podSpec:
+        return pod_spec
+    try:
+        return merge_pod_spec(pod_spec, m.spec.podSpec)
+    except StrategicMergeError as e:
+        raise SpecError("InvalidPodSpec", f"spec.podSpec cannot be applied: {e}") from e
+
+
+def endpoint(m: ModelAPI, s: Settings, port: int) -> str:
+    host = f"{workload_name(m.metadata.name)}.{m.metadata.namespace}.svc.{s.cluster_domain}"
+    return f"http://{host}:{port}"
+
+
+def build(m: ModelAPI, s: Settings) -> Desired:
+    """All children of `m`, in the order they should be applied. Raises SpecError for a spec the API server
+    accepted but that cannot work (a config that does not parse, a podSpec override that cannot apply)."""
+    if m.spec.mode == "Proxy":
+        plan, children, refs = _proxy_children(m, s)
+        pod_spec, port, model, notes = _proxy_pod_spec(m, s, plan), litellm.PORT, plan.model, plan.notes
+        config_data = {litellm.CONFIG_FILE: plan.config_text} if plan.config_text is not None else None
+    else:
+        assert m.spec.hostedConfig is not None
+        children, refs, notes = [], _user_secret_refs(m.spec.hostedConfig.env), ()
+        pod_spec, port, model = _hosted_pod_spec(m, s), ollama.PORT, m.spec.hostedConfig.model
+        config_data = None
+    pod_spec = _apply_override(m, pod_spec)
+    children += [_deployment(m, pod_spec, config_data), _service(m, port)]
+    if s.gateway is not None:
+        children.append(_http_route(m, s, port))
+    return Desired(tuple(children), endpoint(m, s, port), model, tuple(refs), notes)

@@ -1,0 +1,167 @@
+"""The status of a ModelAPI, computed from what was built and what the caches hold. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .api import ModelAPI
+from .desired import CONTAINER, INIT_CONTAINER, Desired, SecretRef, SpecError
+
+# Container states that will not heal by waiting: the user has to look (and the message says where).
+_FAILING_WAIT_REASONS = frozenset({
+    "CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff", "InvalidImageName",
+    "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+})
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the caches say about a ModelAPI's world."""
+
+    deployment: dict[str, Any] | None = None
+    pods: tuple[dict[str, Any], ...] = ()
+    missing_secrets: tuple[SecretRef, ...] = ()
+    # Problems the operator detected that do not stop the endpoint from serving (e.g. no HTTPRoute CRD).
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    phase: str
+    reason: str
+    message: str
+
+    @property
+    def ready(self) -> bool:
+        return self.phase == "Ready"
+
+
+def missing_secrets(refs: tuple[SecretRef, ...], existing: set[str]) -> tuple[SecretRef, ...]:
+    return tuple(ref for ref in refs if ref.name not in existing)
+
+
+def _condition(deployment: dict[str, Any], type_: str) -> dict[str, Any]:
+    for c in deployment.get("status", {}).get("conditions") or []:
+        if c.get("type") == type_:
+            return dict(c)
+    return {}
+
+
+def _logs_hint(m: ModelAPI, container: str) -> str:
+    return f"kubectl logs -n {m.metadata.namespace} -l modelapi={m.metadata.name} -c {container}"
+
+
+def _container_failure(status: dict[str, Any]) -> str | None:
+    state = status.get("state") or {}
+    waiting, terminated = state.get("waiting") or {}, state.get("terminated") or {}
+    last = (status.get("lastState") or {}).get("terminated") or {}
+    if waiting.get("reason") in _FAILING_WAIT_REASONS:
+        code = last.get("exitCode")
+        detail = f" (last exit code {code})" if code is not None else ""
+        return f"{waiting['reason']}{detail}"
+    if terminated and terminated.get("exitCode", 0) != 0:
+        return f"exited with code {terminated['exitCode']}"
+    return None
+
+
+def _pod_verdict(m: ModelAPI, pod: dict[str, Any]) -> Verdict | None:
+    """A verdict for a pod that is failing or still pulling its model; None when it tells nothing."""
+    status = pod.get("status") or {}
+    for init in status.get("initContainerStatuses") or []:
+        failure = _container_failure(init)
+        if failure and init.get("name") == INIT_CONTAINER and m.spec.hostedConfig:
+            return Verdict("Failed", "ModelPullFailed",
+                           f"pulling model {m.spec.hostedConfig.model} failed: {failure}; see "
+                           f"{_logs_hint(m, INIT_CONTAINER)}")
+        if failure:
+            return Verdict("Failed", "ContainerFailing",
+                           f"init container {init.get('name')} {failure}; see {_logs_hint(m, init.get('name', ''))}")
+        if "running" in (init.get("state") or {}) and init.get("name") == INIT_CONTAINER and m.spec.hostedConfig:
+            return Verdict("Pending", "PullingModel", f"pulling model {m.spec.hostedConfig.model}")
+    for container in status.get("containerStatuses") or []:
+        failure = _container_failure(container)
+        if failure:
+            name = container.get("name", CONTAINER)
+            return Verdict("Failed", "ContainerFailing",
+                           f"container {name} is failing: {failure}; see {_logs_hint(m, name)} --previous")
+    return None
+
+
+def _deployment_verdict(m: ModelAPI, deployment: dict[str, Any], pods: tuple[dict[str, Any], ...]) -> Verdict:
+    st = deployment.get("status") or {}
+    wanted = (deployment.get("spec") or {}).get("replicas", 1)
+    ready, updated = st.get("readyReplicas", 0), st.get("updatedReplicas", 0)
+    available = _condition(deployment, "Available").get("status") == "True"
+    if available and ready > 0:
+        if updated < wanted or st.get("replicas", 0) > wanted:
+            return Verdict("Ready", "RollingOut", f"rolling out: {updated} of {wanted} pods updated")
+        return Verdict("Ready", "Available", f"{ready} of {wanted} pods ready")
+    if wanted == 0:
+        return Verdict("Pending", "ScaledToZero", "the Deployment is scaled to 0 replicas")
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    for pod in live:
+        verdict = _pod_verdict(m, pod)
+        if verdict is not None:
+            return verdict
+    progressing = _condition(deployment, "Progressing")
+    if progressing.get("status") == "False":
+        return Verdict("Failed", progressing.get("reason") or "ProgressDeadlineExceeded",
+                       progressing.get("message") or "the Deployment is not making progress")
+    return Verdict("Pending", "PodsNotReady", f"waiting for pods to become ready ({ready}/{wanted})")
+
+
+def verdict(m: ModelAPI, built: Desired | SpecError, observed: Observed) -> Verdict:
+    if isinstance(built, SpecError):
+        return Verdict("Failed", built.reason, built.message)
+    if observed.missing_secrets:
+        ref = observed.missing_secrets[0]
+        return Verdict("Pending", "SecretNotFound",
+                       f"waiting for Secret {ref.name} ({ref.why}) in namespace {m.metadata.namespace}")
+    if observed.deployment is None:
+        return Verdict("Pending", "Creating", f"creating Deployment modelapi-{m.metadata.name}")
+    return _deployment_verdict(m, observed.deployment, observed.pods)
+
+
+def _deployment_mirror(deployment: dict[str, Any] | None) -> dict[str, Any] | None:
+    if deployment is None:
+        return None
+    st = deployment.get("status") or {}
+    keep = ("type", "status", "reason", "message", "lastUpdateTime", "lastTransitionTime")
+    return {
+        "replicas": st.get("replicas", 0),
+        "readyReplicas": st.get("readyReplicas", 0),
+        "availableReplicas": st.get("availableReplicas", 0),
+        "updatedReplicas": st.get("updatedReplicas", 0),
+        "conditions": [{k: c[k] for k in keep if k in c} for c in st.get("conditions") or []],
+    }
+
+
+def _ready_condition(m: ModelAPI, v: Verdict, now: str) -> dict[str, Any]:
+    status = "True" if v.ready else "False"
+    previous = next((c for c in (m.status.conditions if m.status else []) if c.type == "Ready"), None)
+    # lastTransitionTime moves only when the status flips: a changing message is not a transition.
+    since = previous.lastTransitionTime if previous and previous.status == status else now
+    return {"type": "Ready", "status": status, "reason": v.reason, "message": v.message,
+            "lastTransitionTime": since, "observedGeneration": m.metadata.generation}
+
+
+def compute(m: ModelAPI, built: Desired | SpecError, observed: Observed, now: str) -> dict[str, Any]:
+    """The full status to apply. `now` (RFC 3339) is used only for a condition that changes status."""
+    v = verdict(m, built, observed)
+    notes = (*(built.notes if isinstance(built, Desired) else ()), *observed.warnings)
+    message = "; ".join((v.message, *notes))
+    v = Verdict(v.phase, v.reason, message)
+    status: dict[str, Any] = {
+        "phase": v.phase,
+        "ready": v.ready,
+        "endpoint": built.endpoint if isinstance(built, Desired) else "",
+        "model": built.model if isinstance(built, Desired) else "",
+        "message": message,
+        "observedGeneration": m.metadata.generation,
+        "conditions": [_ready_condition(m, v, now)],
+    }
+    mirror = _deployment_mirror(observed.deployment)
+    if mirror is not None:
+        status["deployment"] = mirror
+    return status

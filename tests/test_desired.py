@@ -1,0 +1,270 @@
+"""The desired-state builder: every mode and variant of SPEC.md, names, env precedence and the config hash."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kaos_modelapi import desired, litellm, ollama
+from kaos_modelapi.api import ModelAPI
+from kaos_modelapi.settings import GatewayRef, Settings
+
+SAMPLES = Path(__file__).resolve().parent.parent / "config" / "samples"
+GATEWAY = Settings(gateway=GatewayRef("shared", "gateway-system"))
+
+
+def modelapi(spec: dict[str, Any], name: str = "m", namespace: str = "ns") -> ModelAPI:
+    return ModelAPI.model_validate({
+        "apiVersion": "kaos.tools/v1alpha1", "kind": "ModelAPI",
+        "metadata": {"name": name, "namespace": namespace, "uid": "uid-1", "generation": 3},
+        "spec": spec,
+    })
+
+
+def children(m: ModelAPI, settings: Settings = Settings()) -> dict[str, dict[str, Any]]:
+    return {f"{c['kind']}/{c['metadata']['name']}": c for c in desired.build(m, settings).children}
+
+
+def container(objs: dict[str, dict[str, Any]], name: str, which: str = "containers") -> dict[str, Any]:
+    deployment = next(o for o in objs.values() if o["kind"] == "Deployment")
+    return next(c for c in deployment["spec"]["template"]["spec"][which] if c["name"] == name)
+
+
+def env_of(c: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def litellm_config(objs: dict[str, dict[str, Any]], name: str = "m") -> Any:
+    return yaml.safe_load(objs[f"ConfigMap/litellm-config-{name}"]["data"]["config.yaml"])
+
+
+PROXY = {"mode": "Proxy", "proxyConfig": {"apiBase": "http://ollama.ollama.svc:11434"}}
+
+
+def test_wildcard_proxy_children_names_labels_and_owner() -> None:
+    objs = children(modelapi(PROXY))
+    assert set(objs) == {"ConfigMap/litellm-config-m", "Secret/litellm-master-key-m",
+                         "Deployment/modelapi-m", "Service/modelapi-m"}
+    for obj in objs.values():
+        assert obj["metadata"]["namespace"] == "ns"
+        assert obj["metadata"]["labels"]["app"] == "modelapi"
+        assert obj["metadata"]["labels"]["modelapi"] == "m"
+        (owner,) = obj["metadata"]["ownerReferences"]
+        assert owner == {"apiVersion": "kaos.tools/v1alpha1", "kind": "ModelAPI", "name": "m", "uid": "uid-1",
+                         "controller": True, "blockOwnerDeletion": True}
+    template = objs["Deployment/modelapi-m"]["spec"]["template"]
+    assert template["metadata"]["labels"]["modelapi"] == "m"
+    assert litellm_config(objs) == litellm.wildcard_config("http://ollama.ollama.svc:11434")
+
+
+def test_proxy_container_runs_litellm_on_8000_with_probes() -> None:
+    objs = children(modelapi(PROXY))
+    c = container(objs, "model-api")
+    assert c["image"] == litellm.DEFAULT_IMAGE
+    assert c["args"] == ["--config", "/etc/litellm/config.yaml", "--port", "8000"]
+    assert c["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health/readiness"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health/liveliness"
+    service = objs["Service/modelapi-m"]["spec"]
+    assert service["ports"][0]["port"] == 8000
+    assert service["selector"] == {"app": "modelapi", "modelapi": "m"}
+
+
+def test_master_key_comes_from_a_secret_never_a_literal() -> None:
+    objs = children(modelapi(PROXY))
+    secret = objs["Secret/litellm-master-key-m"]
+    assert "data" not in secret and "stringData" not in secret  # the apply layer generates it on creation
+    assert secret["metadata"]["annotations"][desired.GENERATE_KEY_ANNOTATION] == "master-key"
+    assert env_of(container(objs, "model-api"))["LITELLM_MASTER_KEY"] == {
+        "secretKeyRef": {"name": "litellm-master-key-m", "key": "master-key"}}
+
+
+def test_user_master_key_wins_and_no_secret_is_generated() -> None:
+    spec = copy.deepcopy(PROXY)
+    spec["proxyConfig"]["env"] = [{"name": "LITELLM_MASTER_KEY",
+                                   "valueFrom": {"secretKeyRef": {"name": "mine", "key": "k"}}}]
+    objs = children(modelapi(spec))
+    assert "Secret/litellm-master-key-m" not in objs
+    assert env_of(container(objs, "model-api"))["LITELLM_MASTER_KEY"] == {
+        "secretKeyRef": {"name": "mine", "key": "k"}}
+
+
+def test_single_model_and_mock_variants() -> None:
+    single = children(modelapi({"mode": "Proxy", "proxyConfig": {"apiBase": "https://api.openai.com",
+                                                                "model": "gpt-4o-mini"}}))
+    assert litellm_config(single) == litellm.single_model_config("https://api.openai.com", "gpt-4o-mini")
+    assert env_of(container(single, "model-api"))["KAOS_LITELLM_AUTH"] == "open"
+    mock = children(modelapi({"mode": "Proxy", "proxyConfig": {"model": "gpt-3.5-turbo"}}))
+    assert litellm_config(mock) == litellm.mock_config("gpt-3.5-turbo")
+    assert env_of(container(mock, "model-api"))["KAOS_LITELLM_AUTH"] == "mock"
+
+
+def test_config_yaml_from_string_is_passed_through_untouched() -> None:
+    text = "# my routing\nmodel_list:\n  - model_name: fast\n    litellm_params: {model: ollama/x}\n"
+    m = modelapi({"mode": "Proxy", "proxyConfig": {"configYaml": {"fromString": text},
+                                                   "apiBase": "http://ignored:1"}})
+    built = desired.build(m, Settings())
+    objs = {f"{c['kind']}/{c['metadata']['name']}": c for c in built.children}
+    assert objs["ConfigMap/litellm-config-m"]["data"]["config.yaml"] == text
+    assert built.model == "fast"
+    assert any("ignored" in note for note in built.notes)
+
+
+def test_config_yaml_from_secret_is_mounted_not_read() -> None:
+    m = modelapi({"mode": "Proxy", "proxyConfig": {"configYaml": {
+        "fromSecretKeyRef": {"name": "litellm-config", "key": "routes.yaml"}}}})
+    built = desired.build(m, Settings())
+    objs = {f"{c['kind']}/{c['metadata']['name']}": c for c in built.children}
+    assert "ConfigMap/litellm-config-m" not in objs
+    volumes = objs["Deployment/modelapi-m"]["spec"]["template"]["spec"]["volumes"]
+    config_volume = next(v for v in volumes if v["name"] == "litellm-config")
+    assert config_volume["secret"] == {"secretName": "litellm-config",
+                                       "items": [{"key": "routes.yaml", "path": "config.yaml"}]}
+    assert [r.name for r in built.secret_refs] == ["litellm-config"]
+
+
+def test_invalid_config_yaml_is_a_spec_error() -> None:
+    m = modelapi({"mode": "Proxy", "proxyConfig": {"configYaml": {"fromString": "model_list: [oops"}}})
+    with pytest.raises(desired.SpecError) as e:
+        desired.build(m, Settings())
+    assert e.value.reason == "InvalidConfig"
+    assert "configYaml.fromString" in e.value.message
+
+
+def test_user_env_wins_on_the_same_name_and_keeps_operator_order() -> None:
+    spec = copy.deepcopy(PROXY)
+    spec["proxyConfig"]["env"] = [{"name": "EXTRA", "value": "1"},
+                                  {"name": "LITELLM_LOCAL_MODEL_COST_MAP", "value": "False"}]
+    env = container(children(modelapi(spec)), "model-api")["env"]
+    names = [e["name"] for e in env]
+    assert names == ["LITELLM_MASTER_KEY", "LITELLM_LOCAL_MODEL_COST_MAP", "KAOS_LITELLM_AUTH",
+                     "KAOS_LITELLM_RUNTIME_DIR", "EXTRA"]
+    assert env[1] == {"name": "LITELLM_LOCAL_MODEL_COST_MAP", "value": "False"}
+
+
+def test_env_secret_refs_are_reported_unless_optional() -> None:
+    spec = copy.deepcopy(PROXY)
+    spec["proxyConfig"]["env"] = [
+        {"name": "A", "valueFrom": {"secretKeyRef": {"name": "needed", "key": "k"}}},
+        {"name": "B", "valueFrom": {"secretKeyRef": {"name": "maybe", "key": "k", "optional": True}}},
+    ]
+    refs = desired.build(modelapi(spec), Settings()).secret_refs
+    assert [(r.name, r.why) for r in refs] == [("needed", "env A")]
+
+
+HOSTED = {"mode": "Hosted", "hostedConfig": {"model": "smollm2:135m",
+                                             "env": [{"name": "OLLAMA_DEBUG", "value": "false"}]}}
+
+
+def test_hosted_pulls_in_an_init_container_and_serves_on_11434() -> None:
+    built = desired.build(modelapi(HOSTED), Settings())
+    objs = {f"{c['kind']}/{c['metadata']['name']}": c for c in built.children}
+    assert set(objs) == {"Deployment/modelapi-m", "Service/modelapi-m"}
+    pod = objs["Deployment/modelapi-m"]["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["name"] == "pull-model"
+    assert init["command"] == ["/bin/sh", "-c", ollama.PULL_SCRIPT]
+    assert "smollm2" not in " ".join(init["command"])  # the model name only travels in the environment
+    assert env_of(init)[ollama.ENV_MODEL] == "smollm2:135m"
+    assert env_of(init)["OLLAMA_DEBUG"] == "false"
+    (serve,) = pod["containers"]
+    assert serve["name"] == "model-api" and serve["image"] == ollama.DEFAULT_IMAGE
+    assert serve["ports"][0]["containerPort"] == 11434
+    mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"] + serve["volumeMounts"]}
+    assert mounts == {"ollama-data": ollama.DATA_DIR}
+    assert pod["volumes"] == [{"name": "ollama-data", "emptyDir": {}}]
+    assert objs["Service/modelapi-m"]["spec"]["ports"][0]["port"] == 11434
+    assert built.endpoint == "http://modelapi-m.ns.svc.cluster.local:11434"
+    assert built.model == "smollm2:135m"
+
+
+def test_hosted_user_cannot_override_the_model_variable() -> None:
+    spec = copy.deepcopy(HOSTED)
+    spec["hostedConfig"]["env"].append({"name": ollama.ENV_MODEL, "value": "other"})
+    init = container(children(modelapi(spec)), "pull-model", "initContainers")
+    assert env_of(init)[ollama.ENV_MODEL] == "smollm2:135m"
+
+
+def test_pod_spec_override_merges_resources_onto_model_api() -> None:
+    spec = copy.deepcopy(HOSTED)
+    spec["podSpec"] = {"containers": [{"name": "model-api", "resources": {
+        "limits": {"nvidia.com/gpu": "1"}}}], "tolerations": [{"key": "gpu", "operator": "Exists"}]}
+    objs = children(modelapi(spec))
+    c = container(objs, "model-api")
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
+    assert c["image"] == ollama.DEFAULT_IMAGE  # the rest of the container is kept
+    pod = objs["Deployment/modelapi-m"]["spec"]["template"]["spec"]
+    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+
+
+def test_pod_spec_override_that_cannot_apply_is_a_spec_error() -> None:
+    spec = copy.deepcopy(HOSTED)
+    spec["podSpec"] = {"containers": [{"image": "no-name"}]}
+    with pytest.raises(desired.SpecError) as e:
+        desired.build(modelapi(spec), Settings())
+    assert e.value.reason == "InvalidPodSpec"
+    assert "spec.podSpec" in e.value.message
+
+
+def test_http_route_only_with_a_gateway() -> None:
+    spec = copy.deepcopy(PROXY)
+    spec["gatewayRoute"] = {"timeout": "4m"}
+    objs = children(modelapi(spec), GATEWAY)
+    route = objs["HTTPRoute/modelapi-m"]["spec"]
+    assert route["parentRefs"] == [{"name": "shared", "namespace": "gateway-system"}]
+    (rule,) = route["rules"]
+    assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/ns/modelapi/m"}}]
+    assert rule["filters"][0]["urlRewrite"]["path"] == {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"}
+    assert rule["backendRefs"] == [{"name": "modelapi-m", "port": 8000}]
+    assert rule["timeouts"] == {"request": "4m"}
+    assert "HTTPRoute/modelapi-m" not in children(modelapi(spec))
+
+
+def test_route_timeout_defaults_to_120s_and_zero_means_none() -> None:
+    default = children(modelapi(PROXY), GATEWAY)["HTTPRoute/modelapi-m"]["spec"]["rules"][0]
+    assert default["timeouts"] == {"request": "120s"}
+    spec = copy.deepcopy(PROXY)
+    spec["gatewayRoute"] = {"timeout": "0s"}
+    assert "timeouts" not in children(modelapi(spec), GATEWAY)["HTTPRoute/modelapi-m"]["spec"]["rules"][0]
+
+
+def _hash(spec: dict[str, Any], settings: Settings = Settings()) -> str:
+    deployment = children(modelapi(spec), settings)["Deployment/modelapi-m"]
+    return str(deployment["spec"]["template"]["metadata"]["annotations"][desired.CONFIG_HASH_ANNOTATION])
+
+
+def test_config_hash_changes_exactly_when_the_pod_must_restart() -> None:
+    base = _hash(PROXY)
+    assert _hash(PROXY) == base  # deterministic
+    other_backend = {"mode": "Proxy", "proxyConfig": {"apiBase": "http://other:11434"}}
+    assert _hash(other_backend) != base  # config content only: LiteLLM does not reload it
+    with_env = copy.deepcopy(PROXY)
+    with_env["proxyConfig"]["env"] = [{"name": "X", "value": "1"}]
+    assert _hash(with_env) != base
+    assert _hash(PROXY, Settings(litellm_image="example/litellm:other")) != base
+    with_timeout = copy.deepcopy(PROXY)
+    with_timeout["gatewayRoute"] = {"timeout": "10m"}
+    assert _hash(with_timeout, GATEWAY) == base  # the route is not the pod
+    assert _hash(PROXY, GATEWAY) == base
+
+
+def test_configmap_and_secret_names_stay_valid_at_the_longest_name() -> None:
+    name = "a" * 54
+    objs = children(modelapi(PROXY, name=name))
+    assert f"Service/modelapi-{name}" in objs
+    assert len(f"modelapi-{name}") == 63
+
+
+@pytest.mark.parametrize("path", sorted(SAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_sample_builds(path: Path) -> None:
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc.get("kind") == "ModelAPI":
+            doc["metadata"].setdefault("namespace", "default")
+            built = desired.build(ModelAPI.model_validate(doc), GATEWAY)
+            kinds = [c["kind"] for c in built.children]
+            assert kinds.count("Deployment") == 1 and kinds.count("Service") == 1
+            assert kinds.count("HTTPRoute") == 1
