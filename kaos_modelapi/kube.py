@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 from urllib.parse import quote
@@ -154,7 +154,8 @@ def error_from_status(status: int, body: Mapping[str, Any] | None, fallback: str
     message = str(body.get("message") or fallback or "")
     details = body.get("details") if isinstance(body.get("details"), dict) else {}
     retry_after = details.get("retryAfterSeconds") if isinstance(details, dict) else None
-    cls = Gone if code == 410 else ApiError
+    # "Expired"/"Gone" are how a too-old resourceVersion is reported, whatever the code says.
+    cls = Gone if code == 410 or reason in ("Expired", "Gone") else ApiError
     return cls(int(code), reason, message, float(retry_after) if retry_after else None)
 
 
@@ -292,7 +293,7 @@ class KubeClient:
         label_selector: str | None = None,
         metadata_only: bool = False,
         timeout_seconds: int | None = None,
-    ) -> AsyncIterator[WatchEvent]:
+    ) -> AsyncGenerator[WatchEvent, None]:
         """Raw watch stream with bookmarks. Ends when the server closes it (timeout_seconds);
         raises ``Gone`` when resource_version is too old and ``ApiError`` on anything else.
         Use it inside ``contextlib.aclosing`` so an abandoned stream closes its connection."""

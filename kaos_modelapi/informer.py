@@ -1,0 +1,542 @@
+"""Informers: list+watch one resource into a local Store and tell handlers what changed, in order.
+
+Modelled on client-go's tools/cache (Reflector + Store/Indexer + shared-informer handlers), but on
+one asyncio task: the reflector applies each change to the store and then calls the handlers
+synchronously, so a handler always sees the store already holding what it is told about, and
+changes to one object reach every handler in the order the server made them.
+
+Resilience, as in the Reflector:
+
+* list, then watch from the list's resourceVersion with bookmarks on;
+* when a watch ends (server timeout) or breaks (connection lost, error event), watch again from
+  the last resourceVersion seen (events and bookmarks both advance it) -- no relist, nothing missed;
+* when the server says that resourceVersion is gone (410), list again and emit the difference
+  against the store (adds, updates, and deletes for whatever vanished meanwhile), so no delete is lost;
+* capped, jittered exponential backoff on failures; ``run()`` is cancel-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from structlog.typing import FilteringBoundLogger
+
+from kaos_modelapi.kube import (
+    ApiError,
+    Gone,
+    ListResult,
+    Obj,
+    Resource,
+    WatchEvent,
+    WatchEventType,
+    error_from_status,
+)
+
+EventKind = Literal["add", "update", "delete"]
+Handler = Callable[[EventKind, Obj | None, Obj | None], None]
+"""(kind, old, new): add has old=None; delete has new=None and old = the object's last state."""
+Transform = Callable[[Obj], Obj]
+IndexFunc = Callable[[Obj], Iterable[str]]
+
+ObjList = list[Obj]
+KeyList = list[str]
+
+OWNER_UID_INDEX = "owner-uid"
+
+
+# -- pure helpers -----------------------------------------------------------------------------------
+
+
+def key_for(namespace: str | None, name: str) -> str:
+    return f"{namespace}/{name}" if namespace else name
+
+
+def object_key(obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    return key_for(meta.get("namespace"), str(meta.get("name", "")))
+
+
+def _uid(obj: Mapping[str, Any] | None) -> str | None:
+    return None if obj is None else (obj.get("metadata") or {}).get("uid")
+
+
+def _rv(obj: Mapping[str, Any]) -> str | None:
+    return (obj.get("metadata") or {}).get("resourceVersion")
+
+
+def drop_managed_fields(obj: Obj) -> Obj:
+    """managedFields is often the bulk of an object and we never read it from the cache."""
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict) or "managedFields" not in meta:
+        return obj
+    return {**obj, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+
+
+def chain(*transforms: Transform) -> Transform:
+    def apply(obj: Obj) -> Obj:
+        for transform in transforms:
+            obj = transform(obj)
+        return obj
+
+    return apply
+
+
+def owner_uids(obj: Obj) -> KeyList:
+    """Index function: children -> the UIDs of their owners (e.g. the owning ModelAPI)."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return [str(ref["uid"]) for ref in refs if ref.get("uid")]
+
+
+def label_index(label: str) -> IndexFunc:
+    """Index function on one label's value."""
+
+    def index(obj: Obj) -> KeyList:
+        value = ((obj.get("metadata") or {}).get("labels") or {}).get(label)
+        return [] if value is None else [str(value)]
+
+    return index
+
+
+def matches_labels(obj: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    have = (obj.get("metadata") or {}).get("labels") or {}
+    return all(have.get(k) == v for k, v in labels.items())
+
+
+@dataclass(frozen=True)
+class Change:
+    kind: EventKind
+    old: Obj | None
+    new: Obj | None
+
+
+def relist_changes(old: Mapping[str, Obj], items: Iterable[Obj]) -> list[Change]:
+    """What a fresh list means against what we had: adds and updates in list order, then
+    deletes for what vanished. A same-named object with a new UID is a delete plus an add, so
+    nobody mistakes a replacement for the object they owned."""
+    changes: list[Change] = []
+    seen: set[str] = set()
+    for new in items:
+        key = object_key(new)
+        seen.add(key)
+        changes.extend(_upsert_changes(old.get(key), new, only_if_changed=True))
+    changes.extend(Change("delete", obj, None) for key, obj in old.items() if key not in seen)
+    return changes
+
+
+def watch_changes(old: Obj | None, event_type: WatchEventType, obj: Obj) -> list[Change]:
+    if event_type == "DELETED":
+        return [Change("delete", obj, None)]
+    if event_type in ("ADDED", "MODIFIED"):
+        return _upsert_changes(old, obj, only_if_changed=False)
+    raise ValueError(f"not an object event: {event_type}")
+
+
+def _upsert_changes(old: Obj | None, new: Obj, only_if_changed: bool) -> list[Change]:
+    if old is None:
+        return [Change("add", None, new)]
+    if _uid(old) != _uid(new):
+        return [Change("delete", old, None), Change("add", None, new)]
+    if only_if_changed and _rv(old) == _rv(new):
+        return []
+    return [Change("update", old, new)]
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Capped exponential backoff with jitter (client-go's wait.Backoff, roughly)."""
+
+    initial: float = 0.8
+    factor: float = 2.0
+    cap: float = 30.0
+    jitter: float = 0.5
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        base = min(self.cap, self.initial * self.factor ** min(attempt, 64))
+        return min(self.cap, base * (1.0 + self.jitter * rng.random()))
+
+
+# -- store ------------------------------------------------------------------------------------------
+
+
+class StoreReader(Protocol):
+    """Read side of a cache. Objects are shared with every reader: treat them as read-only."""
+
+    def get(self, key: str) -> Obj | None: ...
+
+    def list(self) -> ObjList: ...
+
+    def list_keys(self) -> KeyList: ...
+
+    def by_index(self, index: str, value: str) -> ObjList: ...
+
+    def select(self, labels: Mapping[str, str], namespace: str | None = None) -> ObjList: ...
+
+    def __len__(self) -> int: ...
+
+
+class Store:
+    """Objects keyed by "namespace/name" (or "name" when cluster-scoped), with secondary indexes."""
+
+    def __init__(self, indexers: Mapping[str, IndexFunc] | None = None) -> None:
+        self._objects: dict[str, Obj] = {}
+        self._indexers = dict(indexers or {})
+        self._indices: dict[str, dict[str, set[str]]] = {name: {} for name in self._indexers}
+
+    def get(self, key: str) -> Obj | None:
+        return self._objects.get(key)
+
+    def list(self) -> ObjList:
+        return list(self._objects.values())
+
+    def list_keys(self) -> KeyList:
+        return list(self._objects)
+
+    def by_index(self, index: str, value: str) -> ObjList:
+        if index not in self._indices:
+            raise KeyError(f"no index {index!r}; have {sorted(self._indices)}")
+        return [self._objects[key] for key in sorted(self._indices[index].get(value, ()))]
+
+    def select(self, labels: Mapping[str, str], namespace: str | None = None) -> ObjList:
+        return [
+            obj
+            for obj in self._objects.values()
+            if matches_labels(obj, labels)
+            and (namespace is None or (obj.get("metadata") or {}).get("namespace") == namespace)
+        ]
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+    def snapshot(self) -> dict[str, Obj]:
+        return dict(self._objects)
+
+    def apply(self, change: Change) -> None:
+        if change.new is not None:
+            self._put(change.new)
+        elif change.old is not None:
+            self._remove(object_key(change.old))
+
+    def _put(self, obj: Obj) -> None:
+        key = object_key(obj)
+        self._unindex(key)
+        self._objects[key] = obj
+        for name, index_func in self._indexers.items():
+            for value in index_func(obj):
+                self._indices[name].setdefault(value, set()).add(key)
+
+    def _remove(self, key: str) -> None:
+        self._unindex(key)
+        self._objects.pop(key, None)
+
+    def _unindex(self, key: str) -> None:
+        old = self._objects.get(key)
+        if old is None:
+            return
+        for name, index_func in self._indexers.items():
+            index = self._indices[name]
+            for value in index_func(old):
+                keys = index.get(value)
+                if keys is not None:
+                    keys.discard(key)
+                    if not keys:
+                        del index[value]
+
+
+# -- informer ---------------------------------------------------------------------------------------
+
+
+class ListWatcher(Protocol):
+    """The part of KubeClient an informer needs (a seam for tests and wrappers)."""
+
+    async def list(
+        self,
+        resource: Resource,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        metadata_only: bool = False,
+        page_size: int = 500,
+    ) -> ListResult: ...
+
+    def watch(
+        self,
+        resource: Resource,
+        namespace: str | None = None,
+        resource_version: str | None = None,
+        label_selector: str | None = None,
+        metadata_only: bool = False,
+        timeout_seconds: int | None = None,
+    ) -> AsyncGenerator[WatchEvent, None]: ...
+
+
+class InformerLike(Protocol):
+    @property
+    def store(self) -> StoreReader: ...
+
+    @property
+    def synced(self) -> asyncio.Event: ...
+
+    def add_handler(self, handler: Handler) -> None: ...
+
+    async def run(self) -> None: ...
+
+
+DEFAULT_INDEXERS: Mapping[str, IndexFunc] = {OWNER_UID_INDEX: owner_uids}
+
+
+class Informer:
+    """List+watch one resource (optionally one namespace / label selector / metadata only)."""
+
+    def __init__(
+        self,
+        kube: ListWatcher,
+        resource: Resource,
+        logger: FilteringBoundLogger,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        metadata_only: bool = False,
+        transform: Transform = drop_managed_fields,
+        indexers: Mapping[str, IndexFunc] = DEFAULT_INDEXERS,
+        watch_timeout: tuple[int, int] = (300, 600),
+        backoff: Backoff | None = None,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._kube = kube
+        self._resource = resource
+        self._namespace = namespace
+        self._label_selector = label_selector
+        self._metadata_only = metadata_only
+        self._transform = transform
+        self._watch_timeout = watch_timeout
+        self._backoff = backoff or Backoff()
+        self._rng = rng or random.Random()
+        self._sleep = sleep
+        self._store = Store(indexers)
+        self._synced = asyncio.Event()
+        self._handlers: list[Handler] = []
+        self._resource_version = ""
+        self._log = logger.bind(
+            resource=resource.plural, group=resource.group, namespace=namespace or "*",
+            selector=label_selector, metadata_only=metadata_only,
+        )  # fmt: skip
+        self.lists = 0
+        """How many lists have completed (1 + relists); for tests and debugging."""
+        self.watches = 0
+        """How many watch requests have been started."""
+        self.bookmarks = 0
+        self._events_seen = 0
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    @property
+    def synced(self) -> asyncio.Event:
+        """Set once the first list is in the store (and handlers have been told about it)."""
+        return self._synced
+
+    @property
+    def resource_version(self) -> str:
+        """The last resourceVersion seen, from a list, an event or a bookmark."""
+        return self._resource_version
+
+    def add_handler(self, handler: Handler) -> None:
+        """Register a handler; it is first told about everything already in the store, as adds.
+
+        Handlers run on the informer's task: they must be quick and must not block (typically
+        they enqueue a key). An exception in a handler is logged and does not stop the informer."""
+        self._handlers.append(handler)
+        for obj in self._store.list():
+            self._call(handler, Change("add", None, obj))
+
+    async def run(self) -> None:
+        """List and watch until cancelled."""
+        self._log.info("informer starting")
+        try:
+            reason = "initial"
+            while True:
+                await self._list(reason)
+                await self._watch_until_expired()
+                reason = "resourceVersion expired"
+        finally:
+            self._log.info("informer stopped", resource_version=self._resource_version)
+
+    async def _list(self, reason: str) -> None:
+        attempt = 0
+        while True:
+            try:
+                result = await self._kube.list(
+                    self._resource, self._namespace, self._label_selector, self._metadata_only
+                )
+                break
+            except ApiError as err:
+                delay = self._backoff.delay(attempt, self._rng)
+                attempt += 1
+                self._log.warning("list failed", error=str(err), status=err.status, retry_in=round(delay, 3))
+                await self._sleep(delay)
+        self.lists += 1
+        items = [self._transform(item) for item in result.items]
+        changes = relist_changes(self._store.snapshot(), items)
+        self._resource_version = result.resource_version
+        self._log.info(
+            "listed", reason=reason, objects=len(items), changes=len(changes),
+            resource_version=result.resource_version,
+        )  # fmt: skip
+        self._dispatch(changes)
+        self._synced.set()
+
+    async def _watch_until_expired(self) -> None:
+        attempt = 0
+        while True:
+            seen_before = self._events_seen
+            try:
+                await self._watch_once()
+                if self._events_seen == seen_before:
+                    # An empty, clean end is odd (a proxy cutting idle streams?); do not spin.
+                    await self._sleep(self._backoff.delay(0, self._rng))
+                attempt = 0
+            except Gone as err:
+                self._log.info(
+                    "watch expired; relisting", resource_version=self._resource_version, message=err.message
+                )
+                return
+            except ApiError as err:
+                if self._events_seen != seen_before:
+                    attempt = 0
+                delay = self._backoff.delay(attempt, self._rng)
+                attempt += 1
+                self._log.warning(
+                    "watch broke; resuming", error=str(err), status=err.status,
+                    resource_version=self._resource_version, retry_in=round(delay, 3),
+                )  # fmt: skip
+                await self._sleep(delay)
+
+    async def _watch_once(self) -> None:
+        self.watches += 1
+        timeout = self._rng.randint(*self._watch_timeout)
+        stream = self._kube.watch(
+            self._resource,
+            self._namespace,
+            resource_version=self._resource_version,
+            label_selector=self._label_selector,
+            metadata_only=self._metadata_only,
+            timeout_seconds=timeout,
+        )
+        # aclosing: if we are cancelled mid-stream the connection is closed now, not at GC time.
+        async with contextlib.aclosing(stream) as events:
+            async for event in events:
+                self._events_seen += 1
+                self._handle(event)
+
+    def _handle(self, event: WatchEvent) -> None:
+        if event.type == "ERROR":
+            raise error_from_status(int(event.object.get("code") or 500), event.object)
+        if event.type == "BOOKMARK":
+            self.bookmarks += 1
+            if event.resource_version:
+                self._resource_version = event.resource_version
+            return
+        obj = self._transform(event.object)
+        changes = watch_changes(self._store.get(object_key(obj)), event.type, obj)
+        if event.resource_version:
+            self._resource_version = event.resource_version
+        self._dispatch(changes)
+
+    def _dispatch(self, changes: Sequence[Change]) -> None:
+        for change in changes:
+            self._store.apply(change)
+            for handler in list(self._handlers):
+                self._call(handler, change)
+
+    def _call(self, handler: Handler, change: Change) -> None:
+        try:
+            handler(change.kind, change.old, change.new)
+        except Exception:
+            obj = change.new if change.new is not None else change.old
+            self._log.exception("event handler failed", change=change.kind, key=object_key(obj or {}))
+
+
+# -- several namespaces -----------------------------------------------------------------------------
+
+
+class CompositeStore:
+    """One StoreReader over per-namespace stores."""
+
+    def __init__(self, stores: Mapping[str, StoreReader]) -> None:
+        self._stores = dict(stores)
+
+    def get(self, key: str) -> Obj | None:
+        namespace, _, _ = key.partition("/")
+        store = self._stores.get(namespace)
+        return None if store is None else store.get(key)
+
+    def list(self) -> ObjList:
+        return [obj for store in self._stores.values() for obj in store.list()]
+
+    def list_keys(self) -> KeyList:
+        return [key for store in self._stores.values() for key in store.list_keys()]
+
+    def by_index(self, index: str, value: str) -> ObjList:
+        return [obj for store in self._stores.values() for obj in store.by_index(index, value)]
+
+    def select(self, labels: Mapping[str, str], namespace: str | None = None) -> ObjList:
+        stores = self._stores.values() if namespace is None else [self._stores.get(namespace)]
+        return [obj for store in stores if store is not None for obj in store.select(labels, namespace)]
+
+    def __len__(self) -> int:
+        return sum(len(store) for store in self._stores.values())
+
+
+class MultiNamespaceInformer:
+    """Several namespaced informers behind one InformerLike."""
+
+    def __init__(self, informers: Mapping[str, Informer]) -> None:
+        if not informers:
+            raise ValueError("need at least one namespace")
+        self._informers = dict(informers)
+        self._store = CompositeStore({ns: inf.store for ns, inf in self._informers.items()})
+        self._synced = asyncio.Event()
+
+    @property
+    def store(self) -> CompositeStore:
+        return self._store
+
+    @property
+    def synced(self) -> asyncio.Event:
+        return self._synced
+
+    @property
+    def informers(self) -> Mapping[str, Informer]:
+        return self._informers
+
+    def add_handler(self, handler: Handler) -> None:
+        for informer in self._informers.values():
+            informer.add_handler(handler)
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            for informer in self._informers.values():
+                group.create_task(informer.run())
+            await asyncio.gather(*(informer.synced.wait() for informer in self._informers.values()))
+            self._synced.set()
+
+
+def informer_for_namespaces(
+    namespaces: Sequence[str] | None, make: Callable[[str | None], Informer]
+) -> Informer | MultiNamespaceInformer:
+    """One informer per namespace, or a single cluster-wide one when ``namespaces`` is empty/None.
+
+    ``make(namespace)`` builds each, e.g.
+    ``lambda ns: Informer(kube, SECRET, log, namespace=ns, metadata_only=True)``."""
+    unique = list(dict.fromkeys(namespaces or []))
+    if not unique:
+        return make(None)
+    if len(unique) == 1:
+        return make(unique[0])
+    return MultiNamespaceInformer({ns: make(ns) for ns in unique})
