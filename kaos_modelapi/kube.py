@@ -78,6 +78,7 @@ HTTPROUTE = Resource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute
 EVENT = Resource("events.k8s.io", "v1", "events", "Event")
 LEASE = Resource("coordination.k8s.io", "v1", "leases", "Lease")
 NAMESPACE = Resource("", "v1", "namespaces", "Namespace", namespaced=False)
+POD = Resource("", "v1", "pods", "Pod")
 
 DEFAULT_RESOURCES: tuple[Resource, ...] = (
     MODELAPI,
@@ -89,6 +90,7 @@ DEFAULT_RESOURCES: tuple[Resource, ...] = (
     EVENT,
     LEASE,
     NAMESPACE,
+    POD,
 )
 
 
