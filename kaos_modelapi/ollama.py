@@ -1,0 +1,55 @@
+"""What a Hosted-mode pod runs: the pinned Ollama release and the init script that pulls the model."""
+
+from __future__ import annotations
+
+from typing import Final
+
+OLLAMA_VERSION: Final = "0.12.6"
+DEFAULT_IMAGE: Final = f"docker.io/ollama/ollama:{OLLAMA_VERSION}"
+
+PORT: Final = 11434
+# Ollama's state root in the official image (runs as root; models under models/). The shared emptyDir
+# volume is mounted here in the pull-model init container and in the serving container.
+DATA_DIR: Final = "/root/.ollama"
+VOLUME_NAME: Final = "ollama-data"
+PULL_CONTAINER: Final = "pull-model"
+
+# GET / answers "Ollama is running" as soon as the server listens; /api/tags also reads the model store,
+# so readiness means the pulled model can be listed.
+LIVENESS_PATH: Final = "/"
+READINESS_PATH: Final = "/api/tags"
+
+ENV_MODEL: Final = "OLLAMA_MODEL"
+ENV_START_TIMEOUT: Final = "KAOS_OLLAMA_START_TIMEOUT"
+
+# Run as `/bin/sh -c PULL_SCRIPT` in the init container. The model name arrives only as $OLLAMA_MODEL and
+# is only ever expanded inside double quotes, so no character of it is parsed as shell syntax.
+# Polls the server (1 s apart) until it answers or the deadline passes; the exit status is the pull's.
+PULL_SCRIPT: Final = """\
+set -u
+: "${OLLAMA_MODEL:?OLLAMA_MODEL is not set}"
+timeout="${KAOS_OLLAMA_START_TIMEOUT:-120}"
+ollama serve &
+server=$!
+stop() { kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; }
+trap stop EXIT
+trap 'exit 143' TERM INT
+deadline=$(( $(date +%s) + timeout ))
+until ollama list >/dev/null 2>&1; do
+  if ! kill -0 "$server" 2>/dev/null; then
+    echo "pull-model: ollama serve exited before it answered" >&2
+    exit 1
+  fi
+  if [ "$(date +%s)" -ge "$deadline" ]; then
+    echo "pull-model: ollama did not answer within ${timeout}s" >&2
+    exit 1
+  fi
+  sleep 1
+done
+printf 'pull-model: pulling %s\\n' "$OLLAMA_MODEL"
+if ! ollama pull "$OLLAMA_MODEL"; then
+  printf 'pull-model: pulling %s failed\\n' "$OLLAMA_MODEL" >&2
+  exit 1
+fi
+printf 'pull-model: pulled %s\\n' "$OLLAMA_MODEL"
+"""
