@@ -60,8 +60,9 @@ def single_model_config(api_base: str, model: str) -> dict[str, Any]:
 
 def mock_config(model: str) -> dict[str, Any]:
     """No backend: the request body's `mock_response` is the answer (the auth hook allows it), else a
-    fixed text."""
-    params = {"model": model, "mock_response": MOCK_DEFAULT_RESPONSE}
+    fixed text. custom_llm_provider is set because LiteLLM drops a deployment whose model name names no
+    provider it knows ("gpt-4.6-turbo", "my-model"); with a mock answer the provider is never called."""
+    params = {"model": model, "custom_llm_provider": "openai", "mock_response": MOCK_DEFAULT_RESPONSE}
     return {"model_list": [{"model_name": model, "litellm_params": params}]}
 
 
