@@ -376,8 +376,8 @@ class ModelAPI(K8sModel):
     """A ModelAPI: one OpenAI-compatible LLM endpoint for agents in the cluster."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
-    apiVersion: Literal["kaos.tools/v1alpha1"] = API_VERSION
-    kind: Literal["ModelAPI"] = KIND
+    apiVersion: Literal["kaos.tools/v1alpha1"] = "kaos.tools/v1alpha1"
+    kind: Literal["ModelAPI"] = "ModelAPI"
     metadata: ObjectMeta
     spec: ModelAPISpec
     status: ModelAPIStatus | None = None

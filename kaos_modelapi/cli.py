@@ -10,7 +10,7 @@ from typing import Any, TextIO
 import pydantic
 import yaml
 
-from . import __version__, crd, desired
+from . import __version__, crd, desired, yamlio
 from .api import ModelAPI
 from .settings import GatewayRef, Settings
 
@@ -77,7 +77,7 @@ def render(args: argparse.Namespace, out: TextIO) -> None:
             objects += desired.build(m, settings).children
         except desired.SpecError as e:
             raise InputError(f"{args.filename}: ModelAPI {m.metadata.name}: {e.message}") from None
-    yaml.safe_dump_all(objects, out, sort_keys=False, width=120)
+    yamlio.dump_all(objects, out)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,7 @@ from .settings import Settings
 from .smp import StrategicMergeError, merge_pod_spec
 
 CONTAINER = "model-api"
-INIT_CONTAINER = "pull-model"
+INIT_CONTAINER = ollama.PULL_CONTAINER
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "kaos-modelapi"
 CONFIG_HASH_ANNOTATION = "kaos.tools/config-hash"
@@ -99,7 +99,8 @@ def _object(api_version: str, kind: str, metadata: dict[str, Any], **body: Any) 
 
 
 def _env_dicts(env: list[EnvVar] | None) -> list[dict[str, Any]]:
-    return [e.model_dump(exclude_none=True) for e in env or []]
+    dumped: list[dict[str, Any]] = [e.model_dump(exclude_none=True) for e in env or []]
+    return dumped
 
 
 def merge_env(operator: list[dict[str, Any]], user: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -157,7 +158,7 @@ def _proxy_plan(m: ModelAPI) -> _ProxyPlan:
     assert pc is not None  # guaranteed by the spec rules
     cm_volume = {"name": "litellm-config", "configMap": {"name": config_map_name(m.metadata.name)}}
     if pc.configYaml is not None:
-        notes = ()
+        notes: tuple[str, ...] = ()
         if pc.apiBase is not None or pc.model is not None:
             notes = ("proxyConfig.apiBase and proxyConfig.model are ignored because configYaml is set",)
         ref = pc.configYaml.fromSecretKeyRef
@@ -180,7 +181,7 @@ def _proxy_plan(m: ModelAPI) -> _ProxyPlan:
 
 def _proxy_env(m: ModelAPI, plan: _ProxyPlan) -> list[dict[str, Any]]:
     key_ref = {"name": litellm.master_key_secret_name(m.metadata.name), "key": litellm.MASTER_KEY_SECRET_KEY}
-    operator = [
+    operator: list[dict[str, Any]] = [
         {"name": litellm.ENV_MASTER_KEY, "valueFrom": {"secretKeyRef": key_ref}},
         {"name": litellm.ENV_LOCAL_COST_MAP, "value": "True"},
         {"name": litellm.ENV_AUTH, "value": plan.auth},
@@ -195,7 +196,7 @@ def _http_probe(path: str, **timing: int) -> dict[str, Any]:
 
 
 def _proxy_pod_spec(m: ModelAPI, s: Settings, plan: _ProxyPlan) -> dict[str, Any]:
-    container = {
+    container: dict[str, Any] = {
         "name": CONTAINER,
         "image": s.litellm_image,
         "command": ["python3", "-c", litellm.BOOT_SCRIPT],
@@ -244,8 +245,8 @@ def _hosted_pod_spec(m: ModelAPI, s: Settings) -> dict[str, Any]:
     hc = m.spec.hostedConfig
     assert hc is not None
     user_env = _env_dicts(hc.env)
-    data_mount = [{"name": "ollama-data", "mountPath": ollama.DATA_DIR}]
-    pull = {
+    data_mount = [{"name": ollama.VOLUME_NAME, "mountPath": ollama.DATA_DIR}]
+    pull: dict[str, Any] = {
         "name": INIT_CONTAINER,
         "image": s.ollama_image,
         "command": ["/bin/sh", "-c", ollama.PULL_SCRIPT],
@@ -253,7 +254,7 @@ def _hosted_pod_spec(m: ModelAPI, s: Settings) -> dict[str, Any]:
         "env": merge_env(user_env, [{"name": ollama.ENV_MODEL, "value": hc.model}]),
         "volumeMounts": data_mount,
     }
-    serve = {
+    serve: dict[str, Any] = {
         "name": CONTAINER,
         "image": s.ollama_image,
         "ports": [{"name": "http", "containerPort": ollama.PORT, "protocol": "TCP"}],
@@ -265,7 +266,7 @@ def _hosted_pod_spec(m: ModelAPI, s: Settings) -> dict[str, Any]:
     return {
         "initContainers": [pull],
         "containers": [serve],
-        "volumes": [{"name": "ollama-data", "emptyDir": {}}],
+        "volumes": [{"name": ollama.VOLUME_NAME, "emptyDir": {}}],
     }
 
 

@@ -37,10 +37,6 @@ class Verdict:
         return self.phase == "Ready"
 
 
-def missing_secrets(refs: tuple[SecretRef, ...], existing: set[str]) -> tuple[SecretRef, ...]:
-    return tuple(ref for ref in refs if ref.name not in existing)
-
-
 def _condition(deployment: dict[str, Any], type_: str) -> dict[str, Any]:
     for c in deployment.get("status", {}).get("conditions") or []:
         if c.get("type") == type_:

@@ -1,0 +1,90 @@
+"""Does a live object already say what we want? Pure.
+
+The operator applies a child only when the cached object differs from the desired one, so a converged
+cluster gets no writes at all (server-side apply of an unchanged object is still a write request). The
+live object carries more than we set (server defaults, other managers' fields), so the question is whether
+the desired object is a *subset* of the live one, with Kubernetes' list semantics: lists of named items
+(containers, env, volumes, ports, mounts) are matched by key, other lists must match item for item.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+# Merge keys of the lists the operator writes, in order of preference.
+_LIST_KEYS = ("name", "mountPath", "containerPort", "type")
+
+_SUFFIXES: dict[str, Decimal | int] = {
+    "": 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}
+_QUANTITY = re.compile(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+
+
+def quantity(value: Any) -> Decimal | None:
+    """A resource quantity as a number, since the server rewrites e.g. "1000m" as "1"."""
+    match = _QUANTITY.match(str(value))
+    if match is None:
+        return None
+    try:
+        return Decimal(match.group(1)) * Decimal(_SUFFIXES[match.group(2) or ""])
+    except InvalidOperation:
+        return None
+
+
+def _scalar_equal(want: Any, have: Any) -> bool:
+    if want == have:
+        return True
+    if isinstance(want, bool) or isinstance(have, bool):
+        return False
+    a, b = quantity(want), quantity(have)
+    return a is not None and a == b
+
+
+def _list_key(items: list[Any]) -> str | None:
+    if not items or not all(isinstance(i, dict) for i in items):
+        return None
+    for key in _LIST_KEYS:
+        if all(key in i for i in items):
+            return key
+    return None
+
+
+def _list_subset(want: list[Any], have: list[Any]) -> bool:
+    key = _list_key(want)
+    if key is None:
+        return len(want) == len(have) and all(is_subset(w, h) for w, h in zip(want, have, strict=True))
+    live = {i.get(key): i for i in have if isinstance(i, dict)}
+    if any(w[key] not in live or not is_subset(w, live[w[key]]) for w in want):
+        return False
+    # Order matters for env ($(VAR) references) and containers (the first is the default for kubectl).
+    positions = [list(live).index(w[key]) for w in want]
+    return positions == sorted(positions)
+
+
+def is_subset(want: Any, have: Any) -> bool:
+    """True when every field of `want` is in `have` with the same value."""
+    if isinstance(want, dict):
+        if not isinstance(have, dict):
+            return False
+        return all(k in have and is_subset(v, have[k]) for k, v in want.items() if v is not None)
+    if isinstance(want, list):
+        return isinstance(have, list) and _list_subset(want, have)
+    return _scalar_equal(want, have)
+
+
+def needs_apply(desired: dict[str, Any], live: dict[str, Any] | None) -> bool:
+    """Whether `desired` must be applied over `live` (the cached object, None when absent)."""
+    if live is None:
+        return True
+    want = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
+    return not is_subset(want, live)
+
+
+def metadata_only(obj: dict[str, Any]) -> dict[str, Any]:
+    """The apply body for an object whose content the operator must never rewrite (a generated Secret)."""
+    meta = obj["metadata"]
+    keep = {k: meta[k] for k in ("name", "namespace", "labels", "annotations", "ownerReferences") if k in meta}
+    return {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "metadata": keep}

@@ -1,0 +1,158 @@
+"""Metrics, logs and health endpoints, named the way controller-runtime names them so that existing
+dashboards, alerts and habits carry over."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+CONTROLLER = "modelapi"
+PHASES = ("Pending", "Ready", "Failed")
+# controller-runtime's buckets for reconcile and workqueue durations.
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0,
+            1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5, 6, 7, 8, 9, 10, 15, 20, 25, 30, 40, 50, 60)
+_QUEUE_BUCKETS = tuple(10.0**e for e in range(-8, 2))
+
+
+class _PhaseCollector(Collector):
+    """ModelAPIs by phase, counted from the cache at scrape time (so it can never drift from it)."""
+
+    def __init__(self, list_modelapis: Callable[[], Iterable[dict[str, Any]]]) -> None:
+        self._list = list_modelapis
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        counts = dict.fromkeys(PHASES, 0)
+        for obj in self._list():
+            phase = (obj.get("status") or {}).get("phase") or "Pending"
+            counts[phase] = counts.get(phase, 0) + 1
+        family = GaugeMetricFamily("kaos_modelapi_modelapis", "ModelAPIs by status phase", labels=["phase"])
+        for phase, count in counts.items():
+            family.add_metric([phase], count)
+        yield family
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry, queue_name: str = CONTROLLER) -> None:
+        self.registry = registry
+        self._queue = queue_name
+        c = ["controller"]
+        self.reconcile_total = Counter("controller_runtime_reconcile_total", "Reconciliations by result",
+                                       [*c, "result"], registry=registry)
+        self.reconcile_errors = Counter("controller_runtime_reconcile_errors_total", "Reconciliation errors",
+                                        c, registry=registry)
+        self.reconcile_time = Histogram("controller_runtime_reconcile_time_seconds", "Time per reconciliation",
+                                        c, buckets=_BUCKETS, registry=registry)
+        self.max_concurrent = Gauge("controller_runtime_max_concurrent_reconciles", "Worker count", c,
+                                    registry=registry)
+        self.active_workers = Gauge("controller_runtime_active_workers", "Workers reconciling now", c,
+                                    registry=registry)
+        q = ["name"]
+        self.depth = Gauge("workqueue_depth", "Current depth of the workqueue", q, registry=registry)
+        self.adds = Counter("workqueue_adds_total", "Adds handled by the workqueue", q, registry=registry)
+        self.queue_duration = Histogram("workqueue_queue_duration_seconds", "Time a key waits in the queue",
+                                        q, buckets=_QUEUE_BUCKETS, registry=registry)
+        self.work_time = Histogram("workqueue_work_duration_seconds", "Time processing a key", q,
+                                       buckets=_QUEUE_BUCKETS, registry=registry)
+        self.retries = Counter("workqueue_retries_total", "Retries handled by the workqueue", q,
+                               registry=registry)
+        self.requests = Counter("rest_client_requests_total", "API server requests by status code and method",
+                                ["code", "method"], registry=registry)
+        self.leader = Gauge("leader_election_master_status", "1 when this process is the leader", ["name"],
+                            registry=registry)
+        for result in ("success", "error", "requeue", "requeue_after"):
+            self.reconcile_total.labels(CONTROLLER, result)
+        self.reconcile_errors.labels(CONTROLLER)
+        for metric in (self.depth, self.adds, self.retries):
+            metric.labels(queue_name)
+
+    def count_modelapis(self, list_modelapis: Callable[[], Iterable[dict[str, Any]]]) -> None:
+        self.registry.register(_PhaseCollector(list_modelapis))
+
+    def on_response(self, method: str, code: int) -> None:
+        self.requests.labels(str(code), method.upper()).inc()
+
+    # The work queue's QueueMetrics hooks.
+    def depth_changed(self, depth: int) -> None:
+        self.depth.labels(self._queue).set(depth)
+
+    def added(self) -> None:
+        self.adds.labels(self._queue).inc()
+
+    def queue_latency(self, seconds: float) -> None:
+        self.queue_duration.labels(self._queue).observe(seconds)
+
+    def work_duration(self, seconds: float) -> None:
+        self.work_time.labels(self._queue).observe(seconds)
+
+    def retried(self) -> None:
+        self.retries.labels(self._queue).inc()
+
+
+def configure_logging(level: str, fmt: str) -> structlog.typing.FilteringBoundLogger:
+    """JSON lines for machines, colour-free console lines for people (`make dev`)."""
+    renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
+                     else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("kaos-modelapi")
+    return logger
+
+
+def metrics_app(registry: CollectorRegistry) -> web.Application:
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def health_app(is_ready: Callable[[], bool]) -> web.Application:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def readyz(_: web.Request) -> web.Response:
+        if is_ready():
+            return web.Response(text="ok")
+        return web.Response(status=503, text="caches not synced")
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+def parse_bind_address(address: str) -> tuple[str, int] | None:
+    """controller-runtime's convention: ":8080" binds all interfaces, "0" disables the server."""
+    if address in ("", "0"):
+        return None
+    host, _, port = address.rpartition(":")
+    return host or "0.0.0.0", int(port)
+
+
+async def serve(app: web.Application, address: str) -> web.AppRunner | None:
+    bind = parse_bind_address(address)
+    if bind is None:
+        return None
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, bind[0], bind[1]).start()
+    return runner
