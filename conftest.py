@@ -1,0 +1,87 @@
+"""Fixtures shared by tests/ and e2e/: a Kubernetes API to test against.
+
+- `kubeconfig` (session): path to an admin kubeconfig. In order of preference: $KUBECONFIG (an
+  existing cluster: kind, a real one), the control plane of `make cluster` if it is running
+  (left running afterwards), else a private control plane started for this session on free
+  ports and stopped at its end.
+- `api_client` (session): a kubernetes_asyncio ApiClient for that kubeconfig.
+- `namespace` (function): a fresh namespace, ready for pods (its default ServiceAccount
+  exists), deleted after the test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from e2e import cluster
+
+
+@pytest.fixture(scope="session")
+def kubeconfig() -> Iterator[str]:
+    if os.environ.get("KUBECONFIG"):
+        yield os.environ["KUBECONFIG"]
+        return
+    if cluster.is_running():
+        cluster.wait_ready()
+        yield str(cluster.state_dir() / "kubeconfig")
+        return
+    state = Path(tempfile.mkdtemp(prefix="kaos-cluster-"))
+    try:
+        # Free ports and a private folder: other sessions and `make cluster` can run meanwhile.
+        started = cluster.start(state, cluster.free_ports(), exit_with_parent=True)
+    except cluster.ClusterError as err:
+        pytest.exit(f"cannot start the local control plane: {err}", returncode=1)
+    try:
+        yield str(started.kubeconfig)
+    finally:
+        cluster.stop(cluster=started)
+
+
+@pytest.fixture(scope="session")
+async def api_client(kubeconfig: str) -> AsyncIterator[object]:
+    from kubernetes_asyncio import client, config
+
+    configuration = client.Configuration()
+    await config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    async with client.ApiClient(configuration) as api:
+        yield api
+
+
+@pytest.fixture
+async def namespace(api_client: object, request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    from kubernetes_asyncio import client
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"t-{slug}-{secrets.token_hex(3)}"
+    core = client.CoreV1Api(api_client)
+    await core.create_namespace(
+        client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels={"kaos.tools/test": "true"}))
+    )
+
+    async def default_service_account() -> bool:
+        try:
+            await core.read_namespaced_service_account("default", name)
+        except ApiException as err:
+            if err.status == 404:
+                return False
+            raise
+        return True
+
+    # The API refuses pods in a namespace until its default ServiceAccount exists.
+    await cluster.eventually(default_service_account, timeout=30, what=f"ServiceAccount {name}/default")
+    try:
+        yield name
+    finally:
+        try:
+            await core.delete_namespace(name)
+        except ApiException as err:
+            if err.status != 404:
+                raise
