@@ -183,9 +183,12 @@ def parse_watch_line(line: bytes, resource: Resource, metadata_only: bool) -> Wa
     line = line.strip()
     if not line:
         return None
-    raw = json.loads(line)
-    event_type = raw.get("type")
-    obj = raw.get("object")
+    try:
+        raw = json.loads(line)
+    except ValueError as err:
+        raise ApiError(0, "BadWatchEvent", f"not JSON: {line[:200]!r}") from err
+    event_type = raw.get("type") if isinstance(raw, dict) else None
+    obj = raw.get("object") if isinstance(raw, dict) else None
     if event_type not in _WATCH_EVENT_TYPES or not isinstance(obj, dict):
         raise ApiError(0, "BadWatchEvent", f"unexpected watch event: {line[:200]!r}")
     if event_type == "ERROR":

@@ -378,6 +378,10 @@ def test_parse_watch_line_rejects_garbage() -> None:
     assert parse_watch_line(b"  \n", CONFIGMAP, False) is None
     with pytest.raises(ApiError):
         parse_watch_line(b'{"type": "WHAT", "object": {}}', CONFIGMAP, False)
+    with pytest.raises(ApiError):
+        parse_watch_line(b'{"type": "ADDED", "obj', CONFIGMAP, False)
+    with pytest.raises(ApiError):
+        parse_watch_line(b"[1]", CONFIGMAP, False)
 
 
 def test_resource_equality_is_by_value() -> None:
