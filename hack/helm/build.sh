@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Builds the helm CLI pinned by go.mod/go.sum beside this script, once per pin, and prints its path.
-# The binary is cached outside the work tree, keyed by the pins: ~/.cache/kaos-modelapi/helm/<hash>/helm.
+# The binary is cached outside the work tree, keyed by the pins and this script:
+# ~/.cache/kaos-modelapi/helm/<hash>/helm.
 # Used by `make helm` and by tests/test_packaging.py, so both run the same helm.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-key="$(cat "$here/go.mod" "$here/go.sum" | sha256sum | cut -c1-16)"
+key="$(cat "$here/go.mod" "$here/go.sum" "$here/build.sh" | sha256sum | cut -c1-16)"  # a new pin or build flag: a new binary
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/kaos-modelapi/helm/$key"
 bin="$cache/helm"
 if [[ ! -x "$bin" ]]; then
