@@ -1,0 +1,332 @@
+"""The operator against a real API server: what a user applies with kubectl becomes children and status."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from e2e.operator_process import (
+    GATEWAY_NAME,
+    GATEWAY_NAMESPACE,
+    REPO,
+    Kubectl,
+    OperatorProcess,
+    apiserver_writes,
+    metric_value,
+    wait_until,
+)
+
+pytestmark = pytest.mark.cluster
+
+SAMPLES = sorted(p for p in (REPO / "config" / "samples").glob("*.yaml") if p.name != "kustomization.yaml")
+CHILD_RESOURCES = ("modelapis", "deployments", "services", "configmaps", "secrets", "httproutes")
+
+
+def modelapi_yaml(name: str, spec: dict[str, Any]) -> str:
+    return yaml.safe_dump({"apiVersion": "kaos.tools/v1alpha1", "kind": "ModelAPI",
+                           "metadata": {"name": name}, "spec": spec})
+
+
+def mock(model: str = "gpt-4o-mini") -> dict[str, Any]:
+    return {"mode": "Proxy", "proxyConfig": {"model": model}}
+
+
+def wildcard(api_base: str) -> dict[str, Any]:
+    return {"mode": "Proxy", "proxyConfig": {"apiBase": api_base}}
+
+
+HOSTED = {"mode": "Hosted", "hostedConfig": {"model": "smollm2:135m"}}
+
+
+def template_hash(kubectl: Kubectl, name: str, namespace: str) -> str:
+    deployment = kubectl.get("deployment", f"modelapi-{name}", namespace)
+    assert deployment is not None
+    return str(deployment["spec"]["template"]["metadata"]["annotations"]["kaos.tools/config-hash"])
+
+
+def ready_condition(st: dict[str, Any]) -> dict[str, Any]:
+    return next(c for c in st["conditions"] if c["type"] == "Ready")
+
+
+def events_for(kubectl: Kubectl, name: str, namespace: str) -> list[dict[str, Any]]:
+    items = kubectl.list("events.events.k8s.io", namespace)
+    return [e for e in items if e.get("regarding", {}).get("name") == name]
+
+
+def reconciles(operator: OperatorProcess) -> float:
+    return metric_value(operator.metrics(), "controller_runtime_reconcile_total", controller="modelapi")
+
+
+def wait_for_reconcile(operator: OperatorProcess, kubectl: Kubectl, name: str, namespace: str) -> None:
+    """Make the operator look at `name` again and wait until it has."""
+    before = reconciles(operator)
+    kubectl.run("annotate", "--overwrite", "modelapi", name, "-n", namespace, f"test/poke={time.monotonic_ns()}")
+    wait_until(lambda: reconciles(operator) > before, 30, "a reconcile")
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.stem)
+async def test_every_sample_becomes_ready(sample: Path, kubectl: Kubectl, operator: OperatorProcess,
+                                          namespace: str) -> None:
+    kubectl.apply(sample.read_text(), namespace)
+    for doc in yaml.safe_load_all(sample.read_text()):
+        if doc["kind"] != "ModelAPI":
+            continue
+        name = doc["metadata"]["name"]
+        kubectl.run("wait", "--for=condition=Ready", f"modelapi/{name}", "-n", namespace, "--timeout=90s")
+        st = kubectl.status(name, namespace)
+        port = 8000 if doc["spec"]["mode"] == "Proxy" else 11434
+        assert st["phase"] == "Ready" and st["ready"] is True
+        assert st["endpoint"] == f"http://modelapi-{name}.{namespace}.svc.cluster.local:{port}"
+        assert st["deployment"]["availableReplicas"] == 1
+        assert st["observedGeneration"] == kubectl.get("modelapi", name, namespace)["metadata"]["generation"]
+        kinds = {child.split("/")[0] for child in kubectl.children(name, namespace)}
+        assert {"Deployment", "Service", "HTTPRoute"} <= kinds
+        from_secret = "fromSecretKeyRef" in json.dumps(doc["spec"])
+        assert ("ConfigMap" in kinds) == (doc["spec"]["mode"] == "Proxy" and not from_secret)
+    table = kubectl.run("get", "modelapi", "-n", namespace).stdout.splitlines()[0].split()
+    assert table == ["NAME", "MODE", "MODEL", "PHASE", "READY", "ENDPOINT", "AGE"]
+
+
+async def test_config_change_rolls_pods_and_route_change_does_not(kubectl: Kubectl, operator: OperatorProcess,
+                                                                  namespace: str) -> None:
+    kubectl.apply(modelapi_yaml("edit", wildcard("http://one.example:11434")), namespace)
+    kubectl.wait_phase("edit", namespace, "Ready")
+    first = template_hash(kubectl, "edit", namespace)
+
+    kubectl.apply(modelapi_yaml("edit", wildcard("http://two.example:11434")), namespace)
+
+    def config_updated() -> bool:
+        cm = kubectl.get("configmap", "litellm-config-edit", namespace)
+        return cm is not None and "two.example" in cm["data"]["config.yaml"]
+
+    wait_until(config_updated, 30, "ConfigMap with the new apiBase")
+    wait_until(lambda: template_hash(kubectl, "edit", namespace) != first, 30, "a new pod template")
+    second = template_hash(kubectl, "edit", namespace)
+
+    def rolled() -> bool:
+        pods = kubectl.list("pods", namespace, "modelapi=edit")
+        live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        return bool(live) and all(p["metadata"]["annotations"]["kaos.tools/config-hash"] == second for p in live)
+
+    wait_until(rolled, 60, "pods of the new template only")
+    kubectl.wait_phase("edit", namespace, "Ready")
+    generation = kubectl.get("deployment", "modelapi-edit", namespace)["metadata"]["generation"]
+
+    spec = wildcard("http://two.example:11434") | {"gatewayRoute": {"timeout": "5m"}}
+    kubectl.apply(modelapi_yaml("edit", spec), namespace)
+
+    def route_timeout() -> str | None:
+        route = kubectl.get("httproute", "modelapi-edit", namespace)
+        return route["spec"]["rules"][0].get("timeouts", {}).get("request") if route else None
+
+    wait_until(lambda: route_timeout() == "5m", 30, "HTTPRoute timeout 5m")
+    deployment = kubectl.get("deployment", "modelapi-edit", namespace)
+    assert deployment["metadata"]["generation"] == generation  # the pods were not touched
+    assert template_hash(kubectl, "edit", namespace) == second
+
+
+async def test_mode_switch_leaves_exactly_the_right_children(kubectl: Kubectl, operator: OperatorProcess,
+                                                             namespace: str) -> None:
+    proxy_children = {"ConfigMap/litellm-config-switch", "Secret/litellm-master-key-switch",
+                      "Deployment/modelapi-switch", "Service/modelapi-switch", "HTTPRoute/modelapi-switch"}
+    hosted_children = {"Deployment/modelapi-switch", "Service/modelapi-switch", "HTTPRoute/modelapi-switch"}
+    kubectl.apply(modelapi_yaml("switch", mock()), namespace)
+    wait_until(lambda: kubectl.children("switch", namespace) == proxy_children, 30, "Proxy children")
+
+    kubectl.apply(modelapi_yaml("switch", HOSTED), namespace)
+    wait_until(lambda: kubectl.children("switch", namespace) == hosted_children, 30, "Hosted children only")
+    st = kubectl.wait_phase("switch", namespace, "Ready")
+    assert st["endpoint"].endswith(":11434")
+    service = kubectl.get("service", "modelapi-switch", namespace)
+    assert [p["port"] for p in service["spec"]["ports"]] == [11434]
+
+    kubectl.apply(modelapi_yaml("switch", mock()), namespace)
+    wait_until(lambda: kubectl.children("switch", namespace) == proxy_children, 30, "Proxy children again")
+    deployment = kubectl.get("deployment", "modelapi-switch", namespace)
+    assert not deployment["spec"]["template"]["spec"].get("initContainers")
+    kubectl.wait_phase("switch", namespace, "Ready")
+
+
+async def test_deleting_a_modelapi_removes_its_children(kubectl: Kubectl, operator: OperatorProcess,
+                                                        namespace: str) -> None:
+    kubectl.apply(modelapi_yaml("gone", mock()), namespace)
+    kubectl.wait_phase("gone", namespace, "Ready")
+    kubectl.run("delete", "modelapi", "gone", "-n", namespace)
+    wait_until(lambda: not kubectl.children("gone", namespace), 60, "children garbage-collected")
+    wait_until(lambda: not kubectl.list("pods", namespace, "modelapi=gone"), 60, "pods gone")
+
+
+async def test_hand_edits_are_reverted_but_foreign_fields_are_kept(kubectl: Kubectl, operator: OperatorProcess,
+                                                                   namespace: str) -> None:
+    kubectl.apply(modelapi_yaml("edited", mock()), namespace)
+    kubectl.wait_phase("edited", namespace, "Ready")
+    deployment = "deployment/modelapi-edited"
+    original_image = kubectl.get("deployment", "modelapi-edited", namespace)["spec"]["template"]["spec"][
+        "containers"][0]["image"]
+
+    kubectl.run("delete", "service", "modelapi-edited", "-n", namespace)
+    kubectl.run("set", "image", deployment, "model-api=example.com/evil:1", "-n", namespace)
+    kubectl.run("set", "env", deployment, "LITELLM_LOCAL_MODEL_COST_MAP=False", "-n", namespace)
+    kubectl.run("patch", "service", "modelapi-edited", "-n", namespace, "--type=json",
+                "-p", '[{"op": "replace", "path": "/spec/ports/0/port", "value": 9999}]', check=False)
+    kubectl.run("annotate", deployment, "team=ml", "-n", namespace)
+    kubectl.run("scale", deployment, "--replicas=2", "-n", namespace)
+
+    def restored() -> bool:
+        obj = kubectl.get("deployment", "modelapi-edited", namespace)
+        service = kubectl.get("service", "modelapi-edited", namespace)
+        container = obj["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        return (container["image"] == original_image and env["LITELLM_LOCAL_MODEL_COST_MAP"] == "True"
+                and service is not None and service["spec"]["ports"][0]["port"] == 8000)
+
+    wait_until(restored, 30, "image, env and Service put back")
+    wait_for_reconcile(operator, kubectl, "edited", namespace)
+    obj = kubectl.get("deployment", "modelapi-edited", namespace)
+    assert obj["metadata"]["annotations"]["team"] == "ml"
+    assert obj["spec"]["replicas"] == 2
+    reasons = {e["reason"] for e in events_for(kubectl, "edited", namespace)}
+    assert "FieldsReclaimed" in reasons
+
+
+async def test_missing_config_secret_is_pending_until_it_exists(kubectl: Kubectl, operator: OperatorProcess,
+                                                                namespace: str) -> None:
+    spec = {"mode": "Proxy", "proxyConfig": {"configYaml": {"fromSecretKeyRef": {"name": "later", "key": "c"}}}}
+    kubectl.apply(modelapi_yaml("waits", spec), namespace)
+    st = kubectl.wait_phase("waits", namespace, "Pending")
+    wait_until(lambda: "later" in kubectl.status("waits", namespace).get("message", ""), 30,
+               "a message naming the Secret")
+    assert ready_condition(kubectl.status("waits", namespace))["reason"] == "SecretNotFound"
+    assert st["ready"] is False
+    kubectl.run("create", "secret", "generic", "later", "-n", namespace, "--from-literal=c=model_list: []")
+    kubectl.wait_phase("waits", namespace, "Ready")
+
+
+async def test_bad_override_and_bad_config_fail_without_stopping_others(
+    kubectl: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    bad_override = dict(HOSTED, podSpec={"containers": [{"image": "no-name-given"}]})
+    bad_config = {"mode": "Proxy", "proxyConfig": {"configYaml": {"fromString": "model_list: [oops"}}}
+    kubectl.apply(modelapi_yaml("bad-override", bad_override), namespace)
+    kubectl.apply(modelapi_yaml("bad-config", bad_config), namespace)
+    kubectl.apply(modelapi_yaml("fine", mock()), namespace)
+    for name, reason in (("bad-override", "InvalidPodSpec"), ("bad-config", "InvalidConfig")):
+        st = kubectl.wait_phase(name, namespace, "Failed")
+        condition = ready_condition(st)
+        assert condition["status"] == "False" and condition["reason"] == reason
+        assert "spec." in st["message"]
+        wait_until(lambda n=name, r=reason: any(e["reason"] == r and e["type"] == "Warning"
+                                                for e in events_for(kubectl, n, namespace)), 30, f"{reason} Event")
+    kubectl.wait_phase("fine", namespace, "Ready")
+    assert not kubectl.children("bad-config", namespace)  # nothing half-built
+
+
+async def test_status_reports_model_pull_and_failing_container(kubectl: Kubectl, operator: OperatorProcess,
+                                                              namespace: str) -> None:
+    slow_pull = dict(HOSTED, podSpec={"initContainers": [
+        {"name": "pull-model", "env": [{"name": "KAOS_FAKE_RUN_SECONDS", "value": "600"}]}]})
+    kubectl.apply(modelapi_yaml("pulling", slow_pull), namespace)
+    wait_until(lambda: kubectl.status("pulling", namespace).get("message") == "pulling model smollm2:135m", 60,
+               "the pulling message")
+    assert kubectl.status("pulling", namespace)["phase"] == "Pending"
+
+    crashing = dict(mock(), podSpec={"containers": [
+        {"name": "model-api", "env": [{"name": "KAOS_FAKE_EXIT_CODE", "value": "1"}]}]})
+    kubectl.apply(modelapi_yaml("crashing", crashing), namespace)
+    st = kubectl.wait_phase("crashing", namespace, "Failed")
+    assert ready_condition(st)["reason"] == "ContainerFailing"
+    assert "model-api" in st["message"] and "kubectl logs" in st["message"]
+
+
+async def test_invalid_specs_are_refused_at_apply_time_with_the_field_named(kubectl: Kubectl, crd: str,
+                                                                            namespace: str) -> None:
+    cases = {
+        "spec.proxyConfig": {"mode": "Proxy"},
+        "spec.hostedConfig": {"mode": "Proxy", "proxyConfig": {"model": "m"}, "hostedConfig": {"model": "m"}},
+        "at least one of apiBase": {"mode": "Proxy", "proxyConfig": {}},
+        "exactly one of fromString or fromSecretKeyRef": {"mode": "Proxy", "proxyConfig": {"configYaml": {
+            "fromString": "a: b", "fromSecretKeyRef": {"name": "s", "key": "k"}}}},
+        "spec.proxyConfig.apiBase": {"mode": "Proxy", "proxyConfig": {"apiBase": "not a url"}},
+        "spec.gatewayRoute.timeout": {"mode": "Proxy", "proxyConfig": {"model": "m"},
+                                      "gatewayRoute": {"timeout": "two minutes"}},
+    }
+    for expected, spec in cases.items():
+        done = kubectl.run("apply", "-n", namespace, "-f", "-", stdin=modelapi_yaml("refused", spec), check=False)
+        assert done.returncode != 0, f"accepted: {spec}"
+        assert expected in done.stderr, done.stderr
+    long_name = "n" * 55
+    done = kubectl.run("apply", "-n", namespace, "-f", "-", stdin=modelapi_yaml(long_name, mock()), check=False)
+    assert done.returncode != 0 and "at most 54 characters" in done.stderr, done.stderr
+    done = kubectl.run("apply", "-n", namespace, "-f", "-", stdin=modelapi_yaml("a.b", mock()), check=False)
+    assert done.returncode != 0 and "must not contain '.'" in done.stderr, done.stderr
+    done = kubectl.run("apply", "-n", namespace, "-f", "-", stdin=modelapi_yaml("n" * 54, mock()), check=False)
+    assert done.returncode == 0, done.stderr
+
+
+async def test_a_converged_cluster_gets_no_writes_after_a_restart(kubectl: Kubectl, operator: OperatorProcess,
+                                                                  namespace: str) -> None:
+    names = [f"steady-{i}" for i in range(5)]
+    for name in names:
+        kubectl.apply(modelapi_yaml(name, mock()), namespace)
+    for name in names:
+        kubectl.wait_phase(name, namespace, "Ready")
+    # Earlier tests' namespaces are still being emptied by the namespace controller: let that finish.
+    wait_until(lambda: not [n for n in kubectl.list("namespaces", "default")
+                            if n["status"].get("phase") == "Terminating"], 120, "no terminating namespaces")
+    operator.restart()
+    wait_until(lambda: reconciles(operator) >= len(names), 60, "the initial reconciles")
+    before = apiserver_writes(kubectl.raw_metrics(), CHILD_RESOURCES)
+    after_start = reconciles(operator)
+    # A full resync enqueues every ModelAPI again: wait until all have been looked at once more.
+    wait_until(lambda: reconciles(operator) >= after_start + len(names), 60, "a full resync")
+    after = apiserver_writes(kubectl.raw_metrics(), CHILD_RESOURCES)
+    assert after - before == 0
+    metrics = operator.metrics()
+    for method in ("POST", "PUT", "PATCH", "DELETE"):
+        assert metric_value(metrics, "rest_client_requests_total", method=method) == 0, method
+
+
+async def test_gateway_without_httproute_crd_is_reported_and_the_rest_reconciles(
+    kubectl: Kubectl, operator: OperatorProcess, namespace: str, tmp_path: Path
+) -> None:
+    crd_name = "httproutes.gateway.networking.k8s.io"
+    saved = json.loads(kubectl.run("get", "crd", crd_name, "-o", "json").stdout)
+    for field in ("uid", "resourceVersion", "creationTimestamp", "managedFields", "generation"):
+        saved["metadata"].pop(field, None)
+    saved.pop("status", None)
+    operator.stop()
+    kubectl.run("delete", "crd", crd_name, "--wait=true")
+    second = OperatorProcess(operator.kubeconfig, args=["--gateway-name", GATEWAY_NAME, "--gateway-namespace",
+                                                        GATEWAY_NAMESPACE], log_path=tmp_path / "operator.log")
+    try:
+        second.start()
+        kubectl.apply(modelapi_yaml("no-routes", mock()), namespace)
+        st = kubectl.wait_phase("no-routes", namespace, "Ready")
+        assert "HTTPRoute" in st["message"] and "Gateway API" in st["message"]
+        wait_until(lambda: any(e["reason"] == "GatewayAPIMissing" for e in events_for(kubectl, "no-routes", namespace)),
+                   30, "GatewayAPIMissing Event")
+        kubectl.run("create", "-f", "-", stdin=json.dumps(saved))
+        wait_until(lambda: kubectl.get("httproute", "modelapi-no-routes", namespace) is not None, 90,
+                   "the HTTPRoute once the API is installed")
+        wait_until(lambda: "HTTPRoute" not in kubectl.status("no-routes", namespace)["message"], 30,
+                   "the warning cleared")
+    finally:
+        second.stop()
+        if kubectl.get("crd", crd_name, "default") is None:
+            kubectl.run("create", "-f", "-", stdin=json.dumps(saved))
+        operator.start()
+
+
+async def test_sigterm_stops_the_operator_cleanly_within_seconds(kubeconfig: str, crd: str, tmp_path: Path) -> None:
+    process = OperatorProcess(kubeconfig, log_path=tmp_path / "operator.log")
+    process.start()
+    started = time.monotonic()
+    assert process.stop(signal.SIGTERM, timeout=15) == 0
+    assert time.monotonic() - started < 15
+    assert "shutting down" in (tmp_path / "operator.log").read_text()
