@@ -35,10 +35,10 @@ def quantity(value: Any) -> Decimal | None:
 
 
 def _scalar_equal(want: Any, have: Any) -> bool:
+    if isinstance(want, bool) or isinstance(have, bool):
+        return want is have  # True == 1 in Python, not in Kubernetes
     if want == have:
         return True
-    if isinstance(want, bool) or isinstance(have, bool):
-        return False
     a, b = quantity(want), quantity(have)
     return a is not None and a == b
 

@@ -1,0 +1,76 @@
+"""The no-write diff: server defaults and other managers' fields never cause an apply; drift does."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from kaos_modelapi.diff import is_subset, metadata_only, needs_apply, quantity
+
+DESIRED: dict[str, Any] = {
+    "apiVersion": "apps/v1", "kind": "Deployment",
+    "metadata": {"name": "d", "namespace": "ns", "labels": {"app": "modelapi"}},
+    "spec": {"template": {"spec": {"containers": [{
+        "name": "model-api", "image": "img:1", "args": ["--port", "8000"],
+        "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}],
+        "ports": [{"name": "http", "containerPort": 8000, "protocol": "TCP"}],
+        "resources": {"limits": {"cpu": "1000m", "memory": "1Gi"}},
+    }], "volumes": [{"name": "v", "emptyDir": {}}]}}},
+}
+
+
+def live() -> dict[str, Any]:
+    """What the server returns: defaults added, other managers' additions, normalised quantities."""
+    obj = copy.deepcopy(DESIRED)
+    obj["metadata"] |= {"uid": "x", "resourceVersion": "9", "annotations": {"team": "ml"}}
+    obj["spec"]["replicas"] = 3
+    container = obj["spec"]["template"]["spec"]["containers"][0]
+    container |= {"imagePullPolicy": "IfNotPresent", "terminationMessagePath": "/dev/termination-log"}
+    container["resources"]["limits"]["cpu"] = "1"
+    obj["spec"]["template"]["spec"]["containers"].append({"name": "sidecar", "image": "other"})
+    obj["status"] = {"replicas": 3}
+    return obj
+
+
+def test_absent_object_needs_apply() -> None:
+    assert needs_apply(DESIRED, None)
+
+
+def test_defaults_foreign_fields_and_normalised_quantities_need_no_apply() -> None:
+    assert not needs_apply(DESIRED, live())
+
+
+def test_drift_in_what_we_own_needs_apply() -> None:
+    for mutate in (
+        lambda o: o["spec"]["template"]["spec"]["containers"][0].update(image="evil"),
+        lambda o: o["spec"]["template"]["spec"]["containers"][0]["env"][0].update(value="9"),
+        lambda o: o["spec"]["template"]["spec"]["containers"][0]["env"].pop(1),
+        lambda o: o["spec"]["template"]["spec"]["containers"][0]["args"].append("--debug"),
+        lambda o: o["spec"]["template"]["spec"]["containers"][0]["ports"][0].update(containerPort=9),
+        lambda o: o["metadata"]["labels"].pop("app"),
+        lambda o: o["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"].update(memory="2Gi"),
+    ):
+        obj = live()
+        mutate(obj)
+        assert needs_apply(DESIRED, obj)
+
+
+def test_reordered_env_needs_apply() -> None:
+    obj = live()
+    obj["spec"]["template"]["spec"]["containers"][0]["env"].reverse()
+    assert needs_apply(DESIRED, obj)
+
+
+def test_quantities_compare_by_value() -> None:
+    assert quantity("1000m") == quantity("1") == quantity("1.0")
+    assert quantity("1Gi") == quantity("1024Mi")
+    assert quantity("abc") is None
+    assert is_subset({"cpu": "500m"}, {"cpu": "0.5"})
+    assert not is_subset({"x": True}, {"x": 1})
+
+
+def test_metadata_only_never_carries_content() -> None:
+    secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "stringData": {"k": "v"},
+              "metadata": {"name": "s", "namespace": "ns", "labels": {"a": "b"}, "uid": "u"}}
+    assert metadata_only(secret) == {"apiVersion": "v1", "kind": "Secret",
+                                     "metadata": {"name": "s", "namespace": "ns", "labels": {"a": "b"}}}

@@ -1,0 +1,147 @@
+"""Status for each Deployment and pod state: phase, ready, message and the Ready condition."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kaos_modelapi import desired, status
+from kaos_modelapi.api import ModelAPI
+from kaos_modelapi.desired import SecretRef, SpecError
+from kaos_modelapi.settings import Settings
+
+NOW = "2026-11-26T10:00:00Z"
+EARLIER = "2026-11-26T09:00:00Z"
+
+
+def modelapi(spec: dict[str, Any], conditions: list[dict[str, Any]] | None = None) -> ModelAPI:
+    obj: dict[str, Any] = {"metadata": {"name": "m", "namespace": "ns", "uid": "u", "generation": 4}, "spec": spec}
+    if conditions is not None:
+        obj["status"] = {"conditions": conditions}
+    return ModelAPI.model_validate(obj)
+
+
+HOSTED = modelapi({"mode": "Hosted", "hostedConfig": {"model": "smollm2:135m"}})
+MOCK = modelapi({"mode": "Proxy", "proxyConfig": {"model": "gpt-4o-mini"}})
+
+
+def deployment(replicas: int = 1, ready: int = 0, updated: int = 1, available: bool = False,
+               progressing: dict[str, str] | None = None) -> dict[str, Any]:
+    conditions = [{"type": "Available", "status": "True" if available else "False",
+                   "lastUpdateTime": EARLIER, "lastTransitionTime": EARLIER, "reason": "r", "message": "m"}]
+    if progressing:
+        conditions.append({"type": "Progressing", **progressing})
+    return {"spec": {"replicas": replicas},
+            "status": {"replicas": replicas, "readyReplicas": ready, "availableReplicas": ready,
+                       "updatedReplicas": updated, "conditions": conditions}}
+
+
+def pod(init: list[dict[str, Any]] | None = None, containers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"metadata": {"name": "p"}, "status": {"initContainerStatuses": init or [],
+                                                  "containerStatuses": containers or []}}
+
+
+def compute(m: ModelAPI, observed: status.Observed) -> dict[str, Any]:
+    return status.compute(m, desired.build(m, Settings()), observed, NOW)
+
+
+def test_ready_when_the_deployment_is_available() -> None:
+    st = compute(MOCK, status.Observed(deployment(ready=1, available=True)))
+    assert (st["phase"], st["ready"]) == ("Ready", True)
+    assert st["endpoint"] == "http://modelapi-m.ns.svc.cluster.local:8000"
+    assert st["observedGeneration"] == 4
+    assert st["deployment"]["availableReplicas"] == 1
+    assert st["deployment"]["conditions"][0]["type"] == "Available"
+    (condition,) = st["conditions"]
+    assert condition == {"type": "Ready", "status": "True", "reason": "Available", "message": "1 of 1 pods ready",
+                         "lastTransitionTime": NOW, "observedGeneration": 4}
+
+
+def test_still_ready_while_rolling_out() -> None:
+    st = compute(MOCK, status.Observed(deployment(replicas=1, ready=1, updated=0, available=True)))
+    assert st["phase"] == "Ready"
+    assert st["conditions"][0]["reason"] == "RollingOut"
+
+
+def test_pending_before_the_deployment_exists() -> None:
+    st = compute(MOCK, status.Observed())
+    assert (st["phase"], st["ready"]) == ("Pending", False)
+    assert st["message"] == "creating Deployment modelapi-m"
+
+
+def test_pending_while_pulling_the_model() -> None:
+    running = {"name": "pull-model", "state": {"running": {"startedAt": NOW}}}
+    st = compute(HOSTED, status.Observed(deployment(), (pod(init=[running]),)))
+    assert st["phase"] == "Pending"
+    assert st["message"] == "pulling model smollm2:135m"
+    assert st["conditions"][0]["reason"] == "PullingModel"
+
+
+def test_failed_pull_says_where_to_look() -> None:
+    failed = {"name": "pull-model", "state": {"terminated": {"exitCode": 1}}}
+    st = compute(HOSTED, status.Observed(deployment(), (pod(init=[failed]),)))
+    assert st["phase"] == "Failed"
+    assert st["conditions"][0]["reason"] == "ModelPullFailed"
+    assert "kubectl logs -n ns -l modelapi=m -c pull-model" in st["message"]
+
+
+def test_crash_looping_container_is_failed() -> None:
+    crashing = {"name": "model-api", "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {"terminated": {"exitCode": 3}}}
+    st = compute(MOCK, status.Observed(deployment(), (pod(containers=[crashing]),)))
+    assert st["phase"] == "Failed"
+    assert "CrashLoopBackOff (last exit code 3)" in st["message"]
+
+
+def test_terminating_pods_are_ignored() -> None:
+    crashing = {"name": "model-api", "state": {"waiting": {"reason": "CrashLoopBackOff"}}}
+    old = pod(containers=[crashing])
+    old["metadata"]["deletionTimestamp"] = NOW
+    assert compute(MOCK, status.Observed(deployment(), (old,)))["phase"] == "Pending"
+
+
+def test_progress_deadline_exceeded_is_failed() -> None:
+    stuck = {"status": "False", "reason": "ProgressDeadlineExceeded", "message": "too slow"}
+    st = compute(MOCK, status.Observed(deployment(progressing=stuck)))
+    assert (st["phase"], st["message"]) == ("Failed", "too slow")
+
+
+def test_scaled_to_zero_is_pending() -> None:
+    st = compute(MOCK, status.Observed(deployment(replicas=0, updated=0)))
+    assert st["phase"] == "Pending" and "scaled to 0" in st["message"]
+
+
+def test_missing_secret_is_pending_and_named() -> None:
+    st = compute(MOCK, status.Observed(deployment(ready=1, available=True),
+                                       missing_secrets=(SecretRef("creds", "env API_KEY"),)))
+    assert st["phase"] == "Pending"
+    assert st["message"] == "waiting for Secret creds (env API_KEY) in namespace ns"
+    assert st["conditions"][0]["reason"] == "SecretNotFound"
+
+
+def test_spec_error_is_failed_with_its_reason() -> None:
+    st = status.compute(MOCK, SpecError("InvalidPodSpec", "spec.podSpec cannot be applied: x"), status.Observed(),
+                        NOW)
+    assert (st["phase"], st["ready"], st["endpoint"]) == ("Failed", False, "")
+    assert st["conditions"][0]["reason"] == "InvalidPodSpec"
+
+
+def test_warnings_and_notes_are_appended_to_the_message() -> None:
+    m = modelapi({"mode": "Proxy", "proxyConfig": {"model": "x", "configYaml": {"fromString": "model_list: []"}}})
+    st = compute(m, status.Observed(deployment(ready=1, available=True), warnings=("no HTTPRoute API",)))
+    assert st["message"] == ("1 of 1 pods ready; proxyConfig.apiBase and proxyConfig.model are ignored because "
+                             "configYaml is set; no HTTPRoute API")
+
+
+def test_transition_time_moves_only_when_the_status_flips() -> None:
+    previous = [{"type": "Ready", "status": "True", "reason": "Available", "message": "old",
+                 "lastTransitionTime": EARLIER}]
+    m = modelapi({"mode": "Proxy", "proxyConfig": {"model": "x"}}, previous)
+    still_ready = compute(m, status.Observed(deployment(ready=1, available=True)))
+    assert still_ready["conditions"][0]["lastTransitionTime"] == EARLIER
+    now_pending = compute(m, status.Observed(deployment()))
+    assert now_pending["conditions"][0]["lastTransitionTime"] == NOW
+
+
+def test_the_same_state_gives_the_same_status() -> None:
+    observed = status.Observed(deployment(ready=1, available=True))
+    assert compute(MOCK, observed) == compute(MOCK, observed)
