@@ -26,3 +26,15 @@ cluster-down: ## Stop the local control plane and remove .cluster
 .PHONY: test
 test: ## Run the tests (they start a control plane, or use KUBECONFIG's or `make cluster`'s)
 	cd $(ROOT) && .venv/bin/python -m pytest -q
+
+CRD_FILES := $(ROOT)/config/crd/bases/kaos.tools_modelapis.yaml $(ROOT)/charts/kaos-modelapi/crds/modelapis.kaos.tools.yaml
+
+.PHONY: generate
+generate: ## Write the ModelAPI CRD (`kaos-modelapi crd`) into config/crd/bases/ and the chart's crds/
+	@set -e; tmp="$$(mktemp)"; trap 'rm -f "$$tmp"' EXIT; \
+	  $(ROOT)/.venv/bin/kaos-modelapi crd >"$$tmp"; \
+	  for f in $(CRD_FILES); do cp "$$tmp" "$$f"; echo "wrote $${f#$(ROOT)/}"; done
+
+.PHONY: helm
+helm: ## Build helm (pinned in hack/helm/go.mod) unless cached in ~/.cache/kaos-modelapi/helm; print its path
+	@$(ROOT)/hack/helm/build.sh
