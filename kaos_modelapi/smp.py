@@ -102,9 +102,7 @@ def _merge_map(original: Any, patch: Mapping[str, Any], node: SchemaNode | None,
     return _apply_primitive_deletions(base, fields, node, path)
 
 
-def _set_field(
-    base: dict[str, Any], key: str, value: Any, node: SchemaNode | None, path: str
-) -> dict[str, Any]:
+def _set_field(base: dict[str, Any], key: str, value: Any, node: SchemaNode | None, path: str) -> dict[str, Any]:
     if value is None:
         return {k: v for k, v in base.items() if k != key}
     merged = _merge_value(base.get(key, _ABSENT), value, node, path)
@@ -139,11 +137,7 @@ def _apply_primitive_deletions(
         where = _join(path, key)
         target = _directive_target(key, DELETE_FROM_PRIMITIVE_LIST_PREFIX, where)
         target_node = _child(node, target)
-        if (
-            node is not None
-            and node.kind == "struct"
-            and (target_node is None or target_node.kind != "array")
-        ):
+        if node is not None and node.kind == "struct" and (target_node is None or target_node.kind != "array"):
             raise StrategicMergeError(where, f"{target!r} is not a list field")
         if not isinstance(doomed, list):
             raise StrategicMergeError(where, f"must be a list, got {_json_type(doomed)}")
@@ -192,9 +186,7 @@ def _materialize(patch: Any, node: SchemaNode | None, path: str) -> Any:
     return patch
 
 
-def _materialize_object_list(
-    patch: list[Any], merge_key: str, items: SchemaNode | None, path: str
-) -> list[Any]:
+def _materialize_object_list(patch: list[Any], merge_key: str, items: SchemaNode | None, path: str) -> list[Any]:
     """A merge list the original lacks: directive elements have nothing to act on and are dropped; the
     other items are kept as written, duplicates included, exactly as upstream stores a new list."""
     out: list[Any] = []
@@ -204,9 +196,7 @@ def _materialize_object_list(
         directive = value.get(PATCH_DIRECTIVE, _ABSENT)
         if directive not in (_ABSENT, "delete", "replace", "merge"):
             raise StrategicMergeError(where, f"unknown {PATCH_DIRECTIVE} directive {directive!r}")
-        if directive in ("delete", "replace") or (
-            directive == "merge" and not _has_content(value, merge_key)
-        ):
+        if directive in ("delete", "replace") or (directive == "merge" and not _has_content(value, merge_key)):
             continue
         _merge_key_value(value, merge_key, where)
         out.append(_merge_map(_ABSENT, value, items, where))
@@ -343,9 +333,7 @@ def _ordered(
     interleaved so that items the original already had keep their relative positions."""
     patch_keys = [order_key_of(v) for v in patch_order]
     server_keys = [key_of(v) for v in server_order]
-    from_patch = sorted(
-        (v for v in merged if key_of(v) in patch_keys), key=lambda v: patch_keys.index(key_of(v))
-    )
+    from_patch = sorted((v for v in merged if key_of(v) in patch_keys), key=lambda v: patch_keys.index(key_of(v)))
     server_only = [v for v in merged if key_of(v) not in patch_keys]
     server_only.sort(key=lambda v: _index(server_keys, key_of(v)))
     return _interleave(server_only, from_patch, server_keys, key_of)
@@ -465,30 +453,27 @@ def _items(node: SchemaNode | None) -> SchemaNode | None:
     return node.items() if node is not None and node.kind == "array" else None
 
 
-_JSON_TYPES: Mapping[str, tuple[type, ...]] = {
-    "struct": (dict,),
-    "map": (dict,),
-    "free-form": (dict,),
-    "array": (list,),
-    "string": (str,),
-    "integer": (int,),
-    "number": (int, float),
-    "boolean": (bool,),
-}
-
-
 def _check_type(value: Any, node: SchemaNode | None, path: str) -> None:
     if node is None:
         return
     if node.kind == "scalar-union":
-        expected = " or ".join(sorted(node.scalar_types))
-        allowed = tuple(t for name in node.scalar_types for t in _JSON_TYPES[name])
+        accepted = node.scalar_types
     else:
-        expected = "object" if node.kind in ("struct", "map", "free-form") else node.kind
-        allowed = _JSON_TYPES[node.kind]
-    is_bool_as_number = isinstance(value, bool) and bool not in allowed
-    if not isinstance(value, allowed) or is_bool_as_number:
+        accepted = frozenset({"object" if node.kind in ("struct", "map", "free-form") else node.kind})
+    if not _json_types(value) & accepted:
+        expected = " or ".join(sorted(accepted))
         raise StrategicMergeError(path, f"expected {expected}, got {_json_type(value)}")
+
+
+def _json_types(value: Any) -> frozenset[str]:
+    """Schema types a JSON value satisfies; JSON has one number type, so 2.0 is an integer too."""
+    if isinstance(value, bool):
+        return frozenset({"boolean"})
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return frozenset({"integer", "number"})
+    if isinstance(value, float):
+        return frozenset({"number"})
+    return frozenset({_json_type(value)})
 
 
 def _expect(value: Any, kind: type, path: str, what: str) -> None:
