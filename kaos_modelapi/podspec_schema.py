@@ -15,9 +15,7 @@ from typing import Any, Literal
 
 _REF_PREFIX = "#/components/schemas/"
 
-Kind = Literal[
-    "struct", "map", "free-form", "array", "string", "integer", "number", "boolean", "scalar-union"
-]
+Kind = Literal["struct", "map", "free-form", "array", "string", "integer", "number", "boolean", "scalar-union"]
 
 # Strategic-merge directives (k8s.io/apimachinery/pkg/util/strategicpatch).
 PATCH_DIRECTIVE = "$patch"
