@@ -62,9 +62,9 @@ class K8sModel(BaseModel):
     def _check_rules(self) -> K8sModel:
         for rule in self.rules:
             if not rule.check(self):
-                where = rule.field_path.lstrip(".") if rule.field_path else ""
-                raise PydanticCustomError("cel", "{where}{message}", {
-                    "where": f"{where}: " if where else "", "message": rule.message})
+                field = (rule.field_path or "").lstrip(".")
+                shown = f"{field}: {rule.message}" if field else rule.message
+                raise PydanticCustomError("cel", shown, {"field": field, "message": rule.message})
         return self
 
     @classmethod

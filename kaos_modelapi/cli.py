@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
@@ -23,15 +24,19 @@ class InputError(Exception):
 
 def describe_validation_error(error: pydantic.ValidationError) -> str:
     first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"])
-    return f"{where}: {first['msg']}" if where else first["msg"]
+    path = [str(part) for part in first["loc"]]
+    message = first["msg"]
+    if first["type"] == "cel":  # our rules carry their own field path and message
+        ctx = first.get("ctx") or {}
+        path += [p for p in str(ctx.get("field", "")).split(".") if p]
+        message = str(ctx.get("message", message))
+    where = ".".join(path)
+    return f"{where}: {message}" if where else message
 
 
 def parse_modelapi(doc: Any, origin: str) -> ModelAPI:
     if not isinstance(doc, dict):
         raise InputError(f"{origin}: not a Kubernetes object")
-    if doc.get("kind") != "ModelAPI":
-        raise InputError(f"{origin}: kind is {doc.get('kind')!r}, expected ModelAPI")
     try:
         return ModelAPI.model_validate(doc)
     except pydantic.ValidationError as e:
@@ -44,6 +49,8 @@ def read_modelapis(stream: TextIO, source: str) -> Iterator[ModelAPI]:
     except yaml.YAMLError as e:
         raise InputError(f"{source}: not valid YAML: {' '.join(str(e).split())}") from None
     for index, doc in enumerate(docs, start=1):
+        if isinstance(doc, dict) and doc.get("kind") != "ModelAPI":
+            continue  # Secrets and the like often travel in the same file
         name = doc.get("metadata", {}).get("name", "?") if isinstance(doc, dict) else "?"
         yield parse_modelapi(doc, f"{source}: document {index} (ModelAPI {name})")
 
@@ -71,6 +78,8 @@ def render(args: argparse.Namespace, out: TextIO) -> None:
     settings = settings_from_args(args)
     with open(args.filename, encoding="utf-8") if args.filename != "-" else sys.stdin as stream:
         modelapis = list(read_modelapis(stream, args.filename))
+    if not modelapis:
+        raise InputError(f"{args.filename}: no ModelAPI found")
     objects: list[dict[str, Any]] = []
     for m in modelapis:
         try:
@@ -78,6 +87,33 @@ def render(args: argparse.Namespace, out: TextIO) -> None:
         except desired.SpecError as e:
             raise InputError(f"{args.filename}: ModelAPI {m.metadata.name}: {e.message}") from None
     yamlio.dump_all(objects, out)
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def add_run_parser(sub: Any) -> None:
+    """The operator's flags, named as controller-runtime names them where it has one."""
+    run = sub.add_parser("run", help="run the operator")
+    run.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"), help="kubeconfig (default: in-cluster)")
+    run.add_argument("--namespaces", default=_env("WATCH_NAMESPACES", ""),
+                     help="comma-separated namespaces to watch (default: all)")
+    add_settings_flags(run)
+    run.add_argument("--workers", type=int, default=4, help="concurrent reconciles")
+    run.add_argument("--resync-period", type=float, default=600.0, help="seconds between full resyncs")
+    run.add_argument("--metrics-bind-address", default=":8080", help='metrics address ("0" disables)')
+    run.add_argument("--health-probe-bind-address", default=":8081", help="/healthz and /readyz address")
+    run.add_argument("--leader-elect", action="store_true", help="elect a leader on a Lease before writing")
+    run.add_argument("--leader-election-id", default="kaos-modelapi", help="name of the Lease")
+    run.add_argument("--leader-election-namespace", default=_env("POD_NAMESPACE", "default"),
+                     help="namespace of the Lease")
+    run.add_argument("--leader-elect-lease-duration", type=float, default=15.0)
+    run.add_argument("--leader-elect-renew-deadline", type=float, default=10.0)
+    run.add_argument("--leader-elect-retry-period", type=float, default=2.0)
+    run.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
+                     choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-format", default=_env("LOG_FORMAT", "json"), choices=["json", "console"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,8 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-f", "--filename", required=True, help="YAML file with ModelAPIs ('-' for stdin)")
     add_settings_flags(r)
     sub.add_parser("crd", help="print the ModelAPI CustomResourceDefinition")
-    from .operator import add_run_parser  # the operator's flags live with the operator
-
     add_run_parser(sub)
     return parser
 
@@ -102,7 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "crd":
             sys.stdout.write(crd.crd_yaml())
         else:
-            return int(args.run(args))
+            from .operator import run_command  # imported here: render and crd need no Kubernetes client
+
+            return run_command(args)
     except (InputError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import signal
 import socket
 import time
@@ -19,7 +18,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from . import __version__, kube
-from .cli import InputError, add_settings_flags, settings_from_args
+from .cli import InputError, settings_from_args
 from .controller import (
     CHILD_RESOURCES,
     Caches,
@@ -59,33 +58,6 @@ class Options:
     lease: LeaseTiming
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
-
-
-def add_run_parser(sub: Any) -> None:
-    run = sub.add_parser("run", help="run the operator")
-    run.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"), help="kubeconfig (default: in-cluster)")
-    run.add_argument("--namespaces", default=_env("WATCH_NAMESPACES", ""),
-                     help="comma-separated namespaces to watch (default: all)")
-    add_settings_flags(run)
-    run.add_argument("--workers", type=int, default=4, help="concurrent reconciles")
-    run.add_argument("--resync-period", type=float, default=600.0, help="seconds between full resyncs")
-    run.add_argument("--metrics-bind-address", default=":8080", help='metrics address ("0" disables)')
-    run.add_argument("--health-probe-bind-address", default=":8081", help="/healthz and /readyz address")
-    run.add_argument("--leader-elect", action="store_true", help="elect a leader on a Lease before writing")
-    run.add_argument("--leader-election-id", default="kaos-modelapi", help="name of the Lease")
-    run.add_argument("--leader-election-namespace", default=_env("POD_NAMESPACE", "default"),
-                     help="namespace of the Lease")
-    run.add_argument("--leader-elect-lease-duration", type=float, default=15.0)
-    run.add_argument("--leader-elect-renew-deadline", type=float, default=10.0)
-    run.add_argument("--leader-elect-retry-period", type=float, default=2.0)
-    run.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
-                     choices=["debug", "info", "warning", "error"])
-    run.add_argument("--log-format", default=_env("LOG_FORMAT", "json"), choices=["json", "console"])
-    run.set_defaults(run=_run_command)
-
-
 def options_from_args(args: argparse.Namespace) -> Options:
     try:
         lease = LeaseTiming(args.leader_elect_lease_duration, args.leader_elect_renew_deadline,
@@ -109,7 +81,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
     )
 
 
-def _run_command(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     log = configure_logging(args.log_level, args.log_format)
     return asyncio.run(run(options, log))

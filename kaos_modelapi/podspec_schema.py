@@ -100,7 +100,7 @@ def vendored_document() -> Mapping[str, Any]:
 
 
 def kubernetes_source() -> str:
-    """Which Kubernetes release the vendored schema comes from, e.g. 'k8s.io/kubernetes@v1.35.0'."""
+    """Which Kubernetes release the vendored schema comes from, e.g. 'k8s.io/kubernetes@v1.37.2'."""
     return str(vendored_document()["x-source"]["module"])
 
 

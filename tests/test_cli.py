@@ -1,0 +1,86 @@
+"""`kaos-modelapi render` and `crd`: offline, as a user runs them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = sorted(p for p in (REPO / "config" / "samples").glob("*.yaml") if p.name != "kustomization.yaml")
+
+# The seed document's "Full Specification" block: a field reference that sets both modes' blocks at once.
+SEED_FULL_SPEC = """
+apiVersion: kaos.tools/v1alpha1
+kind: ModelAPI
+metadata:
+  name: my-modelapi
+  namespace: my-namespace
+spec:
+  mode: Proxy
+  proxyConfig:
+    apiBase: "http://host.docker.internal:11434"
+    model: "ollama/smollm2:135m"
+  hostedConfig:
+    model: "smollm2:135m"
+"""
+
+
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kaos_modelapi", *args], input=stdin, capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.stem)
+def test_render_prints_the_children_of_every_sample(sample: Path) -> None:
+    done = cli("render", "-f", str(sample), "--gateway-name", "gw", "--gateway-namespace", "infra")
+    assert done.returncode == 0, done.stderr
+    kinds = [doc["kind"] for doc in yaml.safe_load_all(done.stdout)]
+    modelapis = sum(1 for d in yaml.safe_load_all(sample.read_text()) if d["kind"] == "ModelAPI")
+    assert kinds.count("Deployment") == kinds.count("Service") == kinds.count("HTTPRoute") == modelapis
+
+
+def test_render_reads_stdin_and_uses_image_flags() -> None:
+    done = cli("render", "-f", "-", "--litellm-image", "registry.local/litellm:x",
+               stdin=(SAMPLES[0].parent / "proxy-mock.yaml").read_text())
+    deployment = next(d for d in yaml.safe_load_all(done.stdout) if d["kind"] == "Deployment")
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.local/litellm:x"
+
+
+@pytest.mark.parametrize(("manifest", "expected"), [
+    (SEED_FULL_SPEC, "spec.hostedConfig: hostedConfig must not be set when mode is Proxy"),
+    ("kind: ModelAPI\nmetadata: {name: x}\nspec: {mode: Proxy}\n", "spec.proxyConfig"),
+    ("kind: ModelAPI\nmetadata: {name: x}\nspec: {mode: Proxy, proxyConfig: {apiBase: 'ftp://x'}}\n",
+     "apiBase: must be an absolute http or https URL"),
+    ("kind: ModelAPI\nmetadata: {name: x}\nspec: {mode: Hosted, hostedConfig: {model: m}, bogus: 1}\n",
+     "spec.bogus"),
+    (f"kind: ModelAPI\nmetadata: {{name: {'x' * 55}}}\nspec: {{mode: Proxy, proxyConfig: {{model: m}}}}\n",
+     "metadata.name must be at most 54 characters"),
+    ("kind: ModelAPI\nmetadata: {name: x}\nspec: {mode: Proxy, proxyConfig: {configYaml: {fromString: '[x'}}}\n",
+     "configYaml.fromString is not valid YAML"),
+    ("kind: Deployment\nmetadata: {name: x}\n", "no ModelAPI found"),
+    ("{: bad", "not valid YAML"),
+])
+def test_a_bad_file_gets_one_line_naming_the_field_and_exit_2(manifest: str, expected: str) -> None:
+    done = cli("render", "-f", "-", stdin=manifest)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert expected in done.stderr
+
+
+def test_crd_command_prints_the_crd() -> None:
+    done = cli("crd")
+    crd = yaml.safe_load(done.stdout)
+    assert crd["kind"] == "CustomResourceDefinition"
+    assert crd["metadata"]["name"] == "modelapis.kaos.tools"
+    version = crd["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Mode", "Model", "Phase", "Ready", "Endpoint", "Age"]
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["properties"]["proxyConfig"]["description"].startswith("Required when mode is Proxy")
+    assert spec["properties"]["podSpec"]["properties"]["containers"]["x-kubernetes-list-map-keys"] == ["name"]
