@@ -23,9 +23,47 @@ cluster: ## Start the local control plane in the background; kubeconfig: .cluste
 cluster-down: ## Stop the local control plane and remove .cluster
 	@$(PYTHON) $(ROOT)/e2e/cluster.py down
 
+VENV := $(ROOT)/.venv
+UV_VERSION := 0.13.8
+KUBECTL := kubectl --kubeconfig $(ROOT)/.cluster/kubeconfig
+
+.PHONY: venv
+venv: $(VENV)/.installed ## Install the pinned Python environment (.venv) from requirements.lock
+
+$(VENV)/.installed: $(ROOT)/requirements.lock $(ROOT)/pyproject.toml
+	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	@$(VENV)/bin/pip install -q uv==$(UV_VERSION)
+	@$(VENV)/bin/uv pip sync -q --python $(VENV)/bin/python $(ROOT)/requirements.lock
+	@$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python --no-deps -e $(ROOT)
+	@touch $@
+
+.PHONY: deps
+deps: venv ## Install everything the tests run: .venv, the pinned LiteLLM (e2e/.venv-litellm), helm, the control plane
+	@bash $(ROOT)/e2e/install-litellm.sh
+	@$(ROOT)/hack/helm/build.sh >/dev/null
+	@$(PYTHON) $(ROOT)/e2e/cluster.py build
+
+.PHONY: lint
+lint: venv ## ruff and mypy --strict
+	cd $(ROOT) && $(VENV)/bin/ruff check . && $(VENV)/bin/mypy
+
 .PHONY: test
-test: ## Run the tests (they start a control plane, or use KUBECONFIG's or `make cluster`'s)
-	cd $(ROOT) && .venv/bin/python -m pytest -q
+test: deps lint ## Run every test (they start a control plane, or use KUBECONFIG's or `make cluster`'s)
+	cd $(ROOT) && $(VENV)/bin/python -m pytest -q
+
+.PHONY: dev
+dev: venv controlplane ## Local control plane + CRD + samples, then the operator in the foreground
+	@$(PYTHON) $(ROOT)/e2e/cluster.py up
+	@$(VENV)/bin/kaos-modelapi crd | $(KUBECTL) apply -f - >/dev/null
+	@$(KUBECTL) wait --for=condition=Established crd/modelapis.kaos.tools --timeout=30s >/dev/null
+	@$(KUBECTL) apply -k $(ROOT)/config/samples
+	@echo
+	@echo "The operator runs below (Ctrl-C stops it; 'make cluster-down' stops the control plane). Watch with:"
+	@echo "  kubectl --kubeconfig .cluster/kubeconfig get modelapi -w"
+	@echo
+	@$(VENV)/bin/kaos-modelapi run --kubeconfig $(ROOT)/.cluster/kubeconfig --log-format console \
+	  --gateway-name kaos-gateway --gateway-namespace default \
+	  --metrics-bind-address 127.0.0.1:8080 --health-probe-bind-address 127.0.0.1:8081
 
 CRD_FILES := $(ROOT)/config/crd/bases/kaos.tools_modelapis.yaml $(ROOT)/charts/kaos-modelapi/crds/modelapis.kaos.tools.yaml
 
