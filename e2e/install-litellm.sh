@@ -10,6 +10,7 @@ lock="$here/litellm-requirements.lock"
 venv="${KAOS_LITELLM_VENV:-$here/.venv-litellm}"
 uv="${UV:-$root/.venv/bin/uv}"
 stamp="$venv/.kaos-lock-sha256"
+[[ -x "$uv" ]] || { echo "install-litellm: uv not found at $uv (set UV=...)" >&2; exit 1; }
 
 want="$(sha256sum "$lock" | cut -d' ' -f1)"
 if [[ -x "$venv/bin/litellm" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
@@ -17,7 +18,8 @@ if [[ -x "$venv/bin/litellm" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; 
     exit 0
 fi
 
-"$uv" venv --quiet --allow-existing --python 3.11 "$venv"
+# Only the machine's own Python 3.11 (the lock is compiled for it); never a downloaded interpreter.
+UV_PYTHON_DOWNLOADS=never "$uv" venv --quiet --allow-existing --python 3.11 "$venv"
 # pip sync removes anything not in the lock, so a reused venv ends with exactly the locked set.
 "$uv" pip sync --quiet --python "$venv/bin/python" "$lock"
 LITELLM_LOCAL_MODEL_COST_MAP=True "$venv/bin/python" -c "import litellm" >/dev/null
