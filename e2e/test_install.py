@@ -1,0 +1,210 @@
+"""Installing the operator the way users do, against a real API server.
+
+- The Helm chart (`helm template`, pinned helm from hack/helm) and `kubectl apply -k config/default` are
+  applied with server-side dry-run: the API server admits every object (schemas, RBAC, CRD size for
+  client-side apply).
+- A real install: no image can run here (the stand-in kubelet marks pods Ready without running them), so
+  the chart's CRD, ServiceAccount and RBAC are applied for real, and the operator runs as a local process
+  with the arguments of the chart's Deployment and a token of the chart's ServiceAccount (TokenRequest), so
+  every request it makes is authorized by the chart's RBAC and nothing else. A sample ModelAPI must reach
+  phase Ready, with no request refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from e2e.operator_process import (
+    GATEWAY_NAME,
+    GATEWAY_NAMESPACE,
+    Kubectl,
+    OperatorProcess,
+    metric_value,
+    wait_until,
+)
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parent.parent
+CHART = REPO / "charts" / "kaos-modelapi"
+SAMPLE = REPO / "config" / "samples" / "proxy-mock.yaml"
+KUSTOMIZE_NAMESPACE = "kaos-system"
+# Flags the test sets itself: loopback ports and readable logs (OperatorProcess), the kubeconfig.
+LOCAL_FLAGS = ("--metrics-bind-address", "--health-probe-bind-address", "--log-level", "--log-format",
+               "--kubeconfig")
+
+Obj = dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    """The helm pinned in hack/helm/go.mod (built once into ~/.cache)."""
+    built = subprocess.run([REPO / "hack" / "helm" / "build.sh"], capture_output=True, text=True)
+    assert built.returncode == 0, f"building helm failed:\n{built.stderr}"
+    return built.stdout.strip()
+
+
+def render(helm: str, release: str, namespace: str, *flags: str) -> list[Obj]:
+    # The chart's settings match the session operator's (e2e/conftest.py): when that operator also serves
+    # these namespaces, the two agree on every child instead of fighting over it.
+    out = subprocess.run(
+        [helm, "template", release, str(CHART), "--namespace", namespace,
+         "--set", f"gateway.name={GATEWAY_NAME}", "--set", f"gateway.namespace={GATEWAY_NAMESPACE}", *flags],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def manifest(objs: list[Obj]) -> str:
+    return yaml.safe_dump_all(objs, sort_keys=False)
+
+
+def dry_run(kubectl: Kubectl, *args: str, stdin: str | None = None) -> str:
+    done = kubectl.run("apply", "--dry-run=server", *args, stdin=stdin, check=False)
+    assert done.returncode == 0, f"the API server refused:\n{done.stderr}"
+    return done.stdout
+
+
+def release_name() -> str:
+    return f"kaos-{secrets.token_hex(3)}"
+
+
+@pytest.fixture
+def extra_namespace(kubectl: Kubectl) -> Iterator[str]:
+    name = f"t-install-watched-{secrets.token_hex(3)}"
+    kubectl.run("create", "namespace", name)
+    kubectl.run("label", "namespace", name, "kaos.tools/test=true")
+    wait_until(lambda: kubectl.get("serviceaccount", "default", name), 30, f"ServiceAccount {name}/default")
+    try:
+        yield name
+    finally:
+        kubectl.run("delete", "namespace", name, "--wait=false", check=False)
+
+
+# --- server-side dry-run --------------------------------------------------------------------------------
+
+
+async def test_chart_is_admitted_by_the_api_server(kubectl: Kubectl, helm: str, namespace: str) -> None:
+    objs = render(helm, release_name(), namespace, "--include-crds")
+    out = dry_run(kubectl, "-f", "-", stdin=manifest(objs))
+    assert out.count("(server dry run)") == len(objs), out
+
+
+async def test_namespaced_chart_is_admitted_by_the_api_server(kubectl: Kubectl, helm: str, namespace: str,
+                                                             extra_namespace: str) -> None:
+    objs = render(helm, release_name(), namespace, "--set", f"watchNamespaces={{{extra_namespace}}}")
+    assert {o["kind"] for o in objs} >= {"Role", "RoleBinding"}
+    assert not [o for o in objs if o["kind"].startswith("Cluster")]
+    out = dry_run(kubectl, "-f", "-", stdin=manifest(objs))
+    assert out.count("(server dry run)") == len(objs), out
+
+
+async def test_kustomize_default_is_admitted_by_the_api_server(kubectl: Kubectl) -> None:
+    # A dry-run never creates the Namespace, and the API server refuses objects in a namespace that does not
+    # exist: make kaos-system exist for this check (removed again if this test made it).
+    created = kubectl.run("get", "namespace", KUSTOMIZE_NAMESPACE, check=False).returncode != 0
+    if created:
+        kubectl.run("create", "namespace", KUSTOMIZE_NAMESPACE)
+    try:
+        out = dry_run(kubectl, "-k", str(REPO / "config" / "default"))
+    finally:
+        if created:
+            kubectl.run("delete", "namespace", KUSTOMIZE_NAMESPACE, "--wait=false", check=False)
+    rendered = kubectl.run("kustomize", str(REPO / "config" / "default")).stdout
+    assert out.count("(server dry run)") == len([d for d in yaml.safe_load_all(rendered) if d]), out
+
+
+# --- a real install, the operator running as the chart's ServiceAccount -------------------------------
+
+
+def service_account_kubeconfig(kubectl: Kubectl, namespace: str, account: str, path: Path) -> Path:
+    """A kubeconfig for the same API server that authenticates as the ServiceAccount (a bound token)."""
+    token = kubectl.run("create", "token", account, "-n", namespace, "--duration=1h").stdout.strip()
+    config = json.loads(kubectl.run("config", "view", "--raw", "--minify", "--flatten", "-o", "json").stdout)
+    user = f"system:serviceaccount:{namespace}:{account}"
+    config["users"] = [{"name": user, "user": {"token": token}}]
+    config["contexts"][0]["context"]["user"] = user
+    config["contexts"][0]["context"].pop("namespace", None)
+    path.write_text(json.dumps(config))
+    path.chmod(0o600)
+    return path
+
+
+def operator_args(deployment: Obj, namespace: str) -> list[str]:
+    """The chart container's args, with $(POD_NAMESPACE) expanded as the kubelet would, minus LOCAL_FLAGS."""
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: namespace for e in container["env"] if e["name"] == "POD_NAMESPACE"}
+    assert env, "the chart must give the operator POD_NAMESPACE"
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["args"]]
+    return [a for a in args if not a.startswith(LOCAL_FLAGS)]
+
+
+def can_i(kubectl: Kubectl, kubeconfig: Path, *args: str) -> bool:
+    done = kubectl.run("--kubeconfig", str(kubeconfig), "auth", "can-i", *args, check=False)
+    return done.stdout.strip() == "yes"
+
+
+@pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
+async def test_installed_chart_runs_the_operator(kubectl: Kubectl, helm: str, namespace: str,
+                                                 extra_namespace: str, mode: str,
+                                                 tmp_path: Path) -> None:
+    release = release_name()
+    watched = namespace if mode == "cluster-wide" else extra_namespace
+    flags = [] if mode == "cluster-wide" else ["--set", f"watchNamespaces={{{watched}}}"]
+    objs = render(helm, release, namespace, *flags)
+    rbac_and_identity = [o for o in objs if o["kind"] not in {"Deployment", "Service"}]
+    cluster_scoped = [o for o in rbac_and_identity if o["kind"].startswith("Cluster")]
+    assert bool(cluster_scoped) == (mode == "cluster-wide")
+
+    # The CRD as a user installs it (client-side apply); the session's other tests apply the same one.
+    kubectl.run("apply", "-f", str(CHART / "crds" / "modelapis.kaos.tools.yaml"))
+    kubectl.run("wait", "--for=condition=Established", "crd/modelapis.kaos.tools", "--timeout=60s")
+    kubectl.run("apply", "-f", "-", stdin=manifest(rbac_and_identity))
+    try:
+        (sa,) = [o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount"]
+        kubeconfig = service_account_kubeconfig(kubectl, namespace, sa, tmp_path / "sa-kubeconfig")
+        # The identity is the chart's, with exactly the chart's rights.
+        assert can_i(kubectl, kubeconfig, "watch", "modelapis.kaos.tools", "-n", watched)
+        assert can_i(kubectl, kubeconfig, "create", "secrets", "-n", watched)
+        assert not can_i(kubectl, kubeconfig, "update", "secrets", "-n", watched)
+        assert not can_i(kubectl, kubeconfig, "create", "pods", "-n", watched)
+        assert can_i(kubectl, kubeconfig, "list", "modelapis.kaos.tools", "--all-namespaces") == (
+            mode == "cluster-wide")
+
+        (deployment,) = [o for o in objs if o["kind"] == "Deployment"]
+        args = operator_args(deployment, namespace)
+        if mode == "cluster-wide":
+            # Same rights, but serve only this test's namespace: other tests' ModelAPIs are not ours to touch.
+            args.append(f"--namespaces={watched}")
+        operator = OperatorProcess(str(kubeconfig), args=args, log_path=tmp_path / "operator.log")
+        operator.start()
+        try:
+            kubectl.apply(SAMPLE.read_text(), watched)
+            name = yaml.safe_load(SAMPLE.read_text())["metadata"]["name"]
+            status = kubectl.wait_phase(name, watched, "Ready", timeout=120)
+            assert status["ready"] is True
+
+            metrics = operator.metrics()
+            # This process led (the Lease in the release namespace is its) and the API server refused it nothing.
+            assert metric_value(metrics, "leader_election_master_status") == 1
+            lease = kubectl.get("lease", "kaos-modelapi", namespace)
+            assert lease is not None and lease["spec"].get("holderIdentity")
+            refused = {code: metric_value(metrics, "rest_client_requests_total", code=code)
+                       for code in ("401", "403")}
+            assert refused == {"401": 0, "403": 0}, (operator.log_path.read_text()[-4000:])
+            assert metric_value(metrics, "controller_runtime_reconcile_total", result="success") >= 1
+        finally:
+            code = operator.stop()
+        assert code == 0, operator.log_path.read_text()[-4000:]
+    finally:
+        for obj in cluster_scoped:
+            kubectl.run("delete", obj["kind"].lower(), obj["metadata"]["name"], "--wait=false", check=False)
