@@ -76,3 +76,7 @@ generate: ## Write the ModelAPI CRD (`kaos-modelapi crd`) into config/crd/bases/
 .PHONY: helm
 helm: ## Build helm (pinned in hack/helm/go.mod) unless cached in ~/.cache/kaos-modelapi/helm; print its path
 	@$(ROOT)/hack/helm/build.sh
+
+.PHONY: bench
+bench: deps ## Benchmarks (e2e/bench): print convergence time, memory and API requests; BENCH_N=100
+	cd $(ROOT) && $(VENV)/bin/python e2e/bench/bench_operator.py
