@@ -28,7 +28,7 @@ from .controller import (
     pod_owner_key,
 )
 from .events import Recorder
-from .informer import EventKind, Informer, MultiNamespaceInformer, informer_for_namespaces
+from .informer import EventKind, Informer, MultiNamespaceInformer, StoreReader, informer_for_namespaces
 from .kube import ApiError, KubeClient, Obj, Resource, load_api_client
 from .leader import LeaderElector, LeaseTiming
 from .observability import Metrics, configure_logging, health_app, metrics_app, serve
@@ -96,10 +96,15 @@ def _strip_managed(obj: Obj) -> Obj:
 
 
 def _secret_identity(obj: Obj) -> Obj:
-    """Keep a Secret's identity only. Even metadata can carry data (kubectl's last-applied annotation)."""
+    """Keep a Secret's identity only. Even metadata can carry data (kubectl's last-applied annotation), so
+    only the operator's own annotations are kept."""
     meta = obj["metadata"]
     keep = ("name", "namespace", "uid", "resourceVersion", "labels", "ownerReferences", "deletionTimestamp")
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": {k: meta[k] for k in keep if k in meta}}
+    identity = {k: meta[k] for k in keep if k in meta}
+    ours = {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith("kaos.tools/")}
+    if ours:
+        identity["annotations"] = ours
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": identity}
 
 
 def _pod_status_only(obj: Obj) -> Obj:
@@ -121,11 +126,17 @@ class Operator:
         self.queue: WorkQueue[str] = WorkQueue(metrics=metrics)
         self.informers: dict[str, AnyInformer] = {}
         self._informer_tasks: list[asyncio.Task[None]] = []
+        secrets: StoreReader = self._informer("secrets", kube.SECRET, None, _secret_identity,
+                                              metadata_only=True).store
+        children: dict[Resource, StoreReader] = {r: self._informer(r.plural, r, MANAGED_SELECTOR, _strip_managed).store
+                    for r in CHILD_RESOURCES if r not in (kube.HTTPROUTE, kube.SECRET)}
+        # One Secret cache, metadata only: it answers both "does the referenced Secret exist" and "is our
+        # generated key Secret there", and never holds Secret data.
+        children[kube.SECRET] = secrets
         self.caches = Caches(
             modelapis=self._informer("modelapis", kube.MODELAPI, None, _strip_managed).store,
-            children={r: self._informer(r.plural, r, MANAGED_SELECTOR, _strip_managed).store
-                      for r in CHILD_RESOURCES if r is not kube.HTTPROUTE},
-            secrets=self._informer("secrets", kube.SECRET, None, _secret_identity, metadata_only=True).store,
+            children=children,
+            secrets=secrets,
             pods=self._informer("pods", POD, MANAGED_SELECTOR, _pod_status_only).store,
         )
         self._wire_handlers()
@@ -172,7 +183,7 @@ class Operator:
 
         self.informers["modelapis"].add_handler(self._enqueue_via(modelapi_key))
         for resource in CHILD_RESOURCES:
-            if resource.plural in self.informers:
+            if resource.plural in self.informers and resource is not kube.SECRET:
                 self.informers[resource.plural].add_handler(self._enqueue_via(owner_key))
         self.informers["pods"].add_handler(self._enqueue_via(pod_owner_key))
         self.informers["secrets"].add_handler(self._on_secret)
