@@ -196,6 +196,15 @@ def test_the_image_venv_runs_the_cli_and_writes_nothing(built: Built) -> None:
     from kaos_modelapi.crd import crd_yaml
 
     assert crd.stdout == crd_yaml()
+    run_help = subprocess.run(
+        ["kaos-modelapi", "run", "--help"], env=built.env, capture_output=True, text=True, check=True
+    )
+    assert "--leader-elect" in run_help.stdout
+    # `run` imports the whole operator (aiohttp, kubernetes-asyncio, prometheus-client, ...): a module that
+    # only the dev extra brings would fail here, not at the first start of the pod.
+    subprocess.run(
+        [built.venv / "bin" / "python", "-c", "import kaos_modelapi.operator"], env=built.env, check=True
+    )
     assert snapshot(built.venv) == before, "running the CLI wrote into the venv (readOnlyRootFilesystem)"
 
 

@@ -334,3 +334,10 @@ def test_nothing_installed_carries_the_childrens_managed_by_label(helm: str, sou
             labels.append(o["spec"]["template"]["metadata"].get("labels") or {})
         for group in labels:
             assert group.get("app.kubernetes.io/managed-by") != "kaos-modelapi", o["kind"]
+
+
+@pytest.mark.parametrize("setting", ["logLevel=verbose", "watchNamespaces={Not_A_Namespace}", "workers=0"])
+def test_values_schema_refuses_bad_values(helm: str, setting: str) -> None:
+    refused = run(helm, "template", RELEASE, CHART, "--set", setting, check=False)
+    assert refused.returncode != 0
+    assert "values don't meet the specifications of the schema" in refused.stderr or "at '/" in refused.stderr
