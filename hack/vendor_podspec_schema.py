@@ -126,9 +126,7 @@ def vendored_document(spec: dict[str, Any], version: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", required=True, help="k8s.io/kubernetes module version, e.g. v1.35.0")
     parser.add_argument("--openapi", type=Path, help="api__v1_openapi.json to read instead of the module")
     parser.add_argument("--output", type=Path, default=OUTPUT)
