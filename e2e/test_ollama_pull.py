@@ -79,7 +79,7 @@ def test_a_server_that_answers_at_once_costs_no_fixed_wait(tmp_path: Path) -> No
     # ...and with a server that answers at once there is no wait at all.
     finished, calls = run_pull(tmp_path, "smollm2:135m")
     assert finished.returncode == 0, finished.stderr
-    assert finished.seconds < 3.0
+    assert finished.seconds < 4.5  # one 1 s poll at most, plus process starts on a loaded machine
     assert events(calls, "pull")[0]["argv"] == ["pull", "smollm2:135m"]
 
 

@@ -125,6 +125,20 @@ def load(path):
     return config
 
 
+def compose(config, settings):
+    runtime = os.environ.get("KAOS_LITELLM_RUNTIME_DIR") or fail("KAOS_LITELLM_RUNTIME_DIR is not set")
+    config["general_settings"] = dict(settings, custom_auth="kaos_auth.user_api_key_auth")
+    path = os.path.join(runtime, "config.yaml")
+    try:
+        with open(os.path.join(runtime, "kaos_auth.py"), "w", encoding="utf-8") as f:
+            f.write(AUTH_MODULE)
+        with open(path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(config, f, sort_keys=False, allow_unicode=True)
+    except OSError as e:
+        fail("cannot write the runtime config into %s: %s" % (runtime, e))
+    return path
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True)
@@ -137,16 +151,12 @@ def main():
     settings = config.get("general_settings") or {}
     path = args.config
     if "custom_auth" not in settings and "master_key" not in settings:
-        runtime = os.environ.get("KAOS_LITELLM_RUNTIME_DIR") or fail("KAOS_LITELLM_RUNTIME_DIR is not set")
-        config["general_settings"] = dict(settings, custom_auth="kaos_auth.user_api_key_auth")
-        path = os.path.join(runtime, "config.yaml")
-        with open(os.path.join(runtime, "kaos_auth.py"), "w", encoding="utf-8") as f:
-            f.write(AUTH_MODULE)
-        with open(path, "w", encoding="utf-8") as f:
-            yaml.safe_dump(config, f, sort_keys=False, allow_unicode=True)
+        path = compose(config, settings)
     sys.stdout.flush()
-    os.execvp("litellm", ["litellm", "--config", path, "--port", args.port, *rest])
-
+    try:
+        os.execvp("litellm", ["litellm", "--config", path, "--port", args.port, *rest])
+    except OSError as e:
+        fail("cannot run litellm: %s" % e)
 
 main()
 '''

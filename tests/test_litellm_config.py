@@ -90,7 +90,9 @@ class Boot:
     runtime: Path
 
 
-def boot(tmp_path: Path, config_text: str, auth: str | None = "open", *extra: str) -> Boot:
+def boot(
+    tmp_path: Path, config_text: str, auth: str | None = "open", *extra: str, runtime_dir: str | None = None
+) -> Boot:
     """Run BOOT_SCRIPT as the pod does (python3 -c SCRIPT --config ... --port ...), with a stand-in
     `litellm` first on PATH that records its argv."""
     bin_dir, runtime, source = tmp_path / "bin", tmp_path / "runtime", tmp_path / "etc" / "config.yaml"
@@ -101,7 +103,7 @@ def boot(tmp_path: Path, config_text: str, auth: str | None = "open", *extra: st
     standin.write_text(f'#!{sys.executable}\nimport json, sys\njson.dump(sys.argv, open("{record}", "w"))\n')
     standin.chmod(0o755)
     source.write_text(config_text)
-    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", litellm.ENV_RUNTIME_DIR: str(runtime)}
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", litellm.ENV_RUNTIME_DIR: runtime_dir or str(runtime)}
     if auth is not None:
         env[litellm.ENV_AUTH] = auth
     argv = [sys.executable, "-c", litellm.BOOT_SCRIPT, "--config", str(source), "--port", "8000", *extra]
@@ -193,6 +195,24 @@ def test_bad_input_exits_with_one_clear_line(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("kaos-litellm-boot: ") and message in lines[0]
+
+
+def test_unwritable_runtime_dir_exits_with_one_clear_line(tmp_path: Path) -> None:
+    result = boot(tmp_path, "model_list: []\n", "open", runtime_dir=str(tmp_path / "absent" / "dir"))
+    assert result.returncode != 0 and result.exec_argv is None
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("kaos-litellm-boot: cannot write the runtime config into")
+
+
+def test_missing_litellm_command_exits_with_one_clear_line(tmp_path: Path) -> None:
+    source = tmp_path / "config.yaml"
+    source.write_text("model_list: []\n")
+    env = {"PATH": str(tmp_path / "nothing-here"), litellm.ENV_AUTH: "open", litellm.ENV_RUNTIME_DIR: str(tmp_path)}
+    argv = [sys.executable, "-c", litellm.BOOT_SCRIPT, "--config", str(source), "--port", "8000"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("kaos-litellm-boot: cannot run litellm")
 
 
 # --- the auth hook ------------------------------------------------------------------------------------------
