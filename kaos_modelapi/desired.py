@@ -181,14 +181,17 @@ def _proxy_plan(m: ModelAPI) -> _ProxyPlan:
 
 def _proxy_env(m: ModelAPI, plan: _ProxyPlan) -> list[dict[str, Any]]:
     key_ref = {"name": litellm.master_key_secret_name(m.metadata.name), "key": litellm.MASTER_KEY_SECRET_KEY}
-    operator: list[dict[str, Any]] = [
+    defaults: list[dict[str, Any]] = [
         {"name": litellm.ENV_MASTER_KEY, "valueFrom": {"secretKeyRef": key_ref}},
         {"name": litellm.ENV_LOCAL_COST_MAP, "value": "True"},
+    ]
+    # The boot script's contract: a user's value here would, e.g., enable client mock answers on a real proxy.
+    reserved: list[dict[str, Any]] = [
         {"name": litellm.ENV_AUTH, "value": plan.auth},
         {"name": litellm.ENV_RUNTIME_DIR, "value": litellm.RUNTIME_DIR},
     ]
     assert m.spec.proxyConfig is not None
-    return merge_env(operator, _env_dicts(m.spec.proxyConfig.env))
+    return merge_env(merge_env(defaults, _env_dicts(m.spec.proxyConfig.env)), reserved)
 
 
 def _http_probe(path: str, **timing: int) -> dict[str, Any]:

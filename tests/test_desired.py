@@ -141,8 +141,8 @@ def test_user_env_wins_on_the_same_name_and_keeps_operator_order() -> None:
                                   {"name": "LITELLM_LOCAL_MODEL_COST_MAP", "value": "False"}]
     env = container(children(modelapi(spec)), "model-api")["env"]
     names = [e["name"] for e in env]
-    assert names == ["LITELLM_MASTER_KEY", "LITELLM_LOCAL_MODEL_COST_MAP", "KAOS_LITELLM_AUTH",
-                     "KAOS_LITELLM_RUNTIME_DIR", "EXTRA"]
+    assert names == ["LITELLM_MASTER_KEY", "LITELLM_LOCAL_MODEL_COST_MAP", "EXTRA", "KAOS_LITELLM_AUTH",
+                     "KAOS_LITELLM_RUNTIME_DIR"]
     assert env[1] == {"name": "LITELLM_LOCAL_MODEL_COST_MAP", "value": "False"}
 
 
@@ -268,3 +268,9 @@ def test_every_sample_builds(path: Path) -> None:
             kinds = [c["kind"] for c in built.children]
             assert kinds.count("Deployment") == 1 and kinds.count("Service") == 1
             assert kinds.count("HTTPRoute") == 1
+
+
+def test_user_cannot_switch_the_boot_script_into_mock_mode() -> None:
+    spec = copy.deepcopy(PROXY)
+    spec["proxyConfig"]["env"] = [{"name": "KAOS_LITELLM_AUTH", "value": "mock"}]
+    assert env_of(container(children(modelapi(spec)), "model-api"))["KAOS_LITELLM_AUTH"] == "open"

@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import yaml  # noqa: E402
+import yaml
 
-from e2e import cluster  # noqa: E402
-from e2e.operator_process import (  # noqa: E402
+from e2e import cluster
+from e2e.operator_process import (
     Kubectl,
     OperatorProcess,
     apiserver_writes,
