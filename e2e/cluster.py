@@ -349,7 +349,6 @@ def stop(state: Path | None = None, cluster: Cluster | None = None, timeout: flo
                 proc.wait(timeout)
         if not _wait(lambda: not _alive(pid), timeout):
             _kill_group(pid, proc)
-    if pid is not None and was_running:
         # The children die with the supervisor (Pdeathsig); make sure of it. (Only for a process
         # seen alive above: the pid of a long-dead one may have been reused by now.)
         if not _wait(lambda: not _group_alive(pid), 10):
@@ -400,7 +399,10 @@ def wait_ready(state: Path | None = None, timeout: float = 60.0) -> None:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[Any]], timeout: float = 60.0, interval: float = 0.2, what: str = "condition"
+    check: Callable[[], Awaitable[Any]],
+    timeout: float = 60.0,
+    interval: float = 0.2,
+    what: str = "condition",
 ) -> Any:
     """Await check() until it returns something truthy, or fail after timeout with its last result."""
     deadline = time.monotonic() + timeout

@@ -284,13 +284,19 @@ async def test_apiserver_metrics_count_requests_by_verb_and_resource(
         text = await resp.text()
         total = 0.0
         for line in text.splitlines():
-            if line.startswith("apiserver_request_total{") and 'resource="configmaps"' in line and 'verb="POST"' in line:
+            if (
+                line.startswith("apiserver_request_total{")
+                and 'resource="configmaps"' in line
+                and 'verb="POST"' in line
+            ):
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
     before = await creates()
     for i in range(3):
-        await core.create_namespaced_config_map(namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name=f"m{i}")))
+        await core.create_namespaced_config_map(
+            namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name=f"m{i}"))
+        )
     assert await creates() - before >= 3
 
 
@@ -334,7 +340,10 @@ async def test_failing_containers_crash_loop_or_fail_the_pod(api_client: client.
         "initContainers": [{"name": "pull-model", "image": PAUSE, "env": env(KAOS_FAKE_EXIT_CODE=1)}],
         "containers": [{"name": "main", "image": PAUSE}],
     }
-    once = {"restartPolicy": "Never", "containers": [{"name": "main", "image": PAUSE, "env": env(KAOS_FAKE_EXIT_CODE=2)}]}
+    once = {
+        "restartPolicy": "Never",
+        "containers": [{"name": "main", "image": PAUSE, "env": env(KAOS_FAKE_EXIT_CODE=2)}],
+    }
     for name, spec in [("crashing", crashing), ("init-failing", init_failing), ("once", once)]:
         await core.create_namespaced_pod(namespace, pod(name, spec))
 
