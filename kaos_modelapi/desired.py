@@ -16,6 +16,7 @@ import yaml
 
 from . import api, litellm, ollama
 from .api import EnvVar, ModelAPI
+from .podspec_schema import unknown_fields
 from .settings import Settings
 from .smp import StrategicMergeError, merge_pod_spec
 
@@ -333,6 +334,9 @@ def _is_zero_duration(value: str) -> bool:
 def _apply_override(m: ModelAPI, pod_spec: dict[str, Any]) -> dict[str, Any]:
     if not m.spec.podSpec:
         return pod_spec
+    unknown = unknown_fields(m.spec.podSpec)
+    if unknown:
+        raise SpecError("InvalidPodSpec", f"{', '.join(unknown)}: unknown field (not in Kubernetes' PodSpec)")
     try:
         return merge_pod_spec(pod_spec, m.spec.podSpec)
     except StrategicMergeError as e:

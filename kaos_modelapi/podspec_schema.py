@@ -133,8 +133,12 @@ def podspec_crd_schema(description: str) -> dict[str, Any]:
     Beyond upstream's shape the override needs three things a plain embedded PodSpec lacks:
     - `nullable: true` on fields and map values, because the apiserver prunes nulls from non-nullable
       fields before the operator sees them, and `null` is how strategic merge deletes a field;
-    - properties for the merge directives ($patch, $retainKeys, $setElementOrder/..,
-      $deleteFromPrimitiveList/..), because structural pruning would drop them as unknown fields;
+    - `x-kubernetes-preserve-unknown-fields` on its objects, because structural pruning would otherwise drop
+      the merge directives ($patch, $retainKeys, $setElementOrder/.., $deleteFromPrimitiveList/..). They
+      cannot be declared as properties: a CRD whose schema has `$`-named properties is mangled by
+      client-side `kubectl apply`, whose strategic merge reads them as directives (a second apply silently
+      drops podSpec's properties). Unknown fields that are not directives are refused by the operator
+      instead (`unknown_fields`), naming the field;
     - defaults for list-map keys (see `_key_property`).
     """
     return {"description": description, **_crd_node(pod_spec_schema(), ())}
@@ -150,6 +154,7 @@ def _crd_node(node: SchemaNode, map_keys: tuple[str, ...] = (), retain_keys: boo
     out.update({k: node.raw[k] for k in _COPIED_KEYS if k in node.raw})
     if kind == "struct":
         out["properties"] = _crd_properties(node, map_keys, retain_keys)
+        out["x-kubernetes-preserve-unknown-fields"] = True
     elif kind == "map":
         values = node.values()
         assert values is not None
@@ -174,7 +179,6 @@ def _crd_properties(node: SchemaNode, map_keys: tuple[str, ...], retain_keys: bo
         else:
             own_retain_keys = child.kind == "struct" and "retainKeys" in child.patch_strategies
             props[name] = {**_crd_node(child, retain_keys=own_retain_keys), "nullable": True}
-    props.update(_directive_properties(node, retain_keys))
     return props
 
 
@@ -192,28 +196,29 @@ def _key_property(child: SchemaNode, name: str) -> dict[str, Any]:
     return {**_crd_node(child), "default": child.raw["default"]}
 
 
-def _directive_properties(node: SchemaNode, retain_keys: bool) -> dict[str, Any]:
-    """The strategic-merge directives that can appear in this object (see podspec_crd_schema)."""
-    props: dict[str, Any] = {PATCH_DIRECTIVE: {"type": "string", "enum": list(PATCH_DIRECTIVE_VALUES)}}
-    if retain_keys:
-        props[RETAIN_KEYS_DIRECTIVE] = {"type": "array", "items": {"type": "string"}}
-    for name in node.prop_names():
-        child = node.prop(name)
-        if child is None or child.kind != "array":
-            continue
-        items = child.items()
-        assert items is not None
-        if "merge" in child.patch_strategies:
-            props[SET_ELEMENT_ORDER_PREFIX + name] = _set_element_order_schema(child, items)
-        if items.kind not in ("struct", "map", "free-form", "array"):
-            props[DELETE_FROM_PRIMITIVE_LIST_PREFIX + name] = {"type": "array", "items": _crd_node(items)}
-    return props
+def _is_directive(name: str) -> bool:
+    return name in (PATCH_DIRECTIVE, RETAIN_KEYS_DIRECTIVE) or name.startswith(
+        (SET_ELEMENT_ORDER_PREFIX, DELETE_FROM_PRIMITIVE_LIST_PREFIX))
 
 
-def _set_element_order_schema(field_node: SchemaNode, items: SchemaNode) -> dict[str, Any]:
-    key = field_node.merge_key
-    if key is None:
-        return {"type": "array", "items": _crd_node(items)}
-    key_node = items.prop(key)
-    assert key_node is not None
-    return {"type": "array", "items": {"type": "object", "properties": {key: _crd_node(key_node)}}}
+def unknown_fields(override: Any, node: SchemaNode | None = None, path: str = "spec.podSpec") -> list[str]:
+    """Paths of fields in a podSpec override that PodSpec does not have (a typo such as `resorces`).
+
+    The CRD keeps unknown fields so that merge directives survive, so this is where typos are caught."""
+    node = node or pod_spec_schema()
+    found: list[str] = []
+    if isinstance(override, Mapping) and node.kind == "struct":
+        for name, value in override.items():
+            child = node.prop(name)
+            if child is None:
+                if not _is_directive(name):
+                    found.append(f"{path}.{name}")
+            else:
+                found += unknown_fields(value, child, f"{path}.{name}")
+    elif isinstance(override, Mapping) and node.kind == "map" and (values := node.values()) is not None:
+        for name, value in override.items():
+            found += unknown_fields(value, values, f"{path}.{name}")
+    elif isinstance(override, list) and node.kind == "array" and (items := node.items()) is not None:
+        for index, item in enumerate(override):
+            found += unknown_fields(item, items, f"{path}[{index}]")
+    return found

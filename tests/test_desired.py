@@ -274,3 +274,11 @@ def test_user_cannot_switch_the_boot_script_into_mock_mode() -> None:
     spec = copy.deepcopy(PROXY)
     spec["proxyConfig"]["env"] = [{"name": "KAOS_LITELLM_AUTH", "value": "mock"}]
     assert env_of(container(children(modelapi(spec)), "model-api"))["KAOS_LITELLM_AUTH"] == "open"
+
+
+def test_pod_spec_override_with_an_unknown_field_is_a_spec_error_naming_it() -> None:
+    spec = copy.deepcopy(HOSTED)
+    spec["podSpec"] = {"containers": [{"name": "model-api", "resorces": {}, "$patch": "merge"}]}
+    with pytest.raises(desired.SpecError) as e:
+        desired.build(modelapi(spec), Settings())
+    assert e.value.message == "spec.podSpec.containers[0].resorces: unknown field (not in Kubernetes' PodSpec)"
