@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
 
-from e2e.operator_process import GATEWAY_NAME, GATEWAY_NAMESPACE, Kubectl, OperatorProcess, wait_until
+from e2e.operator_process import GATEWAY_NAME, GATEWAY_NAMESPACE, Kubectl, OperatorProcess
 
 RESYNC_SECONDS = 10
 
@@ -25,12 +24,7 @@ def crd(kubectl: Kubectl) -> str:
     manifest = subprocess.run([sys.executable, "-m", "kaos_modelapi", "crd"], capture_output=True, text=True,
                               check=True).stdout
     kubectl.run("apply", "-f", "-", stdin=manifest)
-
-    def established() -> bool:
-        obj = json.loads(kubectl.run("get", "crd", "modelapis.kaos.tools", "-o", "json").stdout)
-        return any(c["type"] == "Established" and c["status"] == "True" for c in obj["status"]["conditions"])
-
-    wait_until(established, 30, "CRD established")
+    kubectl.run("wait", "--for=condition=Established", "crd/modelapis.kaos.tools", "--timeout=30s")
     return "modelapis.kaos.tools"
 
 

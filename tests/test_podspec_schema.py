@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kaos_modelapi.podspec_schema import kubernetes_source, pod_spec_schema, podspec_crd_schema
+from kaos_modelapi.podspec_schema import kubernetes_source, pod_spec_schema, podspec_crd_schema, unknown_fields
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = podspec_crd_schema("A partial PodSpec.")
@@ -89,13 +89,12 @@ def _type_errors(value: Any, schema: dict[str, Any], path: str) -> list[str]:
 
 
 def _object_errors(value: dict[str, Any], schema: dict[str, Any], path: str) -> list[str]:
-    if schema.get("x-kubernetes-preserve-unknown-fields"):
-        return []
     if "additionalProperties" in schema:
         extra = schema["additionalProperties"]
         return [e for k, v in value.items() for e in validate(v, extra, f"{path}.{k}")]
     props = schema.get("properties", {})
-    errors = [f"{path}.{k}: unknown field (would be pruned)" for k in value if k not in props]
+    keeps_unknown = schema.get("x-kubernetes-preserve-unknown-fields")
+    errors = [] if keeps_unknown else [f"{path}.{k}: unknown field (would be pruned)" for k in value if k not in props]
     return errors + [e for k, v in value.items() if k in props for e in validate(v, props[k], f"{path}.{k}")]
 
 
@@ -115,7 +114,9 @@ def test_every_node_is_structural() -> None:
             shapes = [
                 k for k in ("properties", "additionalProperties", "x-kubernetes-preserve-unknown-fields") if k in node
             ]
-            assert len(shapes) == 1, f"{path}: {shapes}"
+            # Structs keep unknown fields too, so that strategic-merge directives survive pruning.
+            assert shapes in (["properties", "x-kubernetes-preserve-unknown-fields"], ["additionalProperties"],
+                              ["x-kubernetes-preserve-unknown-fields"]), f"{path}: {shapes}"
         if node.get("type") == "array":
             assert isinstance(node.get("items"), dict), path
 
@@ -135,8 +136,28 @@ def test_description_only_at_the_top() -> None:
 
 
 def test_free_form_only_where_upstream_is() -> None:
-    free = [path for path, node in nodes(SCHEMA) if node.get("x-kubernetes-preserve-unknown-fields")]
+    free = [path for path, node in nodes(SCHEMA)
+            if node.get("x-kubernetes-preserve-unknown-fields") and "properties" not in node]
     assert free and all(path.endswith(".fieldsV1") for path in free)
+
+
+def test_no_dollar_named_properties() -> None:
+    """Client-side kubectl apply would read them as strategic-merge directives and mangle the CRD."""
+    assert [path for path, _ in nodes(SCHEMA) if "$" in path] == []
+
+
+@pytest.mark.parametrize(
+    ("override", "unknown"),
+    [
+        ({"containers": [{"name": "x", "imagePullPolicyy": "Always"}]},
+         ["spec.podSpec.containers[0].imagePullPolicyy"]),
+        ({"tolerationz": []}, ["spec.podSpec.tolerationz"]),
+        ({"containers": [{"name": "x", "$patch": "delete"}], "$setElementOrder/containers": [{"name": "x"}]}, []),
+        ({"nodeSelector": {"any-key": "v"}, "volumes": [{"name": "v", "emptyDir": {"sizeLimit": "1Gi"}}]}, []),
+    ],
+)
+def test_unknown_fields_are_named_but_directives_are_not(override: dict[str, Any], unknown: list[str]) -> None:
+    assert unknown_fields(override) == unknown
 
 
 def test_quantities_and_int_or_strings() -> None:
@@ -225,8 +246,6 @@ def test_corpus_overrides_validate(case: dict[str, Any]) -> None:
         {"containers": [{"name": "x", "env": [{"name": "N", "value": 3}]}]},
         {"nodeSelector": {"$patch": 1}},
         {"hostNetwork": "yes"},
-        {"containers": [{"name": "x", "$patch": "bogus"}]},
-        {"containers": [{"name": "x", "imagePullPolicyy": "Always"}]},
         {"containers": [{"name": None}]},
     ],
 )
