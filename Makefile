@@ -68,9 +68,9 @@ dev: venv controlplane ## Local control plane + CRD + samples, then the operator
 CRD_FILES := $(ROOT)/config/crd/bases/kaos.tools_modelapis.yaml $(ROOT)/charts/kaos-modelapi/crds/modelapis.kaos.tools.yaml
 
 .PHONY: generate
-generate: ## Write the ModelAPI CRD (`kaos-modelapi crd`) into config/crd/bases/ and the chart's crds/
+generate: venv ## Write the ModelAPI CRD (`kaos-modelapi crd`) into config/crd/bases/ and the chart's crds/
 	@set -e; tmp="$$(mktemp)"; trap 'rm -f "$$tmp"' EXIT; \
-	  $(ROOT)/.venv/bin/kaos-modelapi crd >"$$tmp"; \
+	  $(VENV)/bin/kaos-modelapi crd >"$$tmp"; \
 	  for f in $(CRD_FILES); do cp "$$tmp" "$$f"; echo "wrote $${f#$(ROOT)/}"; done
 
 .PHONY: helm
