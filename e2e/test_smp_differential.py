@@ -139,7 +139,7 @@ def probe_crd(group: str, plural: str) -> dict[str, Any]:
 async def established(ext: Any, name: str) -> None:
     for _ in range(150):
         status, body = await raw(ext.read_custom_resource_definition(name, _preload_content=False))
-        conditions = body.get("status", {}).get("conditions", []) if status == 200 else []
+        conditions = ((body.get("status") or {}).get("conditions") or []) if status == 200 else []
         if any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
             return
         await asyncio.sleep(0.2)
