@@ -198,7 +198,8 @@ def _key_property(child: SchemaNode, name: str) -> dict[str, Any]:
 
 def _is_directive(name: str) -> bool:
     return name in (PATCH_DIRECTIVE, RETAIN_KEYS_DIRECTIVE) or name.startswith(
-        (SET_ELEMENT_ORDER_PREFIX, DELETE_FROM_PRIMITIVE_LIST_PREFIX))
+        (SET_ELEMENT_ORDER_PREFIX, DELETE_FROM_PRIMITIVE_LIST_PREFIX)
+    )
 
 
 def unknown_fields(override: Any, node: SchemaNode | None = None, path: str = "spec.podSpec") -> list[str]:

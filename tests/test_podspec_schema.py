@@ -115,8 +115,11 @@ def test_every_node_is_structural() -> None:
                 k for k in ("properties", "additionalProperties", "x-kubernetes-preserve-unknown-fields") if k in node
             ]
             # Structs keep unknown fields too, so that strategic-merge directives survive pruning.
-            assert shapes in (["properties", "x-kubernetes-preserve-unknown-fields"], ["additionalProperties"],
-                              ["x-kubernetes-preserve-unknown-fields"]), f"{path}: {shapes}"
+            assert shapes in (
+                ["properties", "x-kubernetes-preserve-unknown-fields"],
+                ["additionalProperties"],
+                ["x-kubernetes-preserve-unknown-fields"],
+            ), f"{path}: {shapes}"
         if node.get("type") == "array":
             assert isinstance(node.get("items"), dict), path
 
@@ -136,8 +139,11 @@ def test_description_only_at_the_top() -> None:
 
 
 def test_free_form_only_where_upstream_is() -> None:
-    free = [path for path, node in nodes(SCHEMA)
-            if node.get("x-kubernetes-preserve-unknown-fields") and "properties" not in node]
+    free = [
+        path
+        for path, node in nodes(SCHEMA)
+        if node.get("x-kubernetes-preserve-unknown-fields") and "properties" not in node
+    ]
     assert free and all(path.endswith(".fieldsV1") for path in free)
 
 
@@ -149,8 +155,10 @@ def test_no_dollar_named_properties() -> None:
 @pytest.mark.parametrize(
     ("override", "unknown"),
     [
-        ({"containers": [{"name": "x", "imagePullPolicyy": "Always"}]},
-         ["spec.podSpec.containers[0].imagePullPolicyy"]),
+        (
+            {"containers": [{"name": "x", "imagePullPolicyy": "Always"}]},
+            ["spec.podSpec.containers[0].imagePullPolicyy"],
+        ),
         ({"tolerationz": []}, ["spec.podSpec.tolerationz"]),
         ({"containers": [{"name": "x", "$patch": "delete"}], "$setElementOrder/containers": [{"name": "x"}]}, []),
         ({"nodeSelector": {"any-key": "v"}, "volumes": [{"name": "v", "emptyDir": {"sizeLimit": "1Gi"}}]}, []),
