@@ -340,7 +340,7 @@ def _apply_override(m: ModelAPI, pod_spec: dict[str, Any]) -> dict[str, Any]:
     try:
         return merge_pod_spec(pod_spec, m.spec.podSpec)
     except StrategicMergeError as e:
-        raise SpecError("InvalidPodSpec", f"spec.podSpec cannot be applied: {e}") from e
+        raise SpecError("InvalidPodSpec", f"cannot merge the podSpec override: {e}") from e
 
 
 def endpoint(m: ModelAPI, s: Settings, port: int) -> str:

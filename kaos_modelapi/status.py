@@ -61,9 +61,19 @@ def _container_failure(status: dict[str, Any]) -> str | None:
     return None
 
 
+def _unschedulable(status: dict[str, Any]) -> str | None:
+    for c in status.get("conditions") or []:
+        if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+            return str(c.get("message") or "no node fits the pod")
+    return None
+
+
 def _pod_verdict(m: ModelAPI, pod: dict[str, Any]) -> Verdict | None:
-    """A verdict for a pod that is failing or still pulling its model; None when it tells nothing."""
+    """A verdict for a pod that is failing, unschedulable or still pulling its model; None when it tells
+    nothing."""
     status = pod.get("status") or {}
+    if (why := _unschedulable(status)) is not None:
+        return Verdict("Pending", "Unschedulable", f"pod cannot be scheduled: {why}")
     for init in status.get("initContainerStatuses") or []:
         failure = _container_failure(init)
         if failure and init.get("name") == INIT_CONTAINER and m.spec.hostedConfig:

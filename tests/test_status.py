@@ -145,3 +145,12 @@ def test_transition_time_moves_only_when_the_status_flips() -> None:
 def test_the_same_state_gives_the_same_status() -> None:
     observed = status.Observed(deployment(ready=1, available=True))
     assert compute(MOCK, observed) == compute(MOCK, observed)
+
+
+def test_unschedulable_pod_is_pending_with_the_scheduler_message() -> None:
+    unschedulable = pod()
+    unschedulable["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                              "message": "0/1 nodes have nvidia.com/gpu"}]
+    st = compute(HOSTED, status.Observed(deployment(), (unschedulable,)))
+    assert (st["phase"], st["conditions"][0]["reason"]) == ("Pending", "Unschedulable")
+    assert st["message"] == "pod cannot be scheduled: 0/1 nodes have nvidia.com/gpu"
