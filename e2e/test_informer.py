@@ -213,9 +213,7 @@ async def proxied(api_client: ApiClient) -> AsyncIterator[tuple[KubeClient, Cutt
 # -- informer ------------------------------------------------------------------------------------
 
 
-async def test_list_then_watch_sees_creates_updates_deletes_in_order(
-    client: KubeClient, namespace: str
-) -> None:
+async def test_list_then_watch_sees_creates_updates_deletes_in_order(client: KubeClient, namespace: str) -> None:
     selector = {"kaos-e2e": unique("order")}
     await client.apply(configmap(namespace, "before", {"v": "0"}, labels=selector), "e2e")
     informer = new_informer(client, CONFIGMAP, namespace, label_selector=f"kaos-e2e={selector['kaos-e2e']}")
@@ -238,9 +236,7 @@ async def test_list_then_watch_sees_creates_updates_deletes_in_order(
 async def test_bookmarks_arrive_and_advance_the_resource_version(client: KubeClient, namespace: str) -> None:
     label = unique("bookmark")
     # A short server-side timeout makes the server send its pre-timeout bookmark within seconds.
-    informer = new_informer(
-        client, CONFIGMAP, namespace, label_selector=f"kaos-e2e={label}", watch_timeout=(4, 4)
-    )
+    informer = new_informer(client, CONFIGMAP, namespace, label_selector=f"kaos-e2e={label}", watch_timeout=(4, 4))
     async with running(informer) as rec:
         listed_rv = int(informer.resource_version)
         # Moves the configmap resourceVersion on without any event this informer would see.
@@ -274,9 +270,7 @@ async def test_a_dropped_connection_resumes_without_relist_or_lost_events(
             assert await client.delete(CONFIGMAP, namespace, "brief", brief["metadata"]["uid"])
             await wait_for(lambda: informer.watches > watches_before, what="a reconnect attempt")
             proxy.refusing = False
-            await wait_for(
-                lambda: rec.has("delete", "brief") and rec.has("add", "later"), what="missed events"
-            )
+            await wait_for(lambda: rec.has("delete", "brief") and rec.has("add", "later"), what="missed events")
             assert rec.of("seen") == ["add", "update"]
             assert rec.of("brief") == ["add", "delete"]
             assert informer.lists == 1, "resumed from the last resourceVersion, no relist"
@@ -325,9 +319,7 @@ class ExpireNextWatch:
             raise
 
 
-async def test_the_server_answers_an_expired_resource_version_with_gone(
-    client: KubeClient, namespace: str
-) -> None:
+async def test_the_server_answers_an_expired_resource_version_with_gone(client: KubeClient, namespace: str) -> None:
     with pytest.raises(Gone) as caught:
         async with contextlib.aclosing(client.watch(CONFIGMAP, namespace, resource_version="1")) as events:
             async for _ in events:
@@ -354,9 +346,7 @@ async def test_an_expired_resource_version_relists_and_emits_the_missed_delete(
             expiring.armed = True
             proxy.refusing = False
             await wait_for(lambda: rec.has("delete", "doomed"), what="the missed delete")
-            await wait_for(
-                lambda: rec.has("add", "newcomer") and len(rec.of("keep")) == 2, what="relist diff"
-            )
+            await wait_for(lambda: rec.has("add", "newcomer") and len(rec.of("keep")) == 2, what="relist diff")
             assert expiring.gone_seen == 1
             assert informer.lists == 2
             deleted_at = rec.seen.index(next(s for s in rec.seen if s[:2] == ("delete", "doomed")))
@@ -547,9 +537,7 @@ async def test_apply_status_goes_to_the_status_subresource(
     assert forced["status"] == {"phase": "Other"}
 
 
-async def test_delete_honours_the_uid_precondition_and_404_is_success(
-    client: KubeClient, namespace: str
-) -> None:
+async def test_delete_honours_the_uid_precondition_and_404_is_success(client: KubeClient, namespace: str) -> None:
     created = await client.apply(configmap(namespace, "del"), "e2e")
     assert not await client.delete(CONFIGMAP, namespace, "del", "00000000-0000-0000-0000-000000000000")
     assert (await client.get(CONFIGMAP, namespace, "del"))["metadata"]["uid"] == created["metadata"]["uid"]
@@ -560,9 +548,7 @@ async def test_delete_honours_the_uid_precondition_and_404_is_success(
     assert missing.value.is_not_found()
 
 
-async def test_create_then_already_exists_and_on_response_counts(
-    api_client: ApiClient, namespace: str
-) -> None:
+async def test_create_then_already_exists_and_on_response_counts(api_client: ApiClient, namespace: str) -> None:
     calls: list[tuple[str, int]] = []
     counted = KubeClient(api_client, on_response=lambda method, code: calls.append((method, code)))
     await counted.create(configmap(namespace, "made"), field_manager="e2e")

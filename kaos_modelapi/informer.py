@@ -402,9 +402,7 @@ class Informer:
                     await self._sleep(self._backoff.delay(0, self._rng))
                 attempt = 0
             except Gone as err:
-                self._log.info(
-                    "watch expired; relisting", resource_version=self._resource_version, message=err.message
-                )
+                self._log.info("watch expired; relisting", resource_version=self._resource_version, message=err.message)
                 return
             except ApiError as err:
                 if self._events_seen != seen_before:

@@ -49,9 +49,7 @@ class Resource:
     def api_version(self) -> str:
         return f"{self.group}/{self.version}" if self.group else self.version
 
-    def path(
-        self, namespace: str | None = None, name: str | None = None, subresource: str | None = None
-    ) -> str:
+    def path(self, namespace: str | None = None, name: str | None = None, subresource: str | None = None) -> str:
         """The REST path; without a namespace a namespaced resource is addressed cluster-wide."""
         prefix = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
         parts = [prefix]
@@ -339,9 +337,7 @@ class KubeClient:
         """Server-side apply on the status subresource (``obj`` carries identity + ``status``)."""
         return await self._apply(obj, field_manager, force, subresource="status")
 
-    async def _apply(
-        self, obj: Mapping[str, Any], field_manager: str, force: bool, subresource: str | None
-    ) -> Obj:
+    async def _apply(self, obj: Mapping[str, Any], field_manager: str, force: bool, subresource: str | None) -> Obj:
         resource = self.resource_for(obj)
         namespace, name = _identity(obj, resource)
         query = _query(fieldManager=field_manager, force="true" if force else None)
@@ -464,9 +460,7 @@ class KubeClient:
             body = json.loads(data) if data else None
         except (aiohttp.ClientError, TimeoutError, ValueError):
             body = None
-        error = error_from_status(
-            response.status, body if isinstance(body, dict) else None, response.reason or ""
-        )
+        error = error_from_status(response.status, body if isinstance(body, dict) else None, response.reason or "")
         if error.retry_after is None and (header := response.headers.get("Retry-After", "")).isdigit():
             error.retry_after = float(header)
         return error

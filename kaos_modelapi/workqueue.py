@@ -149,9 +149,7 @@ class WorkQueue(Generic[K]):
         metrics: QueueMetrics | None = None,
     ) -> None:
         self._clock: Clock = clock if clock is not None else LoopClock()
-        self._limiter: RateLimiter[K] = (
-            rate_limiter if rate_limiter is not None else ExponentialFailureRateLimiter()
-        )
+        self._limiter: RateLimiter[K] = rate_limiter if rate_limiter is not None else ExponentialFailureRateLimiter()
         self._metrics = metrics
         self._queue: deque[K] = deque()
         self._dirty: set[K] = set()

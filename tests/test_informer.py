@@ -155,9 +155,7 @@ async def start(kube: FakeKube, **kw: Any) -> Harness:
 
 
 async def test_initial_list_fills_store_tells_handlers_and_sets_synced() -> None:
-    kube = FakeKube(
-        lists=deque([ListResult([obj("a", "5", managedFields=[{"manager": "x"}]), obj("b", "6")], "10")])
-    )
+    kube = FakeKube(lists=deque([ListResult([obj("a", "5", managedFields=[{"manager": "x"}]), obj("b", "6")], "10")]))
     h = await start(kube)
     await asyncio.wait_for(h.informer.synced.wait(), 5)
     assert h.rec.seen == [("add", None, "a@5"), ("add", None, "b@6")]
@@ -238,9 +236,7 @@ async def test_gone_relists_and_emits_the_differences() -> None:
     kube = FakeKube(
         lists=deque(
             [
-                ListResult(
-                    [obj("keep", "1"), obj("change", "2"), obj("vanish", "3"), obj("replace", "4")], "10"
-                ),
+                ListResult([obj("keep", "1"), obj("change", "2"), obj("vanish", "3"), obj("replace", "4")], "10"),
                 ListResult(
                     [
                         obj("keep", "1"),
@@ -274,9 +270,7 @@ async def test_gone_relists_and_emits_the_differences() -> None:
 
 async def test_a_failing_list_is_retried_with_backoff_and_synced_waits_for_it() -> None:
     kube = FakeKube(
-        lists=deque(
-            [ApiError(0, "ClientConnectorError", "refused"), ApiError(503, "ServiceUnavailable", "x")]
-        )
+        lists=deque([ApiError(0, "ClientConnectorError", "refused"), ApiError(503, "ServiceUnavailable", "x")])
     )
     h = await start(kube, backoff=Backoff(initial=1, factor=2, cap=30, jitter=0))
     await wait_until(lambda: kube.list_calls == 2 and len(h.delays) == 2)
