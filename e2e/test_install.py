@@ -186,8 +186,8 @@ async def test_installed_chart_runs_the_operator(kubectl: Kubectl, helm: str, na
             # Same rights, but serve only this test's namespace: other tests' ModelAPIs are not ours to touch.
             args.append(f"--namespaces={watched}")
         operator = OperatorProcess(str(kubeconfig), args=args, log_path=tmp_path / "operator.log")
-        operator.start()
         try:
+            operator.start()  # inside the try: a start that times out still stops the process
             kubectl.apply(SAMPLE.read_text(), watched)
             name = yaml.safe_load(SAMPLE.read_text())["metadata"]["name"]
             status = kubectl.wait_phase(name, watched, "Ready", timeout=120)
