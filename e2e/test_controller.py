@@ -177,10 +177,11 @@ async def test_hand_edits_are_reverted_but_foreign_fields_are_kept(kubectl: Kube
         "containers"][0]["image"]
 
     kubectl.run("delete", "service", "modelapi-edited", "-n", namespace)
+    wait_until(lambda: kubectl.get("service", "modelapi-edited", namespace), 30, "the Service re-created")
+    kubectl.run("patch", "service", "modelapi-edited", "-n", namespace, "--type=json",
+                "-p", '[{"op": "replace", "path": "/spec/ports/0/port", "value": 9999}]')
     kubectl.run("set", "image", deployment, "model-api=example.com/evil:1", "-n", namespace)
     kubectl.run("set", "env", deployment, "LITELLM_LOCAL_MODEL_COST_MAP=False", "-n", namespace)
-    kubectl.run("patch", "service", "modelapi-edited", "-n", namespace, "--type=json",
-                "-p", '[{"op": "replace", "path": "/spec/ports/0/port", "value": 9999}]', check=False)
     kubectl.run("annotate", deployment, "team=ml", "-n", namespace)
     kubectl.run("scale", deployment, "--replicas=2", "-n", namespace)
 
@@ -190,7 +191,7 @@ async def test_hand_edits_are_reverted_but_foreign_fields_are_kept(kubectl: Kube
         container = obj["spec"]["template"]["spec"]["containers"][0]
         env = {e["name"]: e.get("value") for e in container["env"]}
         return (container["image"] == original_image and env["LITELLM_LOCAL_MODEL_COST_MAP"] == "True"
-                and service is not None and service["spec"]["ports"][0]["port"] == 8000)
+                and service is not None and [p["port"] for p in service["spec"]["ports"]] == [8000])
 
     wait_until(restored, 30, "image, env and Service put back")
     wait_for_reconcile(operator, kubectl, "edited", namespace)

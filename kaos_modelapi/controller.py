@@ -184,7 +184,7 @@ class Reconciler:
             child = diff.metadata_only(child)
         if not diff.needs_apply(child, live):
             return False
-        await self._apply(obj, child, log)
+        await self._apply(obj, child, live, log)
         verb = "created" if live is None else "updated"
         log.info(verb, child=_ref(child))
         if child["kind"] == "Deployment" and live is not None and _config_hash(child) != _config_hash(live):
@@ -195,17 +195,29 @@ class Reconciler:
                                                  f"{verb} {_ref(child)}"))
         return True
 
-    async def _apply(self, obj: Obj, child: Obj, log: structlog.typing.FilteringBoundLogger) -> None:
+    async def _apply(
+        self, obj: Obj, child: Obj, live: Obj | None, log: structlog.typing.FilteringBoundLogger
+    ) -> None:
         try:
-            await self._client.apply(child, FIELD_MANAGER)
+            try:
+                await self._client.apply(child, FIELD_MANAGER)
+            except ApiError as e:
+                if not e.is_conflict():
+                    raise
+                # Someone else (kubectl edit, another controller) took fields we own: take them back.
+                log.info("taking fields back", child=_ref(child), conflict=e.message)
+                await self._client.apply(child, FIELD_MANAGER, force=True)
+                await self._recorder.emit(obj, Event(WARNING, "FieldsReclaimed", "Update",
+                                                     f"{_ref(child)}: reverted changes by {_conflict_managers(e)}"))
         except ApiError as e:
-            if not e.is_conflict():
+            if not (e.is_invalid() and live is not None):
                 raise
-            # Someone else (kubectl edit, another controller) took fields we own: take them back.
-            log.info("taking fields back", child=_ref(child), conflict=e.message)
-            await self._client.apply(child, FIELD_MANAGER, force=True)
+            # Apply merges list items by key, so a hand-edited port stays beside ours (a duplicate "http"):
+            # only a replace of the whole object removes it.
+            log.info("replacing hand-edited lists", child=_ref(child), error=e.message)
+            await self._client.replace(diff.overlay(live, child), FIELD_MANAGER)
             await self._recorder.emit(obj, Event(WARNING, "FieldsReclaimed", "Update",
-                                                 f"{_ref(child)}: reverted changes by {_conflict_managers(e)}"))
+                                                 f"{_ref(child)}: replaced lists edited by hand ({e.message})"))
 
     async def _create_generated_secret(self, child: Obj, data_key: str) -> None:
         body = dict(child, stringData={data_key: secrets.token_urlsafe(32)})

@@ -88,3 +88,17 @@ def metadata_only(obj: dict[str, Any]) -> dict[str, Any]:
     meta = obj["metadata"]
     keep = {k: meta[k] for k in ("name", "namespace", "labels", "annotations", "ownerReferences") if k in meta}
     return {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "metadata": keep}
+
+
+def overlay(live: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
+    """`live` with every field of `desired` written over it, lists replaced whole.
+
+    For the one case server-side apply cannot mend: a hand edit that added list items under another field
+    manager (a second port named "http") which make our apply invalid. Replacing the lists removes them."""
+    out = dict(live)
+    for key, value in desired.items():
+        if isinstance(value, dict) and isinstance(live.get(key), dict):
+            out[key] = overlay(live[key], value)
+        else:
+            out[key] = value
+    return out

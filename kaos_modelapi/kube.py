@@ -359,6 +359,14 @@ class KubeClient:
         result = await self._json("POST", resource.path(namespace), query=query, body=dict(obj))
         return with_type(result, resource)
 
+    async def replace(self, obj: Mapping[str, Any], field_manager: str) -> Obj:
+        """PUT the whole object (optimistic: ``metadata.resourceVersion`` must be current)."""
+        resource = self.resource_for(obj)
+        namespace, name = _identity(obj, resource)
+        query = _query(fieldManager=field_manager)
+        result = await self._json("PUT", resource.path(namespace, name), query=query, body=dict(obj))
+        return with_type(result, resource)
+
     async def delete(
         self,
         resource: Resource,

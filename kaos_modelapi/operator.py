@@ -198,31 +198,43 @@ class Operator:
     def _start(self, informer: AnyInformer) -> None:
         self._informer_tasks.append(asyncio.create_task(informer.run()))
 
+    async def _route_api_installed(self) -> bool:
+        namespace = self.options.namespaces[0] if self.options.namespaces else None
+        try:
+            await self.client.list(kube.HTTPROUTE, namespace, MANAGED_SELECTOR, page_size=1)
+        except ApiError as e:
+            if e.is_not_found():
+                return False
+            raise
+        return True
+
+    def _add_route_informer(self) -> AnyInformer:
+        informer = self._informer("httproutes", kube.HTTPROUTE, MANAGED_SELECTOR, _strip_managed)
+        informer.add_handler(self._enqueue_via(owner_key))
+        return informer
+
     async def start_caches(self) -> None:
+        """Start every cache and wait until all have listed. The HTTPRoute cache is among them when the
+        cluster has the Gateway API, so the first reconciles already see the routes."""
+        if self.options.settings.gateway is not None and await self._route_api_installed():
+            self.caches.children[kube.HTTPROUTE] = self._add_route_informer().store
         for informer in self.informers.values():
             self._start(informer)
         await asyncio.gather(*(i.synced.wait() for i in self.informers.values()))
         self.log.info("caches synced", objects={n: len(i.store) for n, i in self.informers.items()})
 
     async def watch_route_api(self) -> None:
-        """Start the HTTPRoute cache once the Gateway API is installed; until then, ModelAPIs say so."""
-        if self.options.settings.gateway is None:
+        """Without the Gateway API, ModelAPIs say so; once it is installed, start its cache and catch up."""
+        if self.options.settings.gateway is None or kube.HTTPROUTE in self.caches.children:
             return
-        namespace = self.options.namespaces[0] if self.options.namespaces else None
-        while True:
-            try:
-                await self.client.list(kube.HTTPROUTE, namespace, MANAGED_SELECTOR, page_size=1)
-                break
-            except ApiError as e:
-                if not e.is_not_found():
-                    raise
-            self.log.warning("no HTTPRoute API in the cluster; routes are not created until it is installed")
+        self.log.warning("no HTTPRoute API in the cluster; routes are not created until it is installed")
+        while not await self._route_api_installed():
             await asyncio.sleep(ROUTE_API_RECHECK_SECONDS)
-        informer = self._informer("httproutes", kube.HTTPROUTE, MANAGED_SELECTOR, _strip_managed)
-        informer.add_handler(self._enqueue_via(owner_key))
+        informer = self._add_route_informer()
         self._start(informer)
         await informer.synced.wait()
         self.caches.children[kube.HTTPROUTE] = informer.store
+        self.log.info("HTTPRoute API found: creating routes")
         self.enqueue_all()
 
     async def resync(self) -> None:
