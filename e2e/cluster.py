@@ -50,6 +50,10 @@ START_TIMEOUT = 240.0  # the binary gives up after 180 s; this is the backstop
 STOP_TIMEOUT = 60.0
 
 
+def say(message: str) -> None:
+    print(message, flush=True)  # before any error line on stderr
+
+
 class ClusterError(Exception):
     """A failure to build, start or stop the control plane; str() is one line saying what to do."""
 
@@ -118,7 +122,7 @@ def kubernetes_version(src: Path | None = None) -> str:
     return match.group(1)
 
 
-def build(src: Path | None = None, log: Callable[[str], None] = print) -> Path:
+def build(src: Path | None = None, log: Callable[[str], None] = say) -> Path:
     """Build the binary unless the cache has it for these sources; return its path."""
     src = src or source_dir()
     target = binary_path(src)
@@ -210,7 +214,7 @@ def start(
     *,
     exit_with_parent: bool = False,
     timeout: float = START_TIMEOUT,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = say,
 ) -> Cluster:
     """Start a control plane in the background with its state in `state`; return once it is ready.
 

@@ -28,6 +28,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -191,6 +192,10 @@ func run(o options) int {
 	}
 	cp.shutdown()
 	logf("stopped")
+	if parentGone.Load() {
+		// Nobody is left to remove the (private) state folder of an abandoned session.
+		os.RemoveAll(dir)
+	}
 	return code
 }
 
@@ -221,6 +226,8 @@ func processAlive(pid int) bool {
 	return err == nil && strings.Contains(string(cmdline), "kaos-controlplane")
 }
 
+var parentGone atomic.Bool
+
 // exitWithParent stops the control plane when the process that started it goes away, so a
 // test run that is killed does not leave a cluster behind.
 func exitWithParent(ctx context.Context, stop func()) {
@@ -234,6 +241,7 @@ func exitWithParent(ctx context.Context, stop func()) {
 		case <-t.C:
 			if os.Getppid() != parent {
 				logf("parent process %d exited", parent)
+				parentGone.Store(true)
 				stop()
 				return
 			}
@@ -476,4 +484,3 @@ func lastLine(path string) string {
 	lines := strings.Split(strings.TrimSpace(string(data)), "\n")
 	return lines[len(lines)-1]
 }
-
