@@ -1,7 +1,7 @@
 """Fixtures shared by tests/ and e2e/: a Kubernetes API to test against.
 
-- `kubeconfig` (session): path to an admin kubeconfig. In order of preference: $KUBECONFIG (an
-  existing cluster: kind, a real one), the control plane of `make cluster` if it is running
+- `kubeconfig` (session): path to an admin kubeconfig. In order of preference: $KUBECONFIG if it
+  names an existing file (an existing cluster: kind, a real one), the control plane of `make cluster` if it is running
   (left running afterwards), else a private control plane started for this session on free
   ports and stopped at its end.
 - `api_client` (session): a kubernetes_asyncio ApiClient for that kubeconfig.
@@ -25,8 +25,9 @@ from e2e import cluster
 
 @pytest.fixture(scope="session")
 def kubeconfig() -> Iterator[str]:
-    if os.environ.get("KUBECONFIG"):
-        yield os.environ["KUBECONFIG"]
+    external = os.environ.get("KUBECONFIG", "")
+    if any(Path(p).is_file() for p in external.split(os.pathsep) if p):
+        yield external
         return
     if cluster.is_running():
         cluster.wait_ready()

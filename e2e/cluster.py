@@ -238,7 +238,13 @@ def start(
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
-    outcome = _read_outcome(proc, timeout)
+    try:
+        outcome = _read_outcome(proc, timeout)
+    except BaseException:  # e.g. Ctrl-C during `make cluster`: leave nothing half-started
+        _kill_group(proc.pid, proc)
+        for name in ("pid", "kubeconfig", "pki", "etcd"):
+            _remove(state / name)
+        raise
     if outcome.startswith("ready:") and proc.poll() is None:
         return Cluster(state_dir=state, pid=proc.pid, apiserver_port=ports["apiserver"], proc=proc)
     _kill_group(proc.pid, proc)
