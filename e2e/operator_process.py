@@ -157,14 +157,14 @@ class OperatorProcess:
         self.start()
 
 
-def metric_value(text: str, name: str, **labels: str) -> float:
+def metric_value(text: str, metric: str, /, **labels: str) -> float:
     """Sum of a Prometheus metric's samples whose labels include `labels`."""
     total = 0.0
     for line in text.splitlines():
-        if not line.startswith(name) or line.startswith("#"):
+        if not line.startswith(metric) or line.startswith("#"):
             continue
         series, _, value = line.rpartition(" ")
-        if series.split("{")[0] != name:
+        if series.split("{")[0] != metric:
             continue
         if all(f'{k}="{v}"' in series for k, v in labels.items()):
             total += float(value)

@@ -56,10 +56,14 @@ async def test_standby_takes_over_and_a_deposed_leader_stops_writing(
         kubectl.wait_phase("after-failover", namespace, "Ready")
 
         third.start()
-        lease = json.loads(kubectl.run("get", "lease", LEASE, "-n", "default", "-o", "json").stdout)
-        lease["spec"]["holderIdentity"] = "someone-else"
-        lease["spec"]["renewTime"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        kubectl.run("replace", "-f", "-", stdin=json.dumps(lease))
+
+        def steal() -> bool:  # the leader renews every second: retry on a resourceVersion conflict
+            lease = json.loads(kubectl.run("get", "lease", LEASE, "-n", "default", "-o", "json").stdout)
+            lease["spec"]["holderIdentity"] = "someone-else"
+            lease["spec"]["renewTime"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            return kubectl.run("replace", "-f", "-", stdin=json.dumps(lease), check=False).returncode == 0
+
+        wait_until(steal, 20, "the Lease taken by someone else")
         assert second.proc is not None
         code = second.proc.wait(timeout=30)
         assert code != 0  # it exits so that a fresh process stands for election
