@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from e2e import chart
 from e2e.operator_process import GATEWAY_NAME, GATEWAY_NAMESPACE, Kubectl, OperatorProcess
 
 RESYNC_SECONDS = 10
@@ -28,11 +29,35 @@ def crd(kubectl: Kubectl) -> str:
     return "modelapis.kaos.tools"
 
 
+OPERATOR_NAMESPACE = "kaos-e2e-operator"
+
+
 @pytest.fixture(scope="session")
-def operator(kubeconfig: str, crd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    """One operator for the session, configured with a Gateway so that HTTPRoutes are in play."""
+def chart_credentials(kubectl: Kubectl, crd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A kubeconfig holding a token of the chart's ServiceAccount, bound by exactly the chart's RBAC: the
+    session operator runs with it, so the whole controller suite proves those permissions are enough."""
+    objs = chart.render(chart.build_helm(), "kaos-modelapi", OPERATOR_NAMESPACE)
+    rbac = [o for o in objs if o["kind"] in {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
+                                             "RoleBinding"}]
+    kubectl.run("create", "namespace", OPERATOR_NAMESPACE, check=False)
+    kubectl.run("apply", "-f", "-", stdin=chart.manifest(rbac))
+    (account,) = [o["metadata"]["name"] for o in rbac if o["kind"] == "ServiceAccount"]
+    path = tmp_path_factory.mktemp("chart") / "kubeconfig"
+    try:
+        yield str(chart.service_account_kubeconfig(kubectl, OPERATOR_NAMESPACE, account, path))
+    finally:
+        for obj in rbac:
+            if obj["kind"].startswith("Cluster"):
+                kubectl.run("delete", obj["kind"].lower(), obj["metadata"]["name"], "--wait=false", check=False)
+        kubectl.run("delete", "namespace", OPERATOR_NAMESPACE, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def operator(chart_credentials: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    """One operator for the session, as the chart's ServiceAccount, configured with a Gateway so that
+    HTTPRoutes are in play."""
     process = OperatorProcess(
-        kubeconfig,
+        chart_credentials,
         args=["--gateway-name", GATEWAY_NAME, "--gateway-namespace", GATEWAY_NAMESPACE,
               "--resync-period", str(RESYNC_SECONDS)],
         log_path=tmp_path_factory.mktemp("operator") / "operator.log",

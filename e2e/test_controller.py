@@ -337,3 +337,21 @@ async def test_sigterm_stops_the_operator_cleanly_within_seconds(kubeconfig: str
     assert process.stop(signal.SIGTERM, timeout=15) == 0
     assert time.monotonic() - started < 15
     assert "shutting down" in (tmp_path / "operator.log").read_text()
+
+
+async def test_metrics_use_controller_runtime_names_with_real_values(kubectl: Kubectl, operator: OperatorProcess,
+                                                                     namespace: str) -> None:
+    kubectl.apply(modelapi_yaml("counted", mock()), namespace)
+    kubectl.wait_phase("counted", namespace, "Ready")
+    text = operator.metrics()
+    assert metric_value(text, "controller_runtime_reconcile_total", controller="modelapi", result="success") > 0
+    assert metric_value(text, "controller_runtime_reconcile_time_seconds_count", controller="modelapi") > 0
+    assert metric_value(text, "workqueue_adds_total", name="modelapi") > 0
+    assert metric_value(text, "workqueue_queue_duration_seconds_count", name="modelapi") > 0
+    assert metric_value(text, "workqueue_work_duration_seconds_count", name="modelapi") > 0
+    assert metric_value(text, "rest_client_requests_total", code="200", method="GET") > 0
+    assert metric_value(text, "rest_client_requests_total", method="PATCH") > 0
+    assert metric_value(text, "kaos_modelapi_modelapis", phase="Ready") >= 1
+    for name in ("controller_runtime_reconcile_errors_total", "workqueue_depth", "workqueue_retries_total",
+                 "leader_election_master_status"):
+        assert f"# TYPE {name} " in text, name

@@ -12,10 +12,8 @@
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
+from e2e.chart import CHART, build_helm, manifest, render, service_account_kubeconfig
 from e2e.operator_process import (
-    GATEWAY_NAME,
-    GATEWAY_NAMESPACE,
     Kubectl,
     OperatorProcess,
     metric_value,
@@ -35,7 +32,6 @@ from e2e.operator_process import (
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parent.parent
-CHART = REPO / "charts" / "kaos-modelapi"
 SAMPLE = REPO / "config" / "samples" / "proxy-mock.yaml"
 KUSTOMIZE_NAMESPACE = "kaos-system"
 # Flags the test sets itself: loopback ports and readable logs (OperatorProcess), the kubeconfig.
@@ -47,25 +43,7 @@ Obj = dict[str, Any]
 
 @pytest.fixture(scope="module")
 def helm() -> str:
-    """The helm pinned in hack/helm/go.mod (built once into ~/.cache)."""
-    built = subprocess.run([REPO / "hack" / "helm" / "build.sh"], capture_output=True, text=True)
-    assert built.returncode == 0, f"building helm failed:\n{built.stderr}"
-    return built.stdout.strip()
-
-
-def render(helm: str, release: str, namespace: str, *flags: str) -> list[Obj]:
-    # The chart's settings match the session operator's (e2e/conftest.py): when that operator also serves
-    # these namespaces, the two agree on every child instead of fighting over it.
-    out = subprocess.run(
-        [helm, "template", release, str(CHART), "--namespace", namespace,
-         "--set", f"gateway.name={GATEWAY_NAME}", "--set", f"gateway.namespace={GATEWAY_NAMESPACE}", *flags],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    return [d for d in yaml.safe_load_all(out) if d]
-
-
-def manifest(objs: list[Obj]) -> str:
-    return yaml.safe_dump_all(objs, sort_keys=False)
+    return build_helm()
 
 
 def dry_run(kubectl: Kubectl, *args: str, stdin: str | None = None) -> str:
@@ -124,19 +102,6 @@ async def test_kustomize_default_is_admitted_by_the_api_server(kubectl: Kubectl)
 
 
 # --- a real install, the operator running as the chart's ServiceAccount -------------------------------
-
-
-def service_account_kubeconfig(kubectl: Kubectl, namespace: str, account: str, path: Path) -> Path:
-    """A kubeconfig for the same API server that authenticates as the ServiceAccount (a bound token)."""
-    token = kubectl.run("create", "token", account, "-n", namespace, "--duration=1h").stdout.strip()
-    config = json.loads(kubectl.run("config", "view", "--raw", "--minify", "--flatten", "-o", "json").stdout)
-    user = f"system:serviceaccount:{namespace}:{account}"
-    config["users"] = [{"name": user, "user": {"token": token}}]
-    config["contexts"][0]["context"]["user"] = user
-    config["contexts"][0]["context"].pop("namespace", None)
-    path.write_text(json.dumps(config))
-    path.chmod(0o600)
-    return path
 
 
 def operator_args(deployment: Obj, namespace: str) -> list[str]:

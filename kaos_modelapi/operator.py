@@ -114,6 +114,10 @@ def _pod_status_only(obj: Obj) -> Obj:
             "status": obj.get("status") or {}}
 
 
+def _namespace_terminating(error: Exception) -> bool:
+    return isinstance(error, ApiError) and error.is_forbidden() and "being terminated" in error.message
+
+
 # --- the operator ---------------------------------------------------------------------------------------
 
 
@@ -257,6 +261,10 @@ class Operator:
         try:
             outcome = await self.reconciler.reconcile(key, log)
         except Exception as e:  # one ModelAPI failing must never stop the others
+            if _namespace_terminating(e):  # its ModelAPI goes with it: nothing left to do
+                log.debug("namespace terminating; dropping", error=str(e))
+                self.queue.forget(key)
+                return
             self.metrics.reconcile_total.labels("modelapi", "error").inc()
             self.metrics.reconcile_errors.labels("modelapi").inc()
             log.warning("reconcile failed; retrying with backoff", error=str(e) or type(e).__name__,

@@ -143,7 +143,7 @@ class Built:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     if shutil.which("python3.11") is None:
-        pytest.skip("python3.11 (the image's interpreter) is not on PATH")
+        pytest.fail("python3.11 (the image's interpreter) must be on PATH")
     tmp = tmp_path_factory.mktemp("image")
     root = tmp / "root"  # stands for the builder's filesystem root
     bindir = tmp / "bin"
