@@ -185,3 +185,41 @@ async def test_installed_chart_runs_the_operator(kubectl: Kubectl, helm: str, na
     finally:
         for obj in cluster_scoped:
             kubectl.run("delete", obj["kind"].lower(), obj["metadata"]["name"], "--wait=false", check=False)
+
+
+async def test_installed_kustomize_base_runs_the_operator(kubectl: Kubectl, namespace: str, tmp_path: Path) -> None:
+    """`kubectl apply -k config/default` for real, then the operator as its ServiceAccount serves a sample."""
+    rendered = [d for d in yaml.safe_load_all(kubectl.run("kustomize", str(REPO / "config" / "default")).stdout)
+                if d]
+    cluster_scoped = [o for o in rendered if o["kind"] in {"ClusterRole", "ClusterRoleBinding"}]
+
+    def not_terminating() -> bool:  # the dry-run test above may have just deleted it
+        ns = kubectl.get("namespace", KUSTOMIZE_NAMESPACE, "default")
+        return ns is None or ns["status"].get("phase") != "Terminating"
+
+    wait_until(not_terminating, 120, f"namespace {KUSTOMIZE_NAMESPACE} not terminating")
+    kubectl.run("apply", "-k", str(REPO / "config" / "default"))
+    try:
+        kubectl.run("wait", "--for=condition=Established", "crd/modelapis.kaos.tools", "--timeout=60s")
+        (sa,) = [o["metadata"]["name"] for o in rendered if o["kind"] == "ServiceAccount"]
+        kubeconfig = service_account_kubeconfig(kubectl, KUSTOMIZE_NAMESPACE, sa, tmp_path / "sa-kubeconfig")
+        (deployment,) = [o for o in rendered if o["kind"] == "Deployment"]
+        args = [*operator_args(deployment, KUSTOMIZE_NAMESPACE), f"--namespaces={namespace}"]
+        operator = OperatorProcess(str(kubeconfig), args=args, log_path=tmp_path / "operator.log")
+        try:
+            operator.start()
+            kubectl.apply(SAMPLE.read_text(), namespace)
+            name = yaml.safe_load(SAMPLE.read_text())["metadata"]["name"]
+            assert kubectl.wait_phase(name, namespace, "Ready", timeout=120)["ready"] is True
+            metrics = operator.metrics()
+        finally:
+            code = operator.stop()
+        log = operator.log_path.read_text()
+        assert code == 0, log[-4000:]
+        assert "Forbidden" not in log, log[-4000:]
+        assert metric_value(metrics, "rest_client_requests_total", code="403") == 0
+    finally:
+        # Not the CRD: deleting it would delete every ModelAPI of the other tests.
+        for obj in cluster_scoped:
+            kubectl.run("delete", obj["kind"].lower(), obj["metadata"]["name"], "--wait=false", check=False)
+        kubectl.run("delete", "namespace", KUSTOMIZE_NAMESPACE, "--wait=false", check=False)
