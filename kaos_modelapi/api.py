@@ -258,8 +258,18 @@ class ModelAPISpec(K8sModel):
     """What the ModelAPI serves: a LiteLLM proxy (mode Proxy) or Ollama in the cluster (mode Hosted)."""
 
     mode: Mode = Field(description="Proxy: a LiteLLM proxy in front of other backends. Hosted: Ollama.")
-    proxyConfig: ProxyConfig | None = Field(default=None, description="Required when mode is Proxy.")
-    hostedConfig: HostedConfig | None = Field(default=None, description="Required when mode is Hosted.")
+    proxyConfig: ProxyConfig | None = Field(
+        default=None,
+        description="LiteLLM proxy settings; required when mode is Proxy. configYaml: that config is used as is "
+        "(apiBase and model are ignored). apiBase only: wildcard, any model a client names is forwarded to "
+        "apiBase. apiBase and model: only that model, forwarded to apiBase. model only: mock, no backend, a "
+        "request's mock_response is the answer.",
+    )
+    hostedConfig: HostedConfig | None = Field(
+        default=None,
+        description="Ollama settings; required when mode is Hosted. The pull-model init container pulls the "
+        "model into a shared volume, then the model-api container serves it on port 11434.",
+    )
     podSpec: dict[str, Any] | None = Field(
         default=None,
         description="A partial PodSpec merged onto the generated one with strategic-merge-patch semantics "

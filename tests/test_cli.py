@@ -82,5 +82,5 @@ def test_crd_command_prints_the_crd() -> None:
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
         "Mode", "Model", "Phase", "Ready", "Endpoint", "Age"]
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    assert spec["properties"]["proxyConfig"]["description"].startswith("Required when mode is Proxy")
+    assert "required when mode is Proxy" in spec["properties"]["proxyConfig"]["description"]
     assert spec["properties"]["podSpec"]["properties"]["containers"]["x-kubernetes-list-map-keys"] == ["name"]
