@@ -170,6 +170,10 @@ func run(o options) int {
 		for _, name := range []string{"pid", "kubeconfig", "pki", "etcd"} {
 			os.RemoveAll(filepath.Join(dir, name))
 		}
+		if strings.Contains(err.Error(), "address already in use") {
+			err = fmt.Errorf("%w: another process took the port during the start; try again, or choose "+
+				"free ports with KAOS_APISERVER_PORT, KAOS_ETCD_PORT and KAOS_ETCD_PEER_PORT", err)
+		}
 		return fail(fmt.Errorf("%w (logs: %s)", err, cp.logs))
 	}
 	logf("ready after %s", time.Since(began).Round(time.Millisecond))
