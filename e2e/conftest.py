@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,27 +30,28 @@ def crd(kubectl: Kubectl) -> str:
     return "modelapis.kaos.tools"
 
 
-OPERATOR_NAMESPACE = "kaos-e2e-operator"
 
 
 @pytest.fixture(scope="session")
 def chart_credentials(kubectl: Kubectl, crd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A kubeconfig holding a token of the chart's ServiceAccount, bound by exactly the chart's RBAC: the
     session operator runs with it, so the whole controller suite proves those permissions are enough."""
-    objs = chart.render(chart.build_helm(), "kaos-modelapi", OPERATOR_NAMESPACE)
+    # Fresh names each session: a previous session's namespace may still be terminating.
+    release = f"kaos-e2e-{secrets.token_hex(3)}"
+    objs = chart.render(chart.build_helm(), release, release)
     rbac = [o for o in objs if o["kind"] in {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
                                              "RoleBinding"}]
-    kubectl.run("create", "namespace", OPERATOR_NAMESPACE, check=False)
+    kubectl.run("create", "namespace", release)
     kubectl.run("apply", "-f", "-", stdin=chart.manifest(rbac))
     (account,) = [o["metadata"]["name"] for o in rbac if o["kind"] == "ServiceAccount"]
     path = tmp_path_factory.mktemp("chart") / "kubeconfig"
     try:
-        yield str(chart.service_account_kubeconfig(kubectl, OPERATOR_NAMESPACE, account, path))
+        yield str(chart.service_account_kubeconfig(kubectl, release, account, path))
     finally:
         for obj in rbac:
             if obj["kind"].startswith("Cluster"):
                 kubectl.run("delete", obj["kind"].lower(), obj["metadata"]["name"], "--wait=false", check=False)
-        kubectl.run("delete", "namespace", OPERATOR_NAMESPACE, "--wait=false", check=False)
+        kubectl.run("delete", "namespace", release, "--wait=false", check=False)
 
 
 @pytest.fixture(scope="session")
