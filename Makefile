@@ -55,7 +55,8 @@ test: deps lint ## Run every test (they start a control plane, or use KUBECONFIG
 dev: venv controlplane ## Local control plane + CRD + samples, then the operator in the foreground
 	@$(PYTHON) $(ROOT)/e2e/cluster.py up
 	@$(VENV)/bin/kaos-modelapi crd | $(KUBECTL) apply -f - >/dev/null
-	@$(KUBECTL) wait --for=condition=Established crd/modelapis.kaos.tools --timeout=30s >/dev/null
+	@for i in $$(seq 30); do $(KUBECTL) wait --for=condition=Established crd/modelapis.kaos.tools \
+	  --timeout=5s >/dev/null 2>&1 && break; sleep 1; done  # (wait fails while the CRD has no status yet)
 	@$(KUBECTL) apply -k $(ROOT)/config/samples
 	@echo
 	@echo "The operator runs below (Ctrl-C stops it; 'make cluster-down' stops the control plane). Watch with:"

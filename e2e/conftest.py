@@ -26,7 +26,7 @@ def crd(kubectl: Kubectl) -> str:
     manifest = subprocess.run([sys.executable, "-m", "kaos_modelapi", "crd"], capture_output=True, text=True,
                               check=True).stdout
     kubectl.run("apply", "-f", "-", stdin=manifest)
-    kubectl.run("wait", "--for=condition=Established", "crd/modelapis.kaos.tools", "--timeout=30s")
+    kubectl.wait_established("modelapis.kaos.tools")
     return "modelapis.kaos.tools"
 
 

@@ -89,6 +89,16 @@ class Kubectl:
                 found.add(f"{obj['kind']}/{obj['metadata']['name']}")
         return found
 
+    def wait_established(self, crd: str, timeout: float = 60.0) -> None:
+        """(`kubectl wait --for=condition=Established` fails outright while status.conditions is null.)"""
+
+        def established() -> bool:
+            obj = self.get("crd", crd, "default") or {}
+            conditions = (obj.get("status") or {}).get("conditions") or []
+            return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
+        wait_until(established, timeout, f"CRD {crd} established")
+
     def raw_metrics(self) -> str:
         return self.run("get", "--raw", "/metrics").stdout
 

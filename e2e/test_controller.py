@@ -84,6 +84,8 @@ async def test_every_sample_becomes_ready(sample: Path, kubectl: Kubectl, operat
                        60, "an Unschedulable reason")
             assert "nvidia.com/gpu" in kubectl.status(name, namespace)["message"]
             continue
+        # kubectl (1.32) fails at once while status.conditions is absent; the operator writes it right away.
+        wait_until(lambda n=name: ready_condition(kubectl.status(n, namespace)), 30, "a Ready condition")
         kubectl.run("wait", "--for=condition=Ready", f"modelapi/{name}", "-n", namespace, "--timeout=90s")
         st = kubectl.status(name, namespace)
         port = 8000 if doc["spec"]["mode"] == "Proxy" else 11434

@@ -132,7 +132,7 @@ async def test_installed_chart_runs_the_operator(kubectl: Kubectl, helm: str, na
 
     # The CRD as a user installs it (client-side apply); the session's other tests apply the same one.
     kubectl.run("apply", "-f", str(CHART / "crds" / "modelapis.kaos.tools.yaml"))
-    kubectl.run("wait", "--for=condition=Established", "crd/modelapis.kaos.tools", "--timeout=60s")
+    kubectl.wait_established("modelapis.kaos.tools")
     kubectl.run("apply", "-f", "-", stdin=manifest(rbac_and_identity))
     try:
         (sa,) = [o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount"]
@@ -200,7 +200,7 @@ async def test_installed_kustomize_base_runs_the_operator(kubectl: Kubectl, name
     wait_until(not_terminating, 120, f"namespace {KUSTOMIZE_NAMESPACE} not terminating")
     kubectl.run("apply", "-k", str(REPO / "config" / "default"))
     try:
-        kubectl.run("wait", "--for=condition=Established", "crd/modelapis.kaos.tools", "--timeout=60s")
+        kubectl.wait_established("modelapis.kaos.tools")
         (sa,) = [o["metadata"]["name"] for o in rendered if o["kind"] == "ServiceAccount"]
         kubeconfig = service_account_kubeconfig(kubectl, KUSTOMIZE_NAMESPACE, sa, tmp_path / "sa-kubeconfig")
         (deployment,) = [o for o in rendered if o["kind"] == "Deployment"]

@@ -64,7 +64,7 @@ def run(kubeconfig: str, n: int) -> None:
     kubectl = Kubectl(kubeconfig)
     crd = os.popen(f"{sys.executable} -m kaos_modelapi crd").read()
     kubectl.run("apply", "-f", "-", stdin=crd)
-    kubectl.run("wait", "--for=condition=Established", "crd/modelapis.kaos.tools", "--timeout=30s")
+    kubectl.wait_established("modelapis.kaos.tools")
     namespace = f"bench-{int(time.time())}"
     kubectl.run("create", "namespace", namespace)
     log = Path(tempfile.mkdtemp()) / "operator.log"
