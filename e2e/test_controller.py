@@ -50,6 +50,13 @@ def template_hash(kubectl: Kubectl, name: str, namespace: str) -> str:
     return str(deployment["spec"]["template"]["metadata"]["annotations"]["kaos.tools/config-hash"])
 
 
+def pods_run_only(kubectl: Kubectl, name: str, namespace: str, config_hash: str) -> bool:
+    """Every live pod of the ModelAPI runs the pod template with this config hash."""
+    pods = kubectl.list("pods", namespace, f"modelapi={name}")
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    return bool(live) and all(p["metadata"]["annotations"]["kaos.tools/config-hash"] == config_hash for p in live)
+
+
 def ready_condition(st: dict[str, Any]) -> dict[str, Any]:
     return next((c for c in st.get("conditions") or [] if c["type"] == "Ready"), {})
 
@@ -117,12 +124,7 @@ async def test_config_change_rolls_pods_and_route_change_does_not(kubectl: Kubec
     wait_until(lambda: template_hash(kubectl, "edit", namespace) != first, 30, "a new pod template")
     second = template_hash(kubectl, "edit", namespace)
 
-    def rolled() -> bool:
-        pods = kubectl.list("pods", namespace, "modelapi=edit")
-        live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
-        return bool(live) and all(p["metadata"]["annotations"]["kaos.tools/config-hash"] == second for p in live)
-
-    wait_until(rolled, 60, "pods of the new template only")
+    wait_until(lambda: pods_run_only(kubectl, "edit", namespace, second), 60, "pods of the new template only")
     kubectl.wait_phase("edit", namespace, "Ready")
     generation = kubectl.get("deployment", "modelapi-edit", namespace)["metadata"]["generation"]
 
@@ -215,6 +217,13 @@ async def test_missing_config_secret_is_pending_until_it_exists(kubectl: Kubectl
     assert st["ready"] is False
     kubectl.run("create", "secret", "generic", "later", "-n", namespace, "--from-literal=c=model_list: []")
     kubectl.wait_phase("waits", namespace, "Ready")
+
+    # LiteLLM does not reload its config: a new version of the Secret must roll the pods.
+    first = template_hash(kubectl, "waits", namespace)
+    kubectl.run("patch", "secret", "later", "-n", namespace, "-p", '{"stringData": {"c": "model_list: [] # v2"}}')
+    wait_until(lambda: template_hash(kubectl, "waits", namespace) != first, 30, "a new pod template")
+    second = template_hash(kubectl, "waits", namespace)
+    wait_until(lambda: pods_run_only(kubectl, "waits", namespace, second), 60, "pods of the new template only")
 
 
 async def test_bad_override_and_bad_config_fail_without_stopping_others(

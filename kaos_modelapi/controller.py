@@ -58,6 +58,10 @@ class Caches:
     def secret_exists(self, namespace: str, name: str) -> bool:
         return self.secrets.get(f"{namespace}/{name}") is not None
 
+    def secret_version(self, namespace: str, name: str | None) -> str | None:
+        secret = self.secrets.get(f"{namespace}/{name}") if name else None
+        return secret["metadata"].get("resourceVersion") if secret else None
+
 
 def _owner_uid(obj: Obj) -> str | None:
     for ref in obj["metadata"].get("ownerReferences") or []:
@@ -142,7 +146,8 @@ class Reconciler:
             error = SpecError("InvalidSpec", f"spec is invalid: {describe_validation_error(e)}")
             await self._write_status(obj, None, error, status.Observed(), outcome, log)
             return outcome
-        built = _build(m, self._settings)
+        config_version = self._caches.secret_version(m.metadata.namespace, desired.config_secret(m))
+        built = _build(m, self._settings, config_version)
         warnings: tuple[str, ...] = ()
         if isinstance(built, Desired):
             warnings = await self._apply_children(obj, m, built, outcome, log)
@@ -283,9 +288,9 @@ class Reconciler:
             await self._recorder.emit(obj, Event(kind, reason, "Reconcile", new["message"]))
 
 
-def _build(m: ModelAPI, settings: Settings) -> Desired | SpecError:
+def _build(m: ModelAPI, settings: Settings, config_secret_version: str | None) -> Desired | SpecError:
     try:
-        return desired.build(m, settings)
+        return desired.build(m, settings, config_secret_version)
     except SpecError as e:
         return e
 

@@ -348,13 +348,25 @@ def endpoint(m: ModelAPI, s: Settings, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-def build(m: ModelAPI, s: Settings) -> Desired:
+def config_secret(m: ModelAPI) -> str | None:
+    """The user's Secret the LiteLLM config is mounted from, if any."""
+    config = m.spec.proxyConfig.configYaml if m.spec.proxyConfig else None
+    return config.fromSecretKeyRef.name if config and config.fromSecretKeyRef else None
+
+
+def build(m: ModelAPI, s: Settings, config_secret_version: str | None = None) -> Desired:
     """All children of `m`, in the order they should be applied. Raises SpecError for a spec the API server
-    accepted but that cannot work (a config that does not parse, a podSpec override that cannot apply)."""
+    accepted but that cannot work (a config that does not parse, a podSpec override that cannot apply).
+
+    `config_secret_version` is the resourceVersion of `config_secret(m)`: the operator never reads that
+    Secret's data, so its version stands for the content in the config hash, and editing it rolls the pods."""
     if m.spec.mode == "Proxy":
         plan, children, refs = _proxy_children(m, s)
         pod_spec, port, model, notes = _proxy_pod_spec(m, s, plan), litellm.PORT, plan.model, plan.notes
-        config_data = {litellm.CONFIG_FILE: plan.config_text} if plan.config_text is not None else None
+        if plan.config_text is not None:
+            config_data = {litellm.CONFIG_FILE: plan.config_text}
+        else:
+            config_data = {"secretResourceVersion": config_secret_version or ""}
     else:
         assert m.spec.hostedConfig is not None
         children, refs, notes = [], _user_secret_refs(m.spec.hostedConfig.env), ()

@@ -176,10 +176,10 @@ class Operator:
             return
         if (key := owner_key(obj)) is not None:
             self.queue.add(key)
-        if kind != "update":  # only existence matters to the ModelAPIs that reference it
-            meta = obj["metadata"]
-            for key in modelapis_referencing_secret(self.caches.modelapis.list(), meta["namespace"], meta["name"]):
-                self.queue.add(key)
+        # Existence matters to every ModelAPI that references it, and the version to one mounting its config.
+        meta = obj["metadata"]
+        for key in modelapis_referencing_secret(self.caches.modelapis.list(), meta["namespace"], meta["name"]):
+            self.queue.add(key)
 
     def _wire_handlers(self) -> None:
         def modelapi_key(o: Obj) -> str:

@@ -127,6 +127,21 @@ def test_config_yaml_from_secret_is_mounted_not_read() -> None:
     assert [r.name for r in built.secret_refs] == ["litellm-config"]
 
 
+def test_a_new_version_of_the_config_secret_rolls_the_pods() -> None:
+    spec = {"mode": "Proxy", "proxyConfig": {"configYaml": {
+        "fromSecretKeyRef": {"name": "litellm-config", "key": "routes.yaml"}}}}
+    assert desired.config_secret(modelapi(spec)) == "litellm-config"
+    assert _hash(spec, secret_version="41") == _hash(spec, secret_version="41")
+    assert _hash(spec, secret_version="42") != _hash(spec, secret_version="41")
+    assert _hash(spec) != _hash(spec, secret_version="41")  # the Secret appearing rolls pods that could not start
+
+
+def test_only_a_config_secret_is_versioned() -> None:
+    assert desired.config_secret(modelapi(PROXY)) is None
+    assert desired.config_secret(modelapi(HOSTED)) is None
+    assert _hash(PROXY) == _hash(PROXY, secret_version="7")
+
+
 def test_invalid_config_yaml_is_a_spec_error() -> None:
     m = modelapi({"mode": "Proxy", "proxyConfig": {"configYaml": {"fromString": "model_list: [oops"}}})
     with pytest.raises(desired.SpecError) as e:
@@ -232,8 +247,9 @@ def test_route_timeout_defaults_to_120s_and_zero_means_none() -> None:
     assert "timeouts" not in children(modelapi(spec), GATEWAY)["HTTPRoute/modelapi-m"]["spec"]["rules"][0]
 
 
-def _hash(spec: dict[str, Any], settings: Settings = Settings()) -> str:
-    deployment = children(modelapi(spec), settings)["Deployment/modelapi-m"]
+def _hash(spec: dict[str, Any], settings: Settings = Settings(), secret_version: str | None = None) -> str:
+    built = desired.build(modelapi(spec), settings, secret_version)
+    deployment = next(c for c in built.children if c["kind"] == "Deployment")
     return str(deployment["spec"]["template"]["metadata"]["annotations"][desired.CONFIG_HASH_ANNOTATION])
 
 
