@@ -12,8 +12,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import secrets
+import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -223,3 +227,49 @@ async def test_installed_kustomize_base_runs_the_operator(kubectl: Kubectl, name
         for obj in cluster_scoped:
             kubectl.run("delete", obj["kind"].lower(), obj["metadata"]["name"], "--wait=false", check=False)
         kubectl.run("delete", "namespace", KUSTOMIZE_NAMESPACE, "--wait=false", check=False)
+
+
+# --- RBAC the cluster enforces beyond the operator's own calls -------------------------------------------
+
+
+def role(name: str, namespace: str, rules: list[Obj]) -> str:
+    account = {"kind": "ServiceAccount", "name": "limited", "namespace": namespace}
+    return manifest([
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": name, "namespace": namespace}, "rules": rules},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": name, "namespace": namespace}, "subjects": [account],
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}},
+    ])
+
+
+async def test_blocking_owner_deletion_needs_the_finalizers_permission_the_chart_grants(
+    kubectl: Kubectl, helm: str, crd: str, namespace: str
+) -> None:
+    """Children carry `blockOwnerDeletion`, which clusters with OwnerReferencesPermissionEnforcement (OpenShift;
+    the local control plane enables it) allow only to who may update the owner's finalizers."""
+    if os.environ.get("KUBECONFIG"):
+        pytest.skip("only the local control plane is known to enforce OwnerReferencesPermissionEnforcement")
+    finalizers = {"apiGroups": ["kaos.tools"], "resources": ["modelapis/finalizers"], "verbs": ["update"]}
+    chart_rules = [r for o in render(helm, release_name(), namespace) if o["kind"] == "ClusterRole"
+                   for r in o["rules"]]
+    assert finalizers in chart_rules
+
+    owner = {"apiVersion": "kaos.tools/v1alpha1", "kind": "ModelAPI", "name": "owner", "uid": str(uuid.uuid4()),
+             "controller": True, "blockOwnerDeletion": True}
+    child = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "child", "ownerReferences": [owner]}}
+
+    def create_child() -> subprocess.CompletedProcess[str]:
+        return kubectl.run("--as", f"system:serviceaccount:{namespace}:limited", "create", "--dry-run=server",
+                           "-n", namespace, "-f", "-", stdin=json.dumps(child), check=False)
+
+    kubectl.apply(role("configmaps", namespace, [
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]}]), namespace)
+
+    def refused_for_blocking_owner_deletion() -> bool:
+        done = create_child()
+        return done.returncode != 0 and "Forbidden" in done.stderr and "blockOwnerDeletion" in done.stderr
+
+    wait_until(refused_for_blocking_owner_deletion, 30, "a create refused for blockOwnerDeletion alone")
+    kubectl.apply(role("finalizers", namespace, [finalizers]), namespace)
+    wait_until(lambda: create_child().returncode == 0, 30, "the create allowed with the finalizers permission")

@@ -294,6 +294,9 @@ func (cp *controlPlane) start(ctx context.Context) error {
 		"--service-account-signing-key-file="+pkiPath("sa.key"),
 		"--service-cluster-ip-range="+serviceCIDR,
 		"--authorization-mode=RBAC",
+		// As OpenShift and hardened clusters do: setting blockOwnerDeletion on a child needs `update` on the
+		// owner's finalizers, so tests running the operator with the chart's RBAC prove it has that.
+		"--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
 		"--allow-privileged=true",
 		// No kubelets: nothing for the `kubernetes` Service's endpoints to point at but this
 		// loopback address, which Endpoints do not accept.
