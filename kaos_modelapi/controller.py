@@ -204,16 +204,7 @@ class Reconciler:
         self, obj: Obj, child: Obj, live: Obj | None, log: structlog.typing.FilteringBoundLogger
     ) -> None:
         try:
-            try:
-                await self._client.apply(child, FIELD_MANAGER)
-            except ApiError as e:
-                if not e.is_conflict():
-                    raise
-                # Someone else (kubectl edit, another controller) took fields we own: take them back.
-                log.info("taking fields back", child=_ref(child), conflict=e.message)
-                await self._client.apply(child, FIELD_MANAGER, force=True)
-                await self._recorder.emit(obj, Event(WARNING, "FieldsReclaimed", "Update",
-                                                     f"{_ref(child)}: reverted changes by {_conflict_managers(e)}"))
+            await self._apply_taking_fields_back(obj, child, log)
         except ApiError as e:
             if not (e.is_invalid() and live is not None):
                 raise
@@ -223,6 +214,18 @@ class Reconciler:
             await self._client.replace(diff.overlay(live, child), FIELD_MANAGER)
             await self._recorder.emit(obj, Event(WARNING, "FieldsReclaimed", "Update",
                                                  f"{_ref(child)}: replaced lists edited by hand ({e.message})"))
+
+    async def _apply_taking_fields_back(self, obj: Obj, child: Obj, log: structlog.typing.FilteringBoundLogger) -> None:
+        try:
+            await self._client.apply(child, FIELD_MANAGER)
+        except ApiError as e:
+            if not e.is_conflict():
+                raise
+            # Someone else (kubectl edit, another controller) took fields we own: take them back.
+            log.info("taking fields back", child=_ref(child), conflict=e.message)
+            await self._client.apply(child, FIELD_MANAGER, force=True)
+            await self._recorder.emit(obj, Event(WARNING, "FieldsReclaimed", "Update",
+                                                 f"{_ref(child)}: reverted changes by {_conflict_managers(e)}"))
 
     async def _create_generated_secret(self, child: Obj, data_key: str) -> None:
         body = dict(child, stringData={data_key: secrets.token_urlsafe(32)})

@@ -132,8 +132,10 @@ class Operator:
         self._informer_tasks: list[asyncio.Task[None]] = []
         secrets: StoreReader = self._informer("secrets", kube.SECRET, None, _secret_identity,
                                               metadata_only=True).store
-        children: dict[Resource, StoreReader] = {r: self._informer(r.plural, r, MANAGED_SELECTOR, _strip_managed).store
-                    for r in CHILD_RESOURCES if r not in (kube.HTTPROUTE, kube.SECRET)}
+        children: dict[Resource, StoreReader] = {
+            r: self._informer(r.plural, r, MANAGED_SELECTOR, _strip_managed).store
+            for r in CHILD_RESOURCES if r not in (kube.HTTPROUTE, kube.SECRET)
+        }
         # One Secret cache, metadata only: it answers both "does the referenced Secret exist" and "is our
         # generated key Secret there", and never holds Secret data.
         children[kube.SECRET] = secrets
