@@ -92,15 +92,16 @@ class Kubectl:
     def wait_established(self, crd: str, timeout: float = 60.0) -> None:
         """(`kubectl wait --for=condition=Established` fails outright while status.conditions is null.)"""
 
-        def established() -> bool:
-            obj = self.get("crd", crd, "default") or {}
-            conditions = (obj.get("status") or {}).get("conditions") or []
-            return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
-
-        wait_until(established, timeout, f"CRD {crd} established")
+        wait_until(lambda: crd_established(self.get("crd", crd, "default")), timeout, f"CRD {crd} established")
 
     def raw_metrics(self) -> str:
         return self.run("get", "--raw", "/metrics").stdout
+
+
+def crd_established(crd: dict[str, Any] | None) -> bool:
+    """Whether a CRD is served; a new CRD's status.conditions is null until the apiserver gets to it."""
+    conditions = ((crd or {}).get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
 
 def free_port() -> int:

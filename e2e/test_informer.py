@@ -21,6 +21,7 @@ import pytest
 import structlog
 from kubernetes_asyncio.client import ApiClient
 
+from e2e.operator_process import crd_established
 from kaos_modelapi import kube
 from kaos_modelapi.informer import Backoff, Informer
 from kaos_modelapi.kube import (
@@ -517,8 +518,7 @@ async def widgets(client: KubeClient) -> AsyncIterator[Resource]:
 
     async def established() -> None:
         got = await client.get(CRD, None, crd["metadata"]["name"])
-        conditions = {c["type"]: c["status"] for c in got.get("status", {}).get("conditions", [])}
-        assert conditions.get("Established") == "True"
+        assert crd_established(got), got.get("status")
 
     await eventually(established, what="the CRD to be established")
     yield WIDGET

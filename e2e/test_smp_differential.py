@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from e2e.operator_process import crd_established
 from kaos_modelapi.podspec_schema import podspec_crd_schema
 from kaos_modelapi.smp import StrategicMergeError, merge_pod_spec
 
@@ -139,8 +140,7 @@ def probe_crd(group: str, plural: str) -> dict[str, Any]:
 async def established(ext: Any, name: str) -> None:
     for _ in range(150):
         status, body = await raw(ext.read_custom_resource_definition(name, _preload_content=False))
-        conditions = ((body.get("status") or {}).get("conditions") or []) if status == 200 else []
-        if any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+        if status == 200 and crd_established(body):
             return
         await asyncio.sleep(0.2)
     raise AssertionError(f"CRD {name} never became Established")
