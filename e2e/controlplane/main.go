@@ -301,8 +301,9 @@ func (cp *controlPlane) start(ctx context.Context) error {
 		// No kubelets: nothing for the `kubernetes` Service's endpoints to point at but this
 		// loopback address, which Endpoints do not accept.
 		"--endpoint-reconciler-type=none",
-		// Compact often (default 5m, so the first compaction lands ~10m in): tests that need an expired
-		// resourceVersion (410 Gone) then get one within a minute of the start, as on any long-lived cluster.
+		// Compact often (default 5m, so the first compaction lands ~10m in), so that a read at an old
+		// resourceVersion that the watch cache cannot serve (an exact list, a continue token) gets 410
+		// Gone from etcd within a minute of the start, as on any long-lived cluster, not old data.
 		"--etcd-compaction-interval=20s",
 		"--profiling=false",
 	)
