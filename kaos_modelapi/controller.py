@@ -9,7 +9,7 @@ a converged object writes nothing.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -325,6 +325,11 @@ def _invalid_status(obj: Obj, error: Desired | SpecError, now: str) -> dict[str,
     }
 
 
-def modelapis_referencing_secret(modelapis: Iterable[Obj], namespace: str, secret: str) -> list[str]:
-    return [f"{namespace}/{o['metadata']['name']}" for o in modelapis
-            if o["metadata"].get("namespace") == namespace and secret in referenced_secrets(o)]
+SECRET_REF_INDEX = "secretRefs"
+
+
+def secret_refs(modelapi: Obj) -> list[str]:
+    """Index function: a ModelAPI -> the "namespace/name" keys of the Secrets it references, so a Secret
+    event finds its ModelAPIs without scanning them all."""
+    namespace = modelapi["metadata"].get("namespace")
+    return [f"{namespace}/{name}" for name in sorted(referenced_secrets(modelapi))]

@@ -10,7 +10,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,14 +21,23 @@ from . import __version__, kube
 from .cli import InputError, settings_from_args
 from .controller import (
     CHILD_RESOURCES,
+    SECRET_REF_INDEX,
     Caches,
     Reconciler,
-    modelapis_referencing_secret,
     owner_key,
     pod_owner_key,
+    secret_refs,
 )
 from .events import Recorder
-from .informer import EventKind, Informer, MultiNamespaceInformer, StoreReader, informer_for_namespaces
+from .informer import (
+    DEFAULT_INDEXERS,
+    EventKind,
+    IndexFunc,
+    Informer,
+    MultiNamespaceInformer,
+    StoreReader,
+    informer_for_namespaces,
+)
 from .kube import ApiError, KubeClient, Obj, Resource, load_api_client
 from .leader import LeaderElector, LeaseTiming
 from .observability import Metrics, configure_logging, health_app, metrics_app, serve
@@ -140,7 +149,8 @@ class Operator:
         # generated key Secret there", and never holds Secret data.
         children[kube.SECRET] = secrets
         self.caches = Caches(
-            modelapis=self._informer("modelapis", kube.MODELAPI, None, _strip_managed).store,
+            modelapis=self._informer("modelapis", kube.MODELAPI, None, _strip_managed,
+                                     indexers={SECRET_REF_INDEX: secret_refs}).store,
             children=children,
             secrets=secrets,
             pods=self._informer("pods", POD, MANAGED_SELECTOR, _pod_status_only).store,
@@ -155,10 +165,11 @@ class Operator:
         metrics.max_concurrent.labels("modelapi").set(options.workers)
 
     def _informer(self, name: str, resource: Resource, selector: str | None,
-                  transform: Callable[[Obj], Obj], metadata_only: bool = False) -> AnyInformer:
+                  transform: Callable[[Obj], Obj], metadata_only: bool = False,
+                  indexers: Mapping[str, IndexFunc] = DEFAULT_INDEXERS) -> AnyInformer:
         def make(namespace: str | None) -> Informer:
             return Informer(self.client, resource, self.log, namespace=namespace, label_selector=selector,
-                            metadata_only=metadata_only, transform=transform)
+                            metadata_only=metadata_only, transform=transform, indexers=indexers)
 
         informer = informer_for_namespaces(self.options.namespaces, make)
         self.informers[name] = informer
@@ -180,8 +191,8 @@ class Operator:
             self.queue.add(key)
         # Existence matters to every ModelAPI that references it, and the version to one mounting its config.
         meta = obj["metadata"]
-        for key in modelapis_referencing_secret(self.caches.modelapis.list(), meta["namespace"], meta["name"]):
-            self.queue.add(key)
+        for modelapi in self.caches.modelapis.by_index(SECRET_REF_INDEX, f"{meta['namespace']}/{meta['name']}"):
+            self.queue.add(f"{meta['namespace']}/{modelapi['metadata']['name']}")
 
     def _wire_handlers(self) -> None:
         def modelapi_key(o: Obj) -> str:
