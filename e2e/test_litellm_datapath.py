@@ -26,7 +26,7 @@ from e2e.pod import E2E_DIR, LITELLM_BIN, Pod, PodError, Process, wait_for
 from e2e.stub_backend import REPLY, Backend, running_backend
 from kaos_modelapi import litellm
 from kaos_modelapi.api import ModelAPI
-from kaos_modelapi.desired import CONFIG_HASH_ANNOTATION, CONTAINER, GENERATE_KEY_ANNOTATION, build
+from kaos_modelapi.desired import CONFIG_HASH_ANNOTATION, CONTAINER, Desired, build
 from kaos_modelapi.settings import Settings
 
 Obj = dict[str, Any]
@@ -57,9 +57,9 @@ def secret_env(name: str, secret_name: str, key: str) -> Obj:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": key}}}
 
 
-def fill_generated_keys(obj: Obj) -> Obj:
-    """What the apply layer does when it creates the master-key Secret: a random value for the marked key."""
-    key = (obj["metadata"].get("annotations") or {}).get(GENERATE_KEY_ANNOTATION)
+def fill_generated_keys(obj: Obj, built: Desired) -> Obj:
+    """What the apply layer does when it creates the master-key Secret: a random value for the named key."""
+    key = {g.secret: g.key for g in built.generated}.get(obj["metadata"]["name"])
     if obj["kind"] != "Secret" or key is None:
         return obj
     value = base64.b64encode(secrets.token_urlsafe(32).encode()).decode()
@@ -67,7 +67,8 @@ def fill_generated_keys(obj: Obj) -> Obj:
 
 
 def render(spec: Obj) -> list[Obj]:
-    return [fill_generated_keys(o) for o in build(ModelAPI.model_validate(spec), Settings()).children]
+    built = build(ModelAPI.model_validate(spec), Settings())
+    return [fill_generated_keys(o, built) for o in built.children]
 
 
 def deployment(children: list[Obj]) -> Obj:

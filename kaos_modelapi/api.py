@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, model_validator
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, ValidationError, model_validator
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError
 
@@ -166,7 +166,7 @@ class ConfigYaml(K8sModel):
     fromSecretKeyRef: SecretKeySelector | None = Field(
         default=None,
         description="A Secret key holding the LiteLLM config.yaml. The Secret is mounted into the pod; the "
-        "operator never reads it. Changing the Secret's content does not restart the pods.",
+        "operator never reads it. Any update of the Secret rolls the pods (LiteLLM does not reload its config).",
     )
 
     rules = (
@@ -410,3 +410,16 @@ class ModelAPI(K8sModel):
     @property
     def key(self) -> str:
         return f"{self.metadata.namespace}/{self.metadata.name}"
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """The first problem, as one line that names the field (as the API server's CEL messages do)."""
+    first = error.errors()[0]
+    path = [str(part) for part in first["loc"]]
+    message = first["msg"]
+    if first["type"] == "cel":  # our rules carry their own field path and message
+        ctx = first.get("ctx") or {}
+        path += [p for p in str(ctx.get("field", "")).split(".") if p]
+        message = str(ctx.get("message", message))
+    where = ".".join(path)
+    return f"{where}: {message}" if where else message

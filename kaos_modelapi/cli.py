@@ -6,32 +6,23 @@ import argparse
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import pydantic
 import yaml
 
 from . import __version__, crd, desired, yamlio
-from .api import ModelAPI
+from .api import ModelAPI, describe_validation_error
 from .settings import GatewayRef, Settings
+
+if TYPE_CHECKING:
+    from .operator import Options
 
 EXIT_USAGE = 2
 
 
 class InputError(Exception):
     """A file that is not a valid ModelAPI: printed as one line, exit status 2."""
-
-
-def describe_validation_error(error: pydantic.ValidationError) -> str:
-    first = error.errors()[0]
-    path = [str(part) for part in first["loc"]]
-    message = first["msg"]
-    if first["type"] == "cel":  # our rules carry their own field path and message
-        ctx = first.get("ctx") or {}
-        path += [p for p in str(ctx.get("field", "")).split(".") if p]
-        message = str(ctx.get("message", message))
-    where = ".".join(path)
-    return f"{where}: {message}" if where else message
 
 
 def parse_modelapi(doc: Any, origin: str) -> ModelAPI:
@@ -116,6 +107,34 @@ def add_run_parser(sub: Any) -> None:
     run.add_argument("--log-format", default=_env("LOG_FORMAT", "json"), choices=["json", "console"])
 
 
+def options_from_args(args: argparse.Namespace) -> Options:
+    from .leader import LeaseTiming
+    from .operator import Options
+
+    try:
+        lease = LeaseTiming(args.leader_elect_lease_duration, args.leader_elect_renew_deadline,
+                            args.leader_elect_retry_period)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if args.workers < 1:
+        raise InputError("--workers must be at least 1")
+    return Options(
+        kubeconfig=args.kubeconfig,
+        namespaces=tuple(ns.strip() for ns in args.namespaces.split(",") if ns.strip()),
+        settings=settings_from_args(args),
+        workers=args.workers,
+        resync_seconds=args.resync_period,
+        metrics_address=args.metrics_bind_address,
+        health_address=args.health_probe_bind_address,
+        leader_elect=args.leader_elect,
+        leader_election_id=args.leader_election_id,
+        leader_election_namespace=args.leader_election_namespace,
+        lease=lease,
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kaos-modelapi", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kaos-modelapi {__version__}")
@@ -138,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from .operator import run_command  # imported here: render and crd need no Kubernetes client
 
-            return run_command(args)
+            return run_command(options_from_args(args))
     except (InputError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,15 +1,17 @@
-"""The ModelAPI reconciler: caches in, server-side applies out.
+"""The ModelAPI controller: what wakes a reconcile (`watches`), what the caches keep, and the reconciler.
 
-Level-triggered, in controller-runtime's sense: `reconcile(key)` looks only at the current state in the
-caches (never at which event fired), builds the desired state with the pure builder, applies the children
-that differ, deletes the ones no longer wanted, and applies the status when it changed. Running it again on
-a converged object writes nothing.
+A reconcile reads only the caches, builds the desired children (`desired.build`, pure), applies those that
+differ from the cache with server-side apply, deletes the children no longer wanted, and applies the status
+(`status.compute`, pure) when it changed. Its contract is controller-runtime's (`runtime.Result`,
+`runtime.TerminalError`): what only the user can fix ends in a Failed status and no retry.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -18,83 +20,147 @@ import pydantic
 import structlog
 
 from . import desired, diff, kube, status
-from .api import ModelAPI
-from .cli import describe_validation_error
+from .api import ModelAPI, describe_validation_error
 from .desired import Desired, SpecError
 from .events import NORMAL, WARNING, Event, Recorder
 from .informer import OWNER_UID_INDEX, StoreReader
-from .kube import ApiError, KubeClient, Resource
+from .kube import ApiError, KubeClient, Obj, Resource, key_for, object_key
+from .runtime import Builder, CacheSpec, Result, Stores, TerminalError
 from .settings import Settings
 
+NAME = "modelapi"
 FIELD_MANAGER = "kaos-modelapi"
 # Kinds the operator creates, in apply order (config before the pods that mount it).
 CHILD_RESOURCES: tuple[Resource, ...] = (
     kube.CONFIGMAP, kube.SECRET, kube.DEPLOYMENT, kube.SERVICE, kube.HTTPROUTE,
 )
+SECRET_REF_INDEX = "secretRefs"
+Log = structlog.typing.FilteringBoundLogger
 
-Obj = dict[str, Any]
+
+# --- what the caches keep: only what the reconciler reads -------------------------------------------------
 
 
-@dataclass
+def strip_managed(obj: Obj) -> Obj:
+    obj["metadata"].pop("managedFields", None)
+    return obj
+
+
+def secret_identity(obj: Obj) -> Obj:
+    """Keep a Secret's identity only. Even metadata can carry data (kubectl's last-applied annotation), so
+    only the operator's own annotations are kept."""
+    meta = obj["metadata"]
+    keep = ("name", "namespace", "uid", "resourceVersion", "labels", "ownerReferences", "deletionTimestamp")
+    identity = {k: meta[k] for k in keep if k in meta}
+    ours = {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith("kaos.tools/")}
+    if ours:
+        identity["annotations"] = ours
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": identity}
+
+
+def pod_status_only(obj: Obj) -> Obj:
+    meta = obj["metadata"]
+    keep = ("name", "namespace", "uid", "resourceVersion", "labels", "deletionTimestamp")
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {k: meta[k] for k in keep if k in meta},
+            "status": obj.get("status") or {}}
+
+
+def secret_ref_keys(obj: Obj) -> list[str]:
+    """Index function: a ModelAPI -> the keys of the Secrets it references, so that a Secret event finds
+    its ModelAPIs without scanning them all. An object the models cannot read references nothing."""
+    try:
+        m = ModelAPI.model_validate(obj)
+    except pydantic.ValidationError:
+        return []
+    return sorted({key_for(m.metadata.namespace, ref.name) for ref in desired.secret_refs(m)})
+
+
+def owned(resource: Resource, optional: bool = False) -> CacheSpec:
+    return CacheSpec(resource, desired.MANAGED_SELECTOR, strip_managed, optional=optional)
+
+
+MODELAPIS = CacheSpec(kube.MODELAPI, transform=strip_managed, indexers={SECRET_REF_INDEX: secret_ref_keys})
+# One Secret cache, metadata only, never any data: it answers "does a referenced Secret exist, at which
+# version" and "is our generated key Secret there".
+SECRETS = CacheSpec(kube.SECRET, transform=secret_identity, metadata_only=True)
+PODS = CacheSpec(kube.POD, desired.MANAGED_SELECTOR, pod_status_only)
+
+
+# --- what wakes a reconcile ------------------------------------------------------------------------------
+
+
+def modelapis_using_secret(secret: Obj, stores: Stores) -> Iterable[str]:
+    """Existence matters to every ModelAPI that references a Secret, and its version to one mounting its
+    config."""
+    users = stores[kube.MODELAPI].by_index(SECRET_REF_INDEX, object_key(secret))
+    return (object_key(m) for m in users)
+
+
+def modelapi_of_pod(pod: Obj, _: Stores) -> Iterable[str]:
+    name = desired.labelled_modelapi(pod)
+    return () if name is None else (key_for(pod["metadata"].get("namespace"), name),)
+
+
+def watches(settings: Settings) -> Builder:
+    """Everything that wakes the reconcile of a ModelAPI, in one place."""
+    builder = (
+        Builder(NAME)
+        .for_(MODELAPIS)
+        .owns(owned(kube.CONFIGMAP))
+        .owns(SECRETS)  # the generated master key
+        .owns(owned(kube.DEPLOYMENT))
+        .owns(owned(kube.SERVICE))
+        .watches(SECRETS, modelapis_using_secret)  # the user's Secrets it mounts or reads env from
+        .watches(PODS, modelapi_of_pod)  # pod states feed the status; pods are the ReplicaSet's, found by label
+    )
+    if settings.gateway is not None:  # routes only when a Gateway is configured, once the CRD is installed
+        builder.owns(owned(kube.HTTPROUTE, optional=True))
+    return builder
+
+
+# --- what the reconciler reads ---------------------------------------------------------------------------
+
+
 class Caches:
-    """What the reconciler reads. `children` maps each child Resource to its cache; a Resource whose API is
-    missing from the cluster (no HTTPRoute CRD) has no entry."""
+    """The reconciler's view of the caches. A child Resource whose API is missing from the cluster (no
+    HTTPRoute CRD) has no store."""
 
-    modelapis: StoreReader
-    children: dict[Resource, StoreReader]
-    secrets: StoreReader  # metadata only
-    pods: StoreReader
+    def __init__(self, stores: Stores) -> None:
+        self.stores = stores
+
+    @property
+    def modelapis(self) -> StoreReader:
+        return self.stores[kube.MODELAPI]
+
+    def child(self, resource: Resource) -> StoreReader | None:
+        return self.stores.get(resource)
 
     def owned(self, resource: Resource, namespace: str, uid: str) -> list[Obj]:
-        store = self.children.get(resource)
+        store = self.stores.get(resource)
         if store is None:
             return []
         return [o for o in store.by_index(OWNER_UID_INDEX, uid)
-                if o["metadata"].get("namespace") == namespace and _owner_uid(o) == uid]
+                if o["metadata"].get("namespace") == namespace and _controller_uid(o) == uid]
 
     def pods_of(self, namespace: str, name: str) -> tuple[Obj, ...]:
-        return tuple(self.pods.select({"modelapi": name}, namespace))
-
-    def secret_exists(self, namespace: str, name: str) -> bool:
-        return self.secrets.get(f"{namespace}/{name}") is not None
+        return tuple(self.stores[kube.POD].select({desired.MODELAPI_LABEL: name}, namespace))
 
     def secret_version(self, namespace: str, name: str | None) -> str | None:
-        secret = self.secrets.get(f"{namespace}/{name}") if name else None
+        secret = self.stores[kube.SECRET].get(key_for(namespace, name)) if name else None
         return secret["metadata"].get("resourceVersion") if secret else None
 
 
-def _owner_uid(obj: Obj) -> str | None:
-    for ref in obj["metadata"].get("ownerReferences") or []:
-        if ref.get("controller") and ref.get("kind") == "ModelAPI":
-            return str(ref.get("uid"))
-    return None
+def _controller_uid(obj: Obj) -> str | None:
+    owner = desired.controlling_modelapi(obj)
+    return owner[1] if owner else None
 
 
-def owner_key(obj: Obj) -> str | None:
-    """The ModelAPI key a child event should wake, via its controller owner reference."""
-    for ref in obj["metadata"].get("ownerReferences") or []:
-        if ref.get("controller") and ref.get("kind") == "ModelAPI":
-            return f"{obj['metadata']['namespace']}/{ref['name']}"
-    return None
-
-
-def pod_owner_key(pod: Obj) -> str | None:
-    name = (pod["metadata"].get("labels") or {}).get("modelapi")
-    return f"{pod['metadata']['namespace']}/{name}" if name else None
-
-
-def referenced_secrets(modelapi: Obj) -> set[str]:
-    """Secret names a ModelAPI's pods need (for waking it when one appears), read from the raw spec."""
-    spec = modelapi.get("spec") or {}
-    config = spec.get("proxyConfig") or spec.get("hostedConfig") or {}
-    names = {((e.get("valueFrom") or {}).get("secretKeyRef") or {}).get("name") for e in config.get("env") or []}
-    names.add(((config.get("configYaml") or {}).get("fromSecretKeyRef") or {}).get("name"))
-    return {n for n in names if n}
+# --- the reconciler --------------------------------------------------------------------------------------
 
 
 @dataclass
 class Outcome:
-    """What one reconcile did, for logs and metrics."""
+    """What one reconcile did, for logs."""
 
     applied: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
@@ -102,8 +168,34 @@ class Outcome:
     phase: str = ""
 
 
+@dataclass
+class Context:
+    """One reconcile: the object as cached, the logger bound to it, and what was done."""
+
+    obj: Obj
+    log: Log
+    outcome: Outcome = field(default_factory=Outcome)
+
+    @property
+    def key(self) -> str:
+        return object_key(self.obj)
+
+
+class ChildRefused(Exception):
+    """The API server refused a child as invalid: the spec is the user's to fix, retrying cannot help."""
+
+    def __init__(self, child: Mapping[str, Any], message: str) -> None:
+        super().__init__(message)
+        self.reason = "InvalidPodSpec" if child["kind"] == "Deployment" else f"Invalid{child['kind']}"
+        self.message = f"the API server refused {_ref(child)}: {message}"
+
+
 def _ref(obj: Mapping[str, Any]) -> str:
     return f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+def _digest(obj: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def _config_hash(deployment: Mapping[str, Any] | None) -> str | None:
@@ -121,111 +213,142 @@ class Reconciler:
     def __init__(
         self,
         client: KubeClient,
-        caches: Caches,
+        stores: Stores,
         settings: Settings,
         recorder: Recorder,
-        log: structlog.typing.FilteringBoundLogger,
+        log: Log,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._client = client
-        self._caches = caches
+        self._caches = Caches(stores)
         self._settings = settings
         self._recorder = recorder
         self._log = log
         self._clock = clock
+        # key -> (digest of a child the API server refused, its message): not sent again until it changes.
+        self._refused: dict[str, tuple[str, str]] = {}
 
-    async def reconcile(self, key: str, log: structlog.typing.FilteringBoundLogger | None = None) -> Outcome:
+    async def reconcile(self, key: str) -> Result:
         obj = self._caches.modelapis.get(key)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
-            return Outcome()  # owner references let the garbage collector remove the children
-        log = (log or self._log.bind(modelapi=key)).bind(generation=obj["metadata"].get("generation"))
-        outcome = Outcome()
+            self._refused.pop(key, None)
+            return Result()  # owner references let the garbage collector remove the children
+        ctx = Context(obj, self._log.bind(generation=obj["metadata"].get("generation")))
         try:
-            m = ModelAPI.model_validate(obj)
+            await self._reconcile(ctx)
+        except ApiError as e:
+            if e.is_namespace_terminating():  # the ModelAPI goes with its namespace: nothing left to do
+                raise TerminalError(f"namespace {obj['metadata']['namespace']} is being terminated") from e
+            raise
+        outcome = ctx.outcome
+        if outcome.applied or outcome.deleted or outcome.status_written:
+            ctx.log.debug("reconciled", applied=outcome.applied, deleted=outcome.deleted, phase=outcome.phase)
+        return Result()
+
+    async def _reconcile(self, ctx: Context) -> None:
+        try:
+            m = ModelAPI.model_validate(ctx.obj)
         except pydantic.ValidationError as e:
             error = SpecError("InvalidSpec", f"spec is invalid: {describe_validation_error(e)}")
-            await self._write_status(obj, None, error, status.Observed(), outcome, log)
-            return outcome
+            await self._write_status(ctx, status.unreadable(ctx.obj, error, self._now()))
+            return
         config_version = self._caches.secret_version(m.metadata.namespace, desired.config_secret(m))
         built = _build(m, self._settings, config_version)
         warnings: tuple[str, ...] = ()
         if isinstance(built, Desired):
-            warnings = await self._apply_children(obj, m, built, outcome, log)
-            await self._delete_stale(obj, m, built, outcome, log)
+            try:
+                warnings = await self._apply_children(ctx, built)
+                await self._delete_stale(ctx, m, built)
+            except ChildRefused as e:
+                built = SpecError(e.reason, e.message)
         observed = self._observe(m, built, warnings)
-        await self._write_status(obj, m, built, observed, outcome, log)
-        return outcome
+        await self._write_status(ctx, status.compute(m, built, observed, self._now(), ctx.obj.get("status")))
+
+    def _now(self) -> str:
+        return self._clock().strftime("%Y-%m-%dT%H:%M:%SZ")
 
     # --- children ---------------------------------------------------------------------------------------
 
-    async def _apply_children(
-        self, obj: Obj, m: ModelAPI, built: Desired, outcome: Outcome, log: structlog.typing.FilteringBoundLogger
-    ) -> tuple[str, ...]:
+    async def _apply_children(self, ctx: Context, built: Desired) -> tuple[str, ...]:
         warnings = []
+        generated = {g.secret: g.key for g in built.generated}
         for child in built.children:
             resource = self._client.resource_for(child)
-            store = self._caches.children.get(resource)
+            store = self._caches.child(resource)
             if store is None:
                 warnings.append(f"{child['kind']} {child['metadata']['name']} not created: the cluster has no "
                                 f"{resource.plural}.{resource.group} API (install the Gateway API CRDs)")
                 continue
-            live = store.get(f"{m.metadata.namespace}/{child['metadata']['name']}")
-            if await self._apply_child(obj, child, live, log):
-                outcome.applied.append(_ref(child))
+            name = child["metadata"]["name"]
+            live = store.get(key_for(child["metadata"]["namespace"], name))
+            key = generated.get(name) if child["kind"] == "Secret" else None
+            if await self._apply_child(ctx, child, live, key):
+                ctx.outcome.applied.append(_ref(child))
+        self._refused.pop(ctx.key, None)
         if warnings:
-            await self._recorder.emit(obj, Event(WARNING, "GatewayAPIMissing", "Reconcile", warnings[0]))
+            await self._recorder.emit(ctx.obj, Event(WARNING, "GatewayAPIMissing", "Reconcile", warnings[0]))
         return tuple(warnings)
 
-    async def _apply_child(
-        self, obj: Obj, child: Obj, live: Obj | None, log: structlog.typing.FilteringBoundLogger
-    ) -> bool:
-        generated_key = (child["metadata"].get("annotations") or {}).get(desired.GENERATE_KEY_ANNOTATION)
+    async def _apply_child(self, ctx: Context, child: Obj, live: Obj | None, generated_key: str | None) -> bool:
         if generated_key is not None:
             if live is None:
                 await self._create_generated_secret(child, generated_key)
-                await self._recorder.emit(obj, Event(NORMAL, "Created", "Create", f"created {_ref(child)}"))
-                log.info("created", child=_ref(child))
+                await self._recorder.emit(ctx.obj, Event(NORMAL, "Created", "Create", f"created {_ref(child)}"))
+                ctx.log.info("created", child=_ref(child))
                 return True
             child = diff.metadata_only(child)
         if not diff.needs_apply(child, live):
             return False
-        await self._apply(obj, child, live, log)
+        await self._apply_unless_refused(ctx, child, live)
         verb = "created" if live is None else "updated"
-        log.info(verb, child=_ref(child))
+        ctx.log.info(verb, child=_ref(child))
         if child["kind"] == "Deployment" and live is not None and _config_hash(child) != _config_hash(live):
-            await self._recorder.emit(obj, Event(NORMAL, "ConfigRolled", "Update",
-                                                 f"pod template changed: rolling {_ref(child)}"))
+            await self._recorder.emit(ctx.obj, Event(NORMAL, "ConfigRolled", "Update",
+                                                     f"pod template changed: rolling {_ref(child)}"))
         else:
-            await self._recorder.emit(obj, Event(NORMAL, verb.capitalize(), verb[:-1].capitalize(),
-                                                 f"{verb} {_ref(child)}"))
+            await self._recorder.emit(ctx.obj, Event(NORMAL, verb.capitalize(), verb[:-1].capitalize(),
+                                                     f"{verb} {_ref(child)}"))
         return True
 
-    async def _apply(
-        self, obj: Obj, child: Obj, live: Obj | None, log: structlog.typing.FilteringBoundLogger
-    ) -> None:
+    async def _apply_unless_refused(self, ctx: Context, child: Obj, live: Obj | None) -> None:
+        """Apply, or raise ChildRefused when the API server refuses the child as invalid (it will again
+        until the spec changes, so the same child is not sent twice)."""
+        digest = _digest(child)
+        remembered = self._refused.get(ctx.key)
+        if remembered is not None and remembered[0] == digest:
+            raise ChildRefused(child, remembered[1])
         try:
-            await self._apply_taking_fields_back(obj, child, log)
+            await self._apply(ctx, child, live)
+        except ApiError as e:
+            if not e.is_invalid():
+                raise
+            self._refused[ctx.key] = (digest, e.message)
+            raise ChildRefused(child, e.message) from e
+
+    async def _apply(self, ctx: Context, child: Obj, live: Obj | None) -> None:
+        try:
+            await self._apply_taking_fields_back(ctx, child)
         except ApiError as e:
             if not (e.is_invalid() and live is not None):
                 raise
             # Apply merges list items by key, so a hand-edited port stays beside ours (a duplicate "http"):
-            # only a replace of the whole object removes it.
-            log.info("replacing hand-edited lists", child=_ref(child), error=e.message)
+            # only a replace of the whole object removes it. (If ours is what is invalid, this fails too.)
             await self._client.replace(diff.overlay(live, child), FIELD_MANAGER)
-            await self._recorder.emit(obj, Event(WARNING, "FieldsReclaimed", "Update",
-                                                 f"{_ref(child)}: replaced lists edited by hand ({e.message})"))
+            ctx.log.info("replaced hand-edited lists", child=_ref(child), error=e.message)
+            await self._recorder.emit(ctx.obj, Event(WARNING, "FieldsReclaimed", "Update",
+                                                     f"{_ref(child)}: replaced lists edited by hand ({e.message})"))
 
-    async def _apply_taking_fields_back(self, obj: Obj, child: Obj, log: structlog.typing.FilteringBoundLogger) -> None:
+    async def _apply_taking_fields_back(self, ctx: Context, child: Obj) -> None:
         try:
             await self._client.apply(child, FIELD_MANAGER)
         except ApiError as e:
             if not e.is_conflict():
                 raise
             # Someone else (kubectl edit, another controller) took fields we own: take them back.
-            log.info("taking fields back", child=_ref(child), conflict=e.message)
+            ctx.log.info("taking fields back", child=_ref(child), conflict=e.message)
             await self._client.apply(child, FIELD_MANAGER, force=True)
-            await self._recorder.emit(obj, Event(WARNING, "FieldsReclaimed", "Update",
-                                                 f"{_ref(child)}: reverted changes by {_conflict_managers(e)}"))
+            await self._recorder.emit(ctx.obj, Event(WARNING, "FieldsReclaimed", "Update",
+                                                     f"{_ref(child)}: reverted changes by {_conflict_managers(e)}"))
 
     async def _create_generated_secret(self, child: Obj, data_key: str) -> None:
         body = dict(child, stringData={data_key: secrets.token_urlsafe(32)})
@@ -235,9 +358,7 @@ class Reconciler:
             if not e.is_already_exists():  # the cache was behind: the next event brings it
                 raise
 
-    async def _delete_stale(
-        self, obj: Obj, m: ModelAPI, built: Desired, outcome: Outcome, log: structlog.typing.FilteringBoundLogger
-    ) -> None:
+    async def _delete_stale(self, ctx: Context, m: ModelAPI, built: Desired) -> None:
         wanted = {_ref(c) for c in built.children}
         for resource in CHILD_RESOURCES:
             for child in self._caches.owned(resource, m.metadata.namespace, m.metadata.uid):
@@ -246,49 +367,39 @@ class Reconciler:
                     continue
                 await self._client.delete(resource, m.metadata.namespace, child["metadata"]["name"],
                                           child["metadata"].get("uid"))
-                outcome.deleted.append(ref)
-                log.info("deleted", child=ref)
-                await self._recorder.emit(obj, Event(NORMAL, "Deleted", "Delete", f"deleted {ref}: no longer needed"))
+                ctx.outcome.deleted.append(ref)
+                ctx.log.info("deleted", child=ref)
+                await self._recorder.emit(ctx.obj, Event(NORMAL, "Deleted", "Delete",
+                                                         f"deleted {ref}: no longer needed"))
 
     # --- status -----------------------------------------------------------------------------------------
 
     def _observe(self, m: ModelAPI, built: Desired | SpecError, warnings: tuple[str, ...]) -> status.Observed:
         ns, name = m.metadata.namespace, m.metadata.name
-        deployment_store = self._caches.children[kube.DEPLOYMENT]
-        deployment = deployment_store.get(f"{ns}/{desired.workload_name(name)}")
-        if deployment is not None and _owner_uid(deployment) != m.metadata.uid:
+        deployment = self._caches.stores[kube.DEPLOYMENT].get(key_for(ns, desired.workload_name(name)))
+        if deployment is not None and _controller_uid(deployment) != m.metadata.uid:
             deployment = None
         missing: tuple[desired.SecretRef, ...] = ()
         if isinstance(built, Desired):
-            missing = tuple(r for r in built.secret_refs if not self._caches.secret_exists(ns, r.name))
+            missing = tuple(r for r in built.secret_refs if self._caches.secret_version(ns, r.name) is None)
         return status.Observed(deployment, self._caches.pods_of(ns, name), missing, warnings)
 
-    async def _write_status(
-        self,
-        obj: Obj,
-        m: ModelAPI | None,
-        built: Desired | SpecError,
-        observed: status.Observed,
-        outcome: Outcome,
-        log: structlog.typing.FilteringBoundLogger,
-    ) -> None:
-        now = self._clock().strftime("%Y-%m-%dT%H:%M:%SZ")
-        new = status.compute(m, built, observed, now) if m is not None else _invalid_status(obj, built, now)
-        outcome.phase = new["phase"]
-        old = obj.get("status") or {}
+    async def _write_status(self, ctx: Context, new: dict[str, Any]) -> None:
+        ctx.outcome.phase = new["phase"]
+        old = ctx.obj.get("status") or {}
         if new == old:
             return
+        meta = ctx.obj["metadata"]
         await self._client.apply_status(
-            {"apiVersion": obj["apiVersion"], "kind": obj["kind"],
-             "metadata": {"name": obj["metadata"]["name"], "namespace": obj["metadata"]["namespace"]},
-             "status": new},
+            {"apiVersion": ctx.obj["apiVersion"], "kind": ctx.obj["kind"],
+             "metadata": {"name": meta["name"], "namespace": meta["namespace"]}, "status": new},
             FIELD_MANAGER, force=True)  # the status is ours alone
-        outcome.status_written = True
-        log.info("status", phase=new["phase"], message=new["message"])
-        if _ready_changed(old, new):
+        ctx.outcome.status_written = True
+        ctx.log.info("status", phase=new["phase"], message=new["message"])
+        if status.ready_changed(old, new):
             kind = NORMAL if new["phase"] != "Failed" else WARNING
             reason = new["conditions"][0]["reason"]
-            await self._recorder.emit(obj, Event(kind, reason, "Reconcile", new["message"]))
+            await self._recorder.emit(ctx.obj, Event(kind, reason, "Reconcile", new["message"]))
 
 
 def _build(m: ModelAPI, settings: Settings, config_secret_version: str | None) -> Desired | SpecError:
@@ -296,40 +407,3 @@ def _build(m: ModelAPI, settings: Settings, config_secret_version: str | None) -
         return desired.build(m, settings, config_secret_version)
     except SpecError as e:
         return e
-
-
-def _ready_condition(st: Mapping[str, Any]) -> tuple[Any, Any, Any]:
-    for c in st.get("conditions") or []:
-        if c.get("type") == "Ready":
-            return c.get("status"), c.get("reason"), c.get("message")
-    return None, None, None
-
-
-def _ready_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    return _ready_condition(old) != _ready_condition(new)
-
-
-def _invalid_status(obj: Obj, error: Desired | SpecError, now: str) -> dict[str, Any]:
-    """Status for an object the models cannot read (e.g. stored by an older CRD version)."""
-    message = error.message if isinstance(error, SpecError) else "invalid spec"
-    generation = obj["metadata"].get("generation")
-    conditions = (obj.get("status") or {}).get("conditions") or []
-    old: dict[str, Any] = next((c for c in conditions if c.get("type") == "Ready"), {})
-    if old.get("status") == "False":
-        now = old.get("lastTransitionTime", now)
-    return {
-        "phase": "Failed", "ready": False, "endpoint": "", "model": "", "message": message,
-        "observedGeneration": generation,
-        "conditions": [{"type": "Ready", "status": "False", "reason": "InvalidSpec", "message": message,
-                        "lastTransitionTime": now, "observedGeneration": generation}],
-    }
-
-
-SECRET_REF_INDEX = "secretRefs"
-
-
-def secret_refs(modelapi: Obj) -> list[str]:
-    """Index function: a ModelAPI -> the "namespace/name" keys of the Secrets it references, so a Secret
-    event finds its ModelAPIs without scanning them all."""
-    namespace = modelapi["metadata"].get("namespace")
-    return [f"{namespace}/{name}" for name in sorted(referenced_secrets(modelapi))]

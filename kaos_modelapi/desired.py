@@ -2,7 +2,8 @@
 
 Pure and synchronous: a ModelAPI and the operator settings in, the children out. No I/O, no clock, no
 randomness. The only thing the builder cannot produce is the LiteLLM master key's value: it emits the
-Secret without data and marks it, and the apply layer fills in a random key when it creates it.
+Secret without data and names it in `Desired.generated`, and the apply layer fills in a random key when it
+creates it. Also the one home of the children's names, labels and owner reference (written and read).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from . import api, litellm, ollama
+from . import api, kube, litellm, ollama
 from .api import EnvVar, ModelAPI
 from .podspec_schema import unknown_fields
 from .settings import Settings
@@ -22,11 +23,11 @@ from .smp import StrategicMergeError, merge_pod_spec
 
 CONTAINER = "model-api"
 INIT_CONTAINER = ollama.PULL_CONTAINER
+MODELAPI_LABEL = "modelapi"  # users select a ModelAPI's pods with -l modelapi=NAME
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "kaos-modelapi"
+MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"  # every child and pod carries it
 CONFIG_HASH_ANNOTATION = "kaos.tools/config-hash"
-# On a Secret the operator creates: the data key to fill with a random value on creation, never after.
-GENERATE_KEY_ANNOTATION = "kaos.tools/generate-key"
 
 
 class SpecError(Exception):
@@ -40,10 +41,20 @@ class SpecError(Exception):
 
 @dataclass(frozen=True)
 class SecretRef:
-    """A Secret the pod cannot start without."""
+    """A Secret the ModelAPI's pods use; unless optional, they cannot start without it."""
 
     name: str
     why: str
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class GeneratedKey:
+    """A child Secret whose `key` the apply layer fills with a random value when it creates the Secret, and
+    never after (the builder has no randomness)."""
+
+    secret: str
+    key: str
 
 
 @dataclass(frozen=True)
@@ -51,8 +62,9 @@ class Desired:
     children: tuple[dict[str, Any], ...]
     endpoint: str
     model: str
-    secret_refs: tuple[SecretRef, ...] = ()
+    secret_refs: tuple[SecretRef, ...] = ()  # the Secrets the pods cannot start without
     notes: tuple[str, ...] = field(default=())
+    generated: tuple[GeneratedKey, ...] = ()
 
 
 # --- names and metadata -----------------------------------------------------------------------------------
@@ -67,7 +79,7 @@ def config_map_name(name: str) -> str:
 
 
 def selector_labels(name: str) -> dict[str, str]:
-    return {"app": "modelapi", "modelapi": name}
+    return {"app": "modelapi", MODELAPI_LABEL: name}
 
 
 def labels(name: str) -> dict[str, str]:
@@ -83,6 +95,18 @@ def owner_reference(m: ModelAPI) -> dict[str, Any]:
         "controller": True,
         "blockOwnerDeletion": True,
     }
+
+
+def controlling_modelapi(obj: dict[str, Any]) -> tuple[str, str] | None:
+    """(name, uid) of the ModelAPI that controls a child, read from the owner reference written above."""
+    ref = kube.controller_ref(obj, api.GROUP, api.KIND)
+    return (str(ref.get("name")), str(ref.get("uid"))) if ref is not None else None
+
+
+def labelled_modelapi(obj: dict[str, Any]) -> str | None:
+    """The name of the ModelAPI a pod belongs to, from its label (pods are owned by ReplicaSets)."""
+    value = (obj["metadata"].get("labels") or {}).get(MODELAPI_LABEL)
+    return str(value) if value else None
 
 
 def _metadata(m: ModelAPI, name: str) -> dict[str, Any]:
@@ -113,13 +137,25 @@ def merge_env(operator: list[dict[str, Any]], user: list[dict[str, Any]]) -> lis
     return merged + [e for e in user if e["name"] not in known]
 
 
-def _user_secret_refs(env: list[EnvVar] | None) -> list[SecretRef]:
+def _env_secret_refs(env: list[EnvVar] | None) -> list[SecretRef]:
     refs = []
     for e in env or []:
         ref = e.valueFrom.secretKeyRef if e.valueFrom else None
-        if ref is not None and not ref.optional:
-            refs.append(SecretRef(ref.name, f"env {e.name}"))
+        if ref is not None:
+            refs.append(SecretRef(ref.name, f"env {e.name}", bool(ref.optional)))
     return refs
+
+
+def secret_refs(m: ModelAPI) -> tuple[SecretRef, ...]:
+    """Every user Secret the pods of `m` use (the config first), derived from the block its mode names."""
+    if m.spec.mode == "Hosted":
+        return tuple(_env_secret_refs(m.spec.hostedConfig.env if m.spec.hostedConfig else None))
+    pc = m.spec.proxyConfig
+    if pc is None:
+        return ()
+    ref = pc.configYaml.fromSecretKeyRef if pc.configYaml else None
+    config = [SecretRef(ref.name, "configYaml.fromSecretKeyRef", bool(ref.optional))] if ref else []
+    return (*config, *_env_secret_refs(pc.env))
 
 
 # --- Proxy (LiteLLM) ------------------------------------------------------------------------------------
@@ -223,7 +259,7 @@ def _proxy_pod_spec(m: ModelAPI, s: Settings, plan: _ProxyPlan) -> dict[str, Any
     }
 
 
-def _proxy_children(m: ModelAPI, s: Settings) -> tuple[_ProxyPlan, list[dict[str, Any]], list[SecretRef]]:
+def _proxy_children(m: ModelAPI) -> tuple[_ProxyPlan, list[dict[str, Any]], tuple[GeneratedKey, ...]]:
     plan = _proxy_plan(m)
     assert m.spec.proxyConfig is not None
     children = []
@@ -231,15 +267,11 @@ def _proxy_children(m: ModelAPI, s: Settings) -> tuple[_ProxyPlan, list[dict[str
         children.append(_object("v1", "ConfigMap", _metadata(m, config_map_name(m.metadata.name)),
                                 data={litellm.CONFIG_FILE: plan.config_text}))
     user_env = {e.name for e in m.spec.proxyConfig.env or []}
-    if litellm.ENV_MASTER_KEY not in user_env:
-        meta = _metadata(m, litellm.master_key_secret_name(m.metadata.name))
-        meta["annotations"] = {GENERATE_KEY_ANNOTATION: litellm.MASTER_KEY_SECRET_KEY}
-        children.append(_object("v1", "Secret", meta, type="Opaque"))
-    refs = _user_secret_refs(m.spec.proxyConfig.env)
-    config_ref = m.spec.proxyConfig.configYaml.fromSecretKeyRef if m.spec.proxyConfig.configYaml else None
-    if config_ref is not None and not config_ref.optional:
-        refs.insert(0, SecretRef(config_ref.name, "configYaml.fromSecretKeyRef"))
-    return plan, children, refs
+    if litellm.ENV_MASTER_KEY in user_env:
+        return plan, children, ()
+    key_secret = litellm.master_key_secret_name(m.metadata.name)
+    children.append(_object("v1", "Secret", _metadata(m, key_secret), type="Opaque"))
+    return plan, children, (GeneratedKey(key_secret, litellm.MASTER_KEY_SECRET_KEY),)
 
 
 # --- Hosted (Ollama) ------------------------------------------------------------------------------------
@@ -360,8 +392,9 @@ def build(m: ModelAPI, s: Settings, config_secret_version: str | None = None) ->
 
     `config_secret_version` is the resourceVersion of `config_secret(m)`: the operator never reads that
     Secret's data, so its version stands for the content in the config hash, and editing it rolls the pods."""
+    generated: tuple[GeneratedKey, ...] = ()
     if m.spec.mode == "Proxy":
-        plan, children, refs = _proxy_children(m, s)
+        plan, children, generated = _proxy_children(m)
         pod_spec, port, model, notes = _proxy_pod_spec(m, s, plan), litellm.PORT, plan.model, plan.notes
         if plan.config_text is not None:
             config_data = {litellm.CONFIG_FILE: plan.config_text}
@@ -369,11 +402,12 @@ def build(m: ModelAPI, s: Settings, config_secret_version: str | None = None) ->
             config_data = {"secretResourceVersion": config_secret_version or ""}
     else:
         assert m.spec.hostedConfig is not None
-        children, refs, notes = [], _user_secret_refs(m.spec.hostedConfig.env), ()
+        children, notes = [], ()
         pod_spec, port, model = _hosted_pod_spec(m, s), ollama.PORT, m.spec.hostedConfig.model
         config_data = None
     pod_spec = _apply_override(m, pod_spec)
     children += [_deployment(m, pod_spec, config_data), _service(m, port)]
     if s.gateway is not None:
         children.append(_http_route(m, s, port))
-    return Desired(tuple(children), endpoint(m, s, port), model, tuple(refs), notes)
+    required = tuple(r for r in secret_refs(m) if not r.optional)
+    return Desired(tuple(children), endpoint(m, s, port), model, required, notes, generated)

@@ -93,4 +93,7 @@ class Recorder:
         try:
             await self._writer.create(event_object(regarding, event, self._instance, now))
         except ApiError as e:
+            if e.is_namespace_terminating():  # the object goes with its namespace: nothing to tell
+                self._log.debug("event not recorded: namespace terminating", reason=event.reason)
+                return
             self._log.warning("event not recorded", reason=event.reason, error=str(e))

@@ -35,6 +35,7 @@ from kaos_modelapi.kube import (
     WatchEvent,
     WatchEventType,
     error_from_status,
+    object_key,
 )
 
 EventKind = Literal["add", "update", "delete"]
@@ -50,15 +51,6 @@ OWNER_UID_INDEX = "owner-uid"
 
 
 # -- pure helpers -----------------------------------------------------------------------------------
-
-
-def key_for(namespace: str | None, name: str) -> str:
-    return f"{namespace}/{name}" if namespace else name
-
-
-def object_key(obj: Mapping[str, Any]) -> str:
-    meta = obj.get("metadata") or {}
-    return key_for(meta.get("namespace"), str(meta.get("name", "")))
 
 
 def _uid(obj: Mapping[str, Any] | None) -> str | None:

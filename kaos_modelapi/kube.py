@@ -92,6 +92,25 @@ DEFAULT_RESOURCES: tuple[Resource, ...] = (
 )
 
 
+def key_for(namespace: str | None, name: str) -> str:
+    """The one key of an object, in caches and on the work queue: "namespace/name" (or "name")."""
+    return f"{namespace}/{name}" if namespace else name
+
+
+def object_key(obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    return key_for(meta.get("namespace"), str(meta.get("name", "")))
+
+
+def controller_ref(obj: Mapping[str, Any], api_group: str, kind: str) -> Mapping[str, Any] | None:
+    """The owner reference with controller=true, if it points at a `kind` of `api_group`."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        group = str(ref.get("apiVersion", "")).rpartition("/")[0]
+        if ref.get("controller") and ref.get("kind") == kind and group == api_group:
+            return cast(Mapping[str, Any], ref)
+    return None
+
+
 def _segment(value: str) -> str:
     if not value or value in (".", ".."):
         raise ValueError(f"invalid path segment {value!r}")
@@ -102,12 +121,15 @@ class ApiError(Exception):
     """Any failed request: an HTTP status with the server's Status reason/message, or status 0 for
     a request that got no response (connection refused/reset, timeout)."""
 
-    def __init__(self, status: int, reason: str, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, status: int, reason: str, message: str, retry_after: float | None = None,
+                 causes: tuple[str, ...] = ()) -> None:
         super().__init__(f"{status} {reason}: {message}")
         self.status = status
         self.reason = reason
         self.message = message
         self.retry_after = retry_after
+        self.causes = causes
+        """The `type` of each of the Status's details.causes (e.g. "NamespaceTerminating")."""
 
     def is_not_found(self) -> bool:
         return self.status == 404
@@ -136,6 +158,10 @@ class ApiError(Exception):
     def is_transport(self) -> bool:
         return self.status == 0
 
+    def is_namespace_terminating(self) -> bool:
+        """A write into a namespace that is being deleted: refused for good, and the object goes with it."""
+        return self.status == 403 and ("NamespaceTerminating" in self.causes or "being terminated" in self.message)
+
     def is_retryable(self) -> bool:
         """Worth retrying unchanged: throttling, server trouble, or no response at all."""
         return self.status in (0, 429, 500, 502, 503, 504)
@@ -154,9 +180,11 @@ def error_from_status(status: int, body: Mapping[str, Any] | None, fallback: str
     message = str(body.get("message") or fallback or "")
     details = body.get("details") if isinstance(body.get("details"), dict) else {}
     retry_after = details.get("retryAfterSeconds") if isinstance(details, dict) else None
+    causes = tuple(str(c.get("reason") or c.get("type") or "") for c in (details or {}).get("causes") or []
+                   if isinstance(c, dict))
     # "Expired"/"Gone" are how a too-old resourceVersion is reported, whatever the code says.
     cls = Gone if code == 410 or reason in ("Expired", "Gone") else ApiError
-    return cls(int(code), reason, message, float(retry_after) if retry_after else None)
+    return cls(int(code), reason, message, float(retry_after) if retry_after else None, causes)
 
 
 @dataclass(frozen=True)
@@ -250,6 +278,17 @@ class KubeClient:
     async def get(self, resource: Resource, namespace: str | None, name: str) -> Obj:
         obj = await self._json("GET", resource.path(namespace, name))
         return with_type(obj, resource)
+
+    async def serves(self, resource: Resource) -> bool:
+        """Whether the cluster serves `resource` (one discovery request; e.g. is a CRD installed)."""
+        prefix = f"/apis/{resource.group}/{resource.version}" if resource.group else f"/api/{resource.version}"
+        try:
+            found = await self._json("GET", prefix)
+        except ApiError as e:
+            if e.is_not_found():
+                return False
+            raise
+        return any(r.get("name") == resource.plural for r in found.get("resources") or [])
 
     async def list(
         self,

@@ -48,6 +48,8 @@ class Metrics:
                                        [*c, "result"], registry=registry)
         self.reconcile_errors = Counter("controller_runtime_reconcile_errors_total", "Reconciliation errors",
                                         c, registry=registry)
+        self.terminal_errors = Counter("controller_runtime_terminal_reconcile_errors_total",
+                                       "Reconciliation errors that are not retried", c, registry=registry)
         self.reconcile_time = Histogram("controller_runtime_reconcile_time_seconds", "Time per reconciliation",
                                         c, buckets=_BUCKETS, registry=registry)
         self.max_concurrent = Gauge("controller_runtime_max_concurrent_reconciles", "Worker count", c,
@@ -63,6 +65,10 @@ class Metrics:
                                        buckets=_QUEUE_BUCKETS, registry=registry)
         self.retries = Counter("workqueue_retries_total", "Retries handled by the workqueue", q,
                                registry=registry)
+        self.unfinished = Gauge("workqueue_unfinished_work_seconds",
+                                "Seconds of work in progress not yet observed by work_duration", q, registry=registry)
+        self.longest = Gauge("workqueue_longest_running_processor_seconds",
+                             "Seconds the longest running processor has been running", q, registry=registry)
         self.requests = Counter("rest_client_requests_total", "API server requests by status code and method",
                                 ["code", "method"], registry=registry)
         self.leader = Gauge("leader_election_master_status", "1 when this process is the leader", ["name"],
@@ -70,8 +76,14 @@ class Metrics:
         for result in ("success", "error", "requeue", "requeue_after"):
             self.reconcile_total.labels(CONTROLLER, result)
         self.reconcile_errors.labels(CONTROLLER)
+        self.terminal_errors.labels(CONTROLLER)
         for metric in (self.depth, self.adds, self.retries):
             metric.labels(queue_name)
+
+    def track_unfinished_work(self, unfinished_work: Callable[[], tuple[float, float]]) -> None:
+        """Read the queue's in-flight work when scraped: (total seconds, longest single one)."""
+        self.unfinished.labels(self._queue).set_function(lambda: unfinished_work()[0])
+        self.longest.labels(self._queue).set_function(lambda: unfinished_work()[1])
 
     def count_modelapis(self, list_modelapis: Callable[[], Iterable[dict[str, Any]]]) -> None:
         self.registry.register(_PhaseCollector(list_modelapis))

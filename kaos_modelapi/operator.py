@@ -1,53 +1,39 @@
-"""`kaos-modelapi run`: the operator process. Wires caches, queue, workers, leader election, health and
-metrics together, and shuts them down in order on SIGTERM."""
+"""`kaos-modelapi run`: the operator process, a generic manager after controller-runtime's.
+
+The `Manager` knows nothing of ModelAPIs: it makes one informer per cached resource from its controllers'
+watch declarations (`runtime.Builder`), wires their events to the controllers' queues, and runs the
+runnables in order, stopping them in reverse:
+
+    metrics and health servers -> caches (until all have listed) -> leader election -> controllers
+
+A cache whose API the cluster does not serve yet (an optional CRD) is started once it appears. `run`
+composes the process: the API client, the metrics, the ModelAPI controller and the manager.
+"""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import signal
 import socket
-import time
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry
 
-from . import __version__, kube
-from .cli import InputError, settings_from_args
-from .controller import (
-    CHILD_RESOURCES,
-    SECRET_REF_INDEX,
-    Caches,
-    Reconciler,
-    owner_key,
-    pod_owner_key,
-    secret_refs,
-)
+from . import __version__, controller
 from .events import Recorder
-from .informer import (
-    DEFAULT_INDEXERS,
-    EventKind,
-    IndexFunc,
-    Informer,
-    MultiNamespaceInformer,
-    StoreReader,
-    informer_for_namespaces,
-)
-from .kube import ApiError, KubeClient, Obj, Resource, load_api_client
+from .informer import Informer, MultiNamespaceInformer, informer_for_namespaces
+from .kube import KubeClient, Resource, load_api_client
 from .leader import LeaderElector, LeaseTiming
 from .observability import Metrics, configure_logging, health_app, metrics_app, serve
+from .runtime import CacheSpec, Controller, Stores
 from .settings import Settings
-from .workqueue import ShutDown, WorkQueue
 
-POD = Resource("", "v1", "pods", "Pod")
-MANAGED_SELECTOR = "app.kubernetes.io/managed-by=kaos-modelapi"
-SHUTDOWN_GRACE_SECONDS = 20.0
-ROUTE_API_RECHECK_SECONDS = 30.0
+OPTIONAL_API_RECHECK_SECONDS = 30.0
 AnyInformer = Informer | MultiNamespaceInformer
 Log = structlog.typing.FilteringBoundLogger
 
@@ -65,261 +51,97 @@ class Options:
     leader_election_id: str
     leader_election_namespace: str
     lease: LeaseTiming
+    log_level: str = "info"
+    log_format: str = "json"
 
 
-def options_from_args(args: argparse.Namespace) -> Options:
-    try:
-        lease = LeaseTiming(args.leader_elect_lease_duration, args.leader_elect_renew_deadline,
-                            args.leader_elect_retry_period)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    if args.workers < 1:
-        raise InputError("--workers must be at least 1")
-    return Options(
-        kubeconfig=args.kubeconfig,
-        namespaces=tuple(ns.strip() for ns in args.namespaces.split(",") if ns.strip()),
-        settings=settings_from_args(args),
-        workers=args.workers,
-        resync_seconds=args.resync_period,
-        metrics_address=args.metrics_bind_address,
-        health_address=args.health_probe_bind_address,
-        leader_elect=args.leader_elect,
-        leader_election_id=args.leader_election_id,
-        leader_election_namespace=args.leader_election_namespace,
-        lease=lease,
-    )
+class Manager:
+    """Caches shared by controllers, and the order in which everything starts and stops."""
 
-
-def run_command(args: argparse.Namespace) -> int:
-    options = options_from_args(args)
-    log = configure_logging(args.log_level, args.log_format)
-    return asyncio.run(run(options, log))
-
-
-# --- cache transforms: keep only what the reconciler reads -----------------------------------------------
-
-
-def _strip_managed(obj: Obj) -> Obj:
-    obj["metadata"].pop("managedFields", None)
-    return obj
-
-
-def _secret_identity(obj: Obj) -> Obj:
-    """Keep a Secret's identity only. Even metadata can carry data (kubectl's last-applied annotation), so
-    only the operator's own annotations are kept."""
-    meta = obj["metadata"]
-    keep = ("name", "namespace", "uid", "resourceVersion", "labels", "ownerReferences", "deletionTimestamp")
-    identity = {k: meta[k] for k in keep if k in meta}
-    ours = {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith("kaos.tools/")}
-    if ours:
-        identity["annotations"] = ours
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": identity}
-
-
-def _pod_status_only(obj: Obj) -> Obj:
-    meta = obj["metadata"]
-    keep = ("name", "namespace", "uid", "resourceVersion", "labels", "deletionTimestamp")
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {k: meta[k] for k in keep if k in meta},
-            "status": obj.get("status") or {}}
-
-
-def _namespace_terminating(error: Exception) -> bool:
-    return isinstance(error, ApiError) and error.is_forbidden() and "being terminated" in error.message
-
-
-# --- the operator ---------------------------------------------------------------------------------------
-
-
-class Operator:
-    def __init__(self, options: Options, client: KubeClient, metrics: Metrics, log: Log) -> None:
-        self.options = options
+    def __init__(self, client: KubeClient, namespaces: tuple[str, ...], log: Log) -> None:
         self.client = client
-        self.metrics = metrics
+        self.namespaces = namespaces
         self.log = log
-        self.queue: WorkQueue[str] = WorkQueue(metrics=metrics)
-        self.informers: dict[str, AnyInformer] = {}
-        self._informer_tasks: list[asyncio.Task[None]] = []
-        secrets: StoreReader = self._informer("secrets", kube.SECRET, None, _secret_identity,
-                                              metadata_only=True).store
-        children: dict[Resource, StoreReader] = {
-            r: self._informer(r.plural, r, MANAGED_SELECTOR, _strip_managed).store
-            for r in CHILD_RESOURCES if r not in (kube.HTTPROUTE, kube.SECRET)
-        }
-        # One Secret cache, metadata only: it answers both "does the referenced Secret exist" and "is our
-        # generated key Secret there", and never holds Secret data.
-        children[kube.SECRET] = secrets
-        self.caches = Caches(
-            modelapis=self._informer("modelapis", kube.MODELAPI, None, _strip_managed,
-                                     indexers={SECRET_REF_INDEX: secret_refs}).store,
-            children=children,
-            secrets=secrets,
-            pods=self._informer("pods", POD, MANAGED_SELECTOR, _pod_status_only).store,
-        )
-        self._wire_handlers()
-        identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
-        self.recorder = Recorder(client, identity, log)
-        self.reconciler = Reconciler(client, self.caches, options.settings, self.recorder, log)
-        self.identity = identity
-        self.writes_allowed = True
-        metrics.count_modelapis(self.caches.modelapis.list)
-        metrics.max_concurrent.labels("modelapi").set(options.workers)
+        self.stores = Stores()
+        self.controllers: list[Controller] = []
+        self._specs: dict[Resource, CacheSpec] = {}
+        self._informers: dict[Resource, AnyInformer] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._synced = False
 
-    def _informer(self, name: str, resource: Resource, selector: str | None,
-                  transform: Callable[[Obj], Obj], metadata_only: bool = False,
-                  indexers: Mapping[str, IndexFunc] = DEFAULT_INDEXERS) -> AnyInformer:
-        def make(namespace: str | None) -> Informer:
-            return Informer(self.client, resource, self.log, namespace=namespace, label_selector=selector,
-                            metadata_only=metadata_only, transform=transform, indexers=indexers)
-
-        informer = informer_for_namespaces(self.options.namespaces, make)
-        self.informers[name] = informer
-        return informer
-
-    def _enqueue_via(self, key_of: Callable[[Obj], str | None]) -> Callable[[EventKind, Obj | None, Obj | None], None]:
-        def handler(kind: EventKind, old: Obj | None, new: Obj | None) -> None:
-            obj = new if new is not None else old
-            key = key_of(obj) if obj is not None else None
-            if key is not None:
-                self.queue.add(key)
-        return handler
-
-    def _on_secret(self, kind: EventKind, old: Obj | None, new: Obj | None) -> None:
-        obj = new if new is not None else old
-        if obj is None:
-            return
-        if (key := owner_key(obj)) is not None:
-            self.queue.add(key)
-        # Existence matters to every ModelAPI that references it, and the version to one mounting its config.
-        meta = obj["metadata"]
-        for modelapi in self.caches.modelapis.by_index(SECRET_REF_INDEX, f"{meta['namespace']}/{meta['name']}"):
-            self.queue.add(f"{meta['namespace']}/{modelapi['metadata']['name']}")
-
-    def _wire_handlers(self) -> None:
-        def modelapi_key(o: Obj) -> str:
-            return f"{o['metadata']['namespace']}/{o['metadata']['name']}"
-
-        self.informers["modelapis"].add_handler(self._enqueue_via(modelapi_key))
-        for resource in CHILD_RESOURCES:
-            if resource.plural in self.informers and resource is not kube.SECRET:
-                self.informers[resource.plural].add_handler(self._enqueue_via(owner_key))
-        self.informers["pods"].add_handler(self._enqueue_via(pod_owner_key))
-        self.informers["secrets"].add_handler(self._on_secret)
+    def add(self, ctrl: Controller) -> None:
+        for spec in ctrl.caches():
+            known = self._specs.setdefault(spec.resource, spec)
+            if known != spec:
+                raise ValueError(f"{spec.resource.plural} is cached twice in different ways")
+        self.controllers.append(ctrl)
 
     def synced(self) -> bool:
-        return all(i.synced.is_set() for i in self.informers.values())
+        """Every cache has listed once (what /readyz reports)."""
+        return self._synced
 
-    def enqueue_all(self) -> None:
-        for obj in self.caches.modelapis.list():
-            self.queue.add(f"{obj['metadata']['namespace']}/{obj['metadata']['name']}")
+    # --- caches -----------------------------------------------------------------------------------------
 
-    def _start(self, informer: AnyInformer) -> None:
-        self._informer_tasks.append(asyncio.create_task(informer.run()))
+    def _start_informer(self, spec: CacheSpec) -> AnyInformer:
+        def make(namespace: str | None) -> Informer:
+            return Informer(self.client, spec.resource, self.log, namespace=namespace,
+                            label_selector=spec.label_selector, metadata_only=spec.metadata_only,
+                            transform=spec.transform, indexers=spec.indexers)
 
-    async def _route_api_installed(self) -> bool:
-        namespace = self.options.namespaces[0] if self.options.namespaces else None
-        try:
-            await self.client.list(kube.HTTPROUTE, namespace, MANAGED_SELECTOR, page_size=1)
-        except ApiError as e:
-            if e.is_not_found():
-                return False
-            raise
-        return True
-
-    def _add_route_informer(self) -> AnyInformer:
-        informer = self._informer("httproutes", kube.HTTPROUTE, MANAGED_SELECTOR, _strip_managed)
-        informer.add_handler(self._enqueue_via(owner_key))
+        informer = informer_for_namespaces(self.namespaces, make)
+        for ctrl in self.controllers:
+            for watch in ctrl.watches:
+                if watch.cache.resource == spec.resource:
+                    informer.add_handler(ctrl.handler(watch, self.stores))
+        self._informers[spec.resource] = informer
+        self._tasks.append(asyncio.create_task(informer.run()))
         return informer
 
     async def start_caches(self) -> None:
-        """Start every cache and wait until all have listed. The HTTPRoute cache is among them when the
-        cluster has the Gateway API, so the first reconciles already see the routes."""
-        if self.options.settings.gateway is not None and await self._route_api_installed():
-            self.caches.children[kube.HTTPROUTE] = self._add_route_informer().store
-        for informer in self.informers.values():
-            self._start(informer)
-        await asyncio.gather(*(i.synced.wait() for i in self.informers.values()))
-        self.log.info("caches synced", objects={n: len(i.store) for n, i in self.informers.items()})
+        """Start every cache whose API is served and wait until all have listed, so the first reconciles
+        already see every child (an optional one included)."""
+        for spec in self._specs.values():
+            if not spec.optional or await self.client.serves(spec.resource):
+                self.stores.add(spec.resource, self._start_informer(spec).store)
+        await asyncio.gather(*(i.synced.wait() for i in self._informers.values()))
+        self._synced = True
+        self.log.info("caches synced", objects={r.plural: len(i.store) for r, i in self._informers.items()})
 
-    async def watch_route_api(self) -> None:
-        """Without the Gateway API, ModelAPIs say so; once it is installed, start its cache and catch up."""
-        if self.options.settings.gateway is None or kube.HTTPROUTE in self.caches.children:
-            return
-        self.log.warning("no HTTPRoute API in the cluster; routes are not created until it is installed")
-        while not await self._route_api_installed():
-            await asyncio.sleep(ROUTE_API_RECHECK_SECONDS)
-        informer = self._add_route_informer()
-        self._start(informer)
+    async def _await_optional_api(self, spec: CacheSpec) -> None:
+        """Without the API, reconciles say so; once it is installed, start its cache and catch up."""
+        self.log.warning(f"no {spec.resource.plural}.{spec.resource.group} API in the cluster; "
+                         "its objects are not created until it is installed")
+        while not await self.client.serves(spec.resource):
+            await asyncio.sleep(OPTIONAL_API_RECHECK_SECONDS)
+        informer = self._start_informer(spec)
         await informer.synced.wait()
-        self.caches.children[kube.HTTPROUTE] = informer.store
-        self.log.info("HTTPRoute API found: creating routes")
-        self.enqueue_all()
-
-    async def resync(self) -> None:
-        while True:
-            await asyncio.sleep(self.options.resync_seconds)
-            self.enqueue_all()
-
-    async def worker(self) -> None:
-        while True:
-            try:
-                key = await self.queue.get()
-            except ShutDown:
-                return
-            await self._process(key)
-
-    async def _process(self, key: str) -> None:
-        started = time.monotonic()
-        log = self.log.bind(modelapi=key, reconcile_id=uuid.uuid4().hex[:12])
-        self.metrics.active_workers.labels("modelapi").inc()
-        try:
-            outcome = await self.reconciler.reconcile(key, log)
-        except Exception as e:  # one ModelAPI failing must never stop the others
-            if _namespace_terminating(e):  # its ModelAPI goes with it: nothing left to do
-                log.debug("namespace terminating; dropping", error=str(e))
-                self.queue.forget(key)
-                return
-            self.metrics.reconcile_total.labels("modelapi", "error").inc()
-            self.metrics.reconcile_errors.labels("modelapi").inc()
-            log.warning("reconcile failed; retrying with backoff", error=str(e) or type(e).__name__,
-                        retries=self.queue.num_requeues(key))
-            self.queue.add_rate_limited(key)
-        else:
-            self.metrics.reconcile_total.labels("modelapi", "success").inc()
-            self.queue.forget(key)
-            if outcome.applied or outcome.deleted or outcome.status_written:
-                log.debug("reconciled", applied=outcome.applied, deleted=outcome.deleted, phase=outcome.phase)
-        finally:
-            self.queue.done(key)
-            self.metrics.active_workers.labels("modelapi").dec()
-            self.metrics.reconcile_time.labels("modelapi").observe(time.monotonic() - started)
-
-    def on_leadership(self, leading: bool) -> None:
-        self.metrics.leader.labels(self.options.leader_election_id).set(int(leading))
-        if not leading:
-            self.writes_allowed = False
-
-    async def run_workers(self) -> None:
-        """Reconcile until cancelled. On a shutdown, in-flight reconciles finish first; after a lost
-        leadership they are cancelled at once, since another process may be writing already."""
-        self.enqueue_all()
-        workers = [asyncio.create_task(self.worker()) for _ in range(self.options.workers)]
-        background = [asyncio.create_task(self.resync()), asyncio.create_task(self.watch_route_api())]
-        try:
-            await asyncio.wait(workers)  # not gather: a cancellation here must not cancel the workers
-        finally:
-            self.queue.shutdown()
-            for task in background:
-                task.cancel()
-            if self.writes_allowed:
-                await asyncio.wait(workers, timeout=SHUTDOWN_GRACE_SECONDS)
-            for task in workers:
-                task.cancel()
-            await asyncio.gather(*workers, *background, return_exceptions=True)
+        self.stores.add(spec.resource, informer.store)
+        self.log.info(f"{spec.resource.plural}.{spec.resource.group} API found: catching up")
+        for ctrl in self.controllers:
+            ctrl.enqueue_all(self.stores)
 
     async def stop_caches(self) -> None:
-        for task in self._informer_tasks:
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._informer_tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- controllers ------------------------------------------------------------------------------------
+
+    def on_leadership(self, leading: bool) -> None:
+        if not leading:
+            for ctrl in self.controllers:
+                ctrl.writes_allowed = False
+
+    async def run_controllers(self) -> None:
+        """Run every controller until cancelled, with the watchers of missing optional APIs."""
+        missing = [s for s in self._specs.values() if s.resource not in self._informers]
+        waiters = [asyncio.create_task(self._await_optional_api(s)) for s in missing]
+        try:
+            await asyncio.gather(*(ctrl.run(self.stores) for ctrl in self.controllers))
+        finally:
+            for task in waiters:
+                task.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
 
 
 async def _until_signalled(stop: asyncio.Event, main: Coroutine[Any, Any, Any]) -> bool:
@@ -335,6 +157,11 @@ async def _until_signalled(stop: asyncio.Event, main: Coroutine[Any, Any, Any]) 
     return stop.is_set()
 
 
+def run_command(options: Options) -> int:
+    log = configure_logging(options.log_level, options.log_format)
+    return asyncio.run(run(options, log))
+
+
 async def run(options: Options, log: Log) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -344,32 +171,41 @@ async def run(options: Options, log: Log) -> int:
     metrics = Metrics(registry)
     api_client = await load_api_client(options.kubeconfig)
     client = KubeClient(api_client, on_response=metrics.on_response)
-    operator = Operator(options, client, metrics, log)
+    identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+    manager = Manager(client, options.namespaces, log)
+    reconciler = controller.Reconciler(client, manager.stores, options.settings, Recorder(client, identity, log), log)
+    manager.add(controller.watches(options.settings).complete(
+        reconciler, workers=options.workers, resync_seconds=options.resync_seconds, metrics=metrics, log=log))
+    metrics.count_modelapis(lambda: manager.stores.objects(controller.MODELAPIS.resource))
     runners = [await serve(metrics_app(registry), options.metrics_address),
-               await serve(health_app(operator.synced), options.health_address)]
+               await serve(health_app(manager.synced), options.health_address)]
     log.info("starting", version=__version__, namespaces=list(options.namespaces) or "all",
-             leader_elect=options.leader_elect, identity=operator.identity)
+             leader_elect=options.leader_elect, identity=identity)
     elector = None
     lost = False
     try:
-        if await _until_signalled(stop, operator.start_caches()):
+        if await _until_signalled(stop, manager.start_caches()):
             return 0
         if options.leader_elect:
+            def on_change(leading: bool) -> None:
+                metrics.leader.labels(options.leader_election_id).set(int(leading))
+                manager.on_leadership(leading)
+
             elector = LeaderElector(client, options.leader_election_namespace, options.leader_election_id,
-                                    operator.identity, log, options.lease, on_change=operator.on_leadership)
+                                    identity, log, options.lease, on_change=on_change)
             metrics.leader.labels(options.leader_election_id).set(0)
             result: list[bool] = []
 
             async def lead() -> None:
-                result.append(await elector.run_while_leading(operator.run_workers))
+                result.append(await elector.run_while_leading(manager.run_controllers))
 
             await _until_signalled(stop, lead())
             lost = bool(result and result[0])
         else:
-            await _until_signalled(stop, operator.run_workers())
+            await _until_signalled(stop, manager.run_controllers())
     finally:
         log.info("shutting down")
-        await operator.stop_caches()
+        await manager.stop_caches()
         if elector is not None and not lost:
             await elector.release()
         for runner in runners:
@@ -380,4 +216,3 @@ async def run(options: Options, log: Log) -> int:
         log.error("leadership lost: exiting so that a fresh process can stand for election")
         return 1
     return 0
-

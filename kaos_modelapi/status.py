@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,17 +144,47 @@ def _deployment_mirror(deployment: dict[str, Any] | None) -> dict[str, Any] | No
     }
 
 
-def _ready_condition(m: ModelAPI, v: Verdict, now: str) -> dict[str, Any]:
+def ready_of(status: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The Ready condition of a stored status ({} when there is none)."""
+    conditions = (status or {}).get("conditions") or []
+    return next((c for c in conditions if isinstance(c, Mapping) and c.get("type") == "Ready"), {})
+
+
+def ready_condition(previous: Mapping[str, Any], v: Verdict, generation: int | None, now: str) -> dict[str, Any]:
+    """The Ready condition for verdict `v`, given the stored one (`previous`)."""
     status = "True" if v.ready else "False"
-    previous = next((c for c in (m.status.conditions if m.status else []) if c.type == "Ready"), None)
     # lastTransitionTime moves only when the status flips: a changing message is not a transition.
-    since = previous.lastTransitionTime if previous and previous.status == status else now
+    since = previous.get("lastTransitionTime") if previous.get("status") == status else None
     return {"type": "Ready", "status": status, "reason": v.reason, "message": v.message,
-            "lastTransitionTime": since, "observedGeneration": m.metadata.generation}
+            "lastTransitionTime": since or now, "observedGeneration": generation}
 
 
-def compute(m: ModelAPI, built: Desired | SpecError, observed: Observed, now: str) -> dict[str, Any]:
-    """The full status to apply. `now` (RFC 3339) is used only for a condition that changes status."""
+def ready_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether the Ready condition says something new (what an Event reports)."""
+    keys = ("status", "reason", "message")
+    before, after = ready_of(old), ready_of(new)
+    return any(before.get(k) != after.get(k) for k in keys)
+
+
+def _stored(m: ModelAPI) -> dict[str, Any]:
+    return {"conditions": [c.model_dump(exclude_none=True) for c in m.status.conditions]} if m.status else {}
+
+
+def unreadable(obj: Mapping[str, Any], error: SpecError, now: str) -> dict[str, Any]:
+    """The status of an object the models cannot read (e.g. stored by an older CRD version)."""
+    generation = obj["metadata"].get("generation")
+    v = Verdict("Failed", error.reason, error.message)
+    return {
+        "phase": v.phase, "ready": False, "endpoint": "", "model": "", "message": v.message,
+        "observedGeneration": generation,
+        "conditions": [ready_condition(ready_of(obj.get("status")), v, generation, now)],
+    }
+
+
+def compute(m: ModelAPI, built: Desired | SpecError, observed: Observed, now: str,
+            previous: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The full status to apply. `now` (RFC 3339) is used only for a condition that changes status;
+    `previous` is the stored status (default: the model's)."""
     v = verdict(m, built, observed)
     notes = (*(built.notes if isinstance(built, Desired) else ()), *observed.warnings)
     message = "; ".join((v.message, *notes))
@@ -165,7 +196,8 @@ def compute(m: ModelAPI, built: Desired | SpecError, observed: Observed, now: st
         "model": built.model if isinstance(built, Desired) else "",
         "message": message,
         "observedGeneration": m.metadata.generation,
-        "conditions": [_ready_condition(m, v, now)],
+        "conditions": [ready_condition(ready_of(previous if previous is not None else _stored(m)), v,
+                                       m.metadata.generation, now)],
     }
     mirror = _deployment_mirror(observed.deployment)
     if mirror is not None:

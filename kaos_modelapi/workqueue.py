@@ -6,7 +6,9 @@ Semantics (the ones a level-triggered controller relies on):
 * A key is never handed to two workers at once: while it is processing, further adds only mark it
   dirty, and ``done`` puts it back in the queue, so the worker that picks it up next sees the newest state.
 * ``add_after`` parks a key until its time has come (the earliest request wins), and
-  ``add_rate_limited`` does the same with a per-key exponential backoff that ``forget`` resets.
+  ``add_rate_limited`` does the same with the delay its rate limiter gives: by default client-go's
+  (the larger of a per-key exponential backoff that ``forget`` resets and an overall token bucket, so an
+  API outage does not retry every key at full speed).
 * After ``shutdown`` no new keys are accepted and ``get`` raises ``ShutDown``, even if keys are still
   queued: a level-triggered controller loses nothing by dropping them, because whoever runs next
   lists everything again. (client-go instead hands out the remaining keys; we stop sooner.)
@@ -21,16 +23,19 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 K_contra = TypeVar("K_contra", bound=Hashable, contravariant=True)
 
 DEFAULT_BASE_DELAY = 0.005
 DEFAULT_MAX_DELAY = 1000.0
+DEFAULT_QPS = 10.0
+DEFAULT_BURST = 100
 
 
 class ShutDown(Exception):
@@ -114,6 +119,59 @@ class ExponentialFailureRateLimiter(Generic[K]):
         return self._failures.get(key, 0)
 
 
+class BucketRateLimiter:
+    """An overall token bucket, like client-go's BucketRateLimiter: ``burst`` retries at once, then ``qps``
+    per second. Each call reserves a token, so the delays of a burst of failures grow one token apart."""
+
+    def __init__(self, qps: float = DEFAULT_QPS, burst: int = DEFAULT_BURST,
+                 now: Callable[[], float] = time.monotonic) -> None:
+        if qps <= 0 or burst < 1:
+            raise ValueError("need qps > 0 and burst >= 1")
+        self._qps = qps
+        self._burst = float(burst)
+        self._now = now
+        self._tokens = float(burst)
+        self._last: float | None = None  # read the clock first when needed: a loop clock needs a running loop
+
+    def when(self, key: Hashable) -> float:
+        now = self._now()
+        refill = 0.0 if self._last is None else (now - self._last) * self._qps
+        self._tokens = min(self._burst, self._tokens + refill) - 1.0
+        self._last = now
+        return 0.0 if self._tokens >= 0 else -self._tokens / self._qps
+
+    def forget(self, key: Hashable) -> None:
+        pass
+
+    def num_requeues(self, key: Hashable) -> int:
+        return 0
+
+
+class MaxOfRateLimiter(Generic[K]):
+    """The longest delay of several limiters (each one counts the failure), like client-go's."""
+
+    def __init__(self, *limiters: RateLimiter[K]) -> None:
+        if not limiters:
+            raise ValueError("need at least one rate limiter")
+        self._limiters = limiters
+
+    def when(self, key: K) -> float:
+        return max([limiter.when(key) for limiter in self._limiters])
+
+    def forget(self, key: K) -> None:
+        for limiter in self._limiters:
+            limiter.forget(key)
+
+    def num_requeues(self, key: K) -> int:
+        return max(limiter.num_requeues(key) for limiter in self._limiters)
+
+
+def default_rate_limiter(now: Callable[[], float] = time.monotonic) -> MaxOfRateLimiter[Any]:
+    """client-go's DefaultControllerRateLimiter: 5 ms doubling to 1000 s per key, at most 10/s overall
+    after a burst of 100."""
+    return MaxOfRateLimiter(ExponentialFailureRateLimiter(), BucketRateLimiter(now=now))
+
+
 @dataclass(order=True)
 class _Waiting(Generic[K]):
     ready_at: float
@@ -149,7 +207,8 @@ class WorkQueue(Generic[K]):
         metrics: QueueMetrics | None = None,
     ) -> None:
         self._clock: Clock = clock if clock is not None else LoopClock()
-        self._limiter: RateLimiter[K] = rate_limiter if rate_limiter is not None else ExponentialFailureRateLimiter()
+        self._limiter: RateLimiter[K] = rate_limiter if rate_limiter is not None else default_rate_limiter(
+            self._clock.now)
         self._metrics = metrics
         self._queue: deque[K] = deque()
         self._dirty: set[K] = set()

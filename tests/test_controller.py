@@ -1,22 +1,286 @@
-"""The controller's pure helpers (the reconcile itself is tested against the API server in e2e/)."""
+"""The reconciler's decisions, fed objects recorded from a real API server (tests/recorded/, see record.py),
+with a client that records the calls it gets instead of sending them. What the API server then does with
+those calls is tested in e2e/."""
 
 from __future__ import annotations
 
+import copy
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from kaos_modelapi.controller import SECRET_REF_INDEX, secret_refs
+import pytest
+import structlog
+import yaml
+
+from kaos_modelapi import controller, kube
+from kaos_modelapi.controller import SECRET_REF_INDEX, Reconciler, secret_ref_keys
+from kaos_modelapi.events import Recorder
 from kaos_modelapi.informer import Change, Store
+from kaos_modelapi.kube import ApiError, Obj, Resource, object_key
+from kaos_modelapi.runtime import Stores, TerminalError
+from kaos_modelapi.settings import Settings
+
+RECORDED = Path(__file__).parent / "recorded"
+LOG = structlog.get_logger("test")
+NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
 
 
-def modelapi(name: str, namespace: str, proxy_config: dict[str, Any]) -> dict[str, Any]:
-    return {"metadata": {"name": name, "namespace": namespace, "resourceVersion": "1"},
-            "spec": {"mode": "Proxy", "proxyConfig": proxy_config}}  # fmt: skip
+# --- test doubles: a client that records, caches filled from recorded objects ----------------------------
+
+
+class RecordingClient:
+    """Stands in for KubeClient: records each write; `fail` makes the next call of a verb raise."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, bool]] = []  # (verb, "Kind/name", force)
+        self.events: list[Obj] = []
+        self.fail: dict[str, list[ApiError]] = {}
+        self._by_type = {(r.api_version, r.kind): r for r in kube.DEFAULT_RESOURCES}
+
+    def resource_for(self, obj: Obj) -> Resource:
+        return self._by_type[(obj["apiVersion"], obj["kind"])]
+
+    def _record(self, verb: str, obj: Obj, force: bool = False) -> Obj:
+        self.calls.append((verb, f"{obj['kind']}/{obj['metadata']['name']}", force))
+        pending = self.fail.get(verb) or []
+        if pending:
+            raise pending.pop(0)
+        return obj
+
+    async def apply(self, obj: Obj, field_manager: str, force: bool = False) -> Obj:
+        return self._record("apply", obj, force)
+
+    async def apply_status(self, obj: Obj, field_manager: str, force: bool = False) -> Obj:
+        return self._record("apply_status", obj, force)
+
+    async def create(self, obj: Obj, field_manager: str | None = None) -> Obj:
+        if obj["kind"] == "Event":
+            self.events.append(obj)
+            return obj
+        return self._record("create", obj)
+
+    async def replace(self, obj: Obj, field_manager: str) -> Obj:
+        return self._record("replace", obj)
+
+    async def delete(self, resource: Resource, namespace: str | None, name: str, uid: str | None = None) -> None:
+        self._record("delete", {"kind": resource.kind, "metadata": {"name": name}})
+
+    def writes(self) -> list[tuple[str, str, bool]]:
+        return list(self.calls)
+
+    def event_reasons(self) -> list[str]:
+        return [e["reason"] for e in self.events]
+
+
+def recorded(name: str) -> list[Obj]:
+    return [o for o in yaml.safe_load_all((RECORDED / name).read_text()) if o]
+
+
+def stores_of(objects: list[Obj]) -> Stores:
+    stores = Stores()
+    by_resource: dict[Resource, list[Obj]] = {}
+    client = RecordingClient()
+    for obj in objects:
+        by_resource.setdefault(client.resource_for(obj), []).append(obj)
+    for spec in controller.watches(Settings()).watches_:
+        if spec.cache.resource in stores:
+            continue
+        store = Store(spec.cache.indexers)
+        for obj in by_resource.get(spec.cache.resource, []):
+            store.apply(Change("add", None, spec.cache.transform(copy.deepcopy(obj))))
+        stores.add(spec.cache.resource, store)
+    return stores
+
+
+def reconciler(objects: list[Obj]) -> tuple[Reconciler, RecordingClient]:
+    client = RecordingClient()
+    recorder = Recorder(client, "test", LOG, clock=lambda: NOW)  # type: ignore[arg-type]
+    r = Reconciler(client, stores_of(objects), Settings(), recorder, LOG, clock=lambda: NOW)  # type: ignore[arg-type]
+    return r, client
+
+
+def of_kind(objects: list[Obj], kind: str) -> Obj:
+    (found,) = [o for o in objects if o["kind"] == kind]
+    return found
+
+
+def without(objects: list[Obj], kind: str) -> list[Obj]:
+    return [o for o in objects if o["kind"] != kind]
+
+
+@pytest.fixture
+def converged() -> list[Obj]:
+    """A mock Proxy ModelAPI the operator made Ready, with its children and pod, as the API server held them."""
+    return recorded("proxy-mock.yaml")
+
+
+def key(objects: list[Obj]) -> str:
+    return object_key(of_kind(objects, "ModelAPI"))
+
+
+def conflict() -> ApiError:
+    return ApiError(409, "Conflict", 'Apply failed with 1 conflict: conflict with "kubectl-edit": .spec.replicas')
+
+
+def invalid(message: str = "spec.ports[1].name: Duplicate value: \"http\"") -> ApiError:
+    return ApiError(422, "Invalid", f'Service "modelapi-mock-api" is invalid: {message}')
+
+
+# --- decisions -------------------------------------------------------------------------------------------
+
+
+async def test_a_converged_modelapi_gets_no_write_and_no_event(converged: list[Obj]) -> None:
+    r, client = reconciler(converged)
+    await r.reconcile(key(converged))
+    assert client.writes() == []
+    assert client.events == []
+
+
+async def test_an_existing_generated_secret_is_not_recreated(converged: list[Obj]) -> None:
+    r, client = reconciler(without(converged, "Deployment"))
+    await r.reconcile(key(converged))
+    assert [c[:2] for c in client.writes()] == [("apply", "Deployment/modelapi-mock-api"),
+                                                ("apply_status", "ModelAPI/mock-api")]
+    assert ("create", "Secret/litellm-master-key-mock-api", False) not in client.writes()
+
+
+async def test_a_missing_generated_secret_is_created_once_with_a_key(converged: list[Obj]) -> None:
+    r, client = reconciler(without(converged, "Secret"))
+    await r.reconcile(key(converged))
+    assert ("create", "Secret/litellm-master-key-mock-api", False) in client.writes()
+    assert "Created" in client.event_reasons()
+
+
+async def test_a_conflict_is_taken_back_with_an_event(converged: list[Obj]) -> None:
+    objects = copy.deepcopy(converged)
+    of_kind(objects, "Service")["spec"]["ports"][0]["targetPort"] = 9999  # someone edited our field
+    r, client = reconciler(objects)
+    client.fail["apply"] = [conflict()]
+    await r.reconcile(key(objects))
+    assert client.writes()[:2] == [("apply", "Service/modelapi-mock-api", False),
+                                   ("apply", "Service/modelapi-mock-api", True)]
+    assert client.event_reasons() == ["FieldsReclaimed"]
+
+
+async def test_an_invalid_hand_edited_list_is_replaced(converged: list[Obj]) -> None:
+    objects = copy.deepcopy(converged)
+    ports = of_kind(objects, "Service")["spec"]["ports"]
+    ports.append({**ports[0], "port": 9000})  # a second "http" port, as `kubectl edit` can leave it
+    r, client = reconciler(objects)
+    client.fail["apply"] = [invalid()]
+    await r.reconcile(key(objects))
+    assert [c[:2] for c in client.writes()] == [("apply", "Service/modelapi-mock-api"),
+                                                ("replace", "Service/modelapi-mock-api")]
+    assert client.event_reasons() == ["FieldsReclaimed"]
+
+
+async def test_an_unwanted_child_is_deleted(converged: list[Obj]) -> None:
+    objects = copy.deepcopy(converged)
+    stale = copy.deepcopy(of_kind(objects, "ConfigMap"))
+    stale["metadata"].update(name="litellm-config-old", uid="00000000-0000-0000-0000-000000000001")
+    r, client = reconciler([*objects, stale])
+    await r.reconcile(key(objects))
+    assert client.writes() == [("delete", "ConfigMap/litellm-config-old", False)]
+    assert client.event_reasons() == ["Deleted"]
+
+
+async def test_a_changed_status_is_written_once_and_an_unchanged_one_never(converged: list[Obj]) -> None:
+    objects = copy.deepcopy(converged)
+    of_kind(objects, "ModelAPI")["status"]["message"] = "stale"
+    r, client = reconciler(objects)
+    await r.reconcile(key(objects))
+    assert client.writes() == [("apply_status", "ModelAPI/mock-api", True)]
+
+
+async def test_a_child_the_api_server_refuses_fails_the_status_once_and_is_not_retried(
+        converged: list[Obj]) -> None:
+    objects = copy.deepcopy(converged)
+    of_kind(objects, "ModelAPI")["spec"]["podSpec"] = {"containers": [{"name": "model-api", "image": ""}]}
+    of_kind(objects, "ModelAPI")["metadata"]["generation"] += 1
+    refusal = ApiError(422, "Invalid", 'Deployment.apps "modelapi-mock-api" is invalid: '
+                                       "spec.template.spec.containers[0].image: Required value")
+    r, client = reconciler(objects)
+    client.fail["apply"] = [refusal]
+    client.fail["replace"] = [refusal]
+    result = await r.reconcile(key(objects))
+    assert result.requeue_after is None
+    verbs = [c[:2] for c in client.writes()]
+    assert verbs == [("apply", "Deployment/modelapi-mock-api"), ("replace", "Deployment/modelapi-mock-api"),
+                     ("apply_status", "ModelAPI/mock-api")]
+    assert client.event_reasons() == ["InvalidPodSpec"]
+    assert client.events[0]["type"] == "Warning"
+    assert "containers[0].image: Required value" in client.events[0]["note"]
+
+    client.calls.clear()
+    await r.reconcile(key(objects))  # e.g. woken by a pod event: the same child is not sent again
+    assert [c[0] for c in client.writes()] == ["apply_status"]  # (the cache still holds the old status)
+
+
+async def test_a_namespace_being_terminated_is_a_terminal_error(converged: list[Obj]) -> None:
+    r, client = reconciler(without(converged, "Deployment"))
+    client.fail["apply"] = [ApiError(403, "Forbidden", 'deployments.apps "modelapi-mock-api" is forbidden: '
+                                     "unable to create new content in namespace default because it is being "
+                                     "terminated", causes=("NamespaceTerminating",))]
+    with pytest.raises(TerminalError):
+        await r.reconcile(key(converged))
+
+
+async def test_a_deleted_modelapi_is_left_to_the_garbage_collector(converged: list[Obj]) -> None:
+    r, client = reconciler(converged)
+    await r.reconcile("default/gone")
+    assert client.writes() == []
+
+
+# --- what the caches keep --------------------------------------------------------------------------------
+
+
+def secret_as_listed() -> Obj:
+    last_applied = '{"data":{"k":"c2VjcmV0"}}'
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": "keys", "namespace": "a", "uid": "u", "resourceVersion": "7",
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": last_applied,
+                                         "kaos.tools/note": "ours"},
+                         "managedFields": [{"manager": "kubectl"}]},
+            "data": {"k": "c2VjcmV0"}, "stringData": {"k": "secret"}}
+
+
+def test_the_secret_cache_keeps_identity_and_never_data() -> None:
+    kept = controller.secret_identity(secret_as_listed())
+    assert "c2VjcmV0" not in repr(kept) and "secret\"" not in repr(kept)
+    assert kept["metadata"] == {"name": "keys", "namespace": "a", "uid": "u", "resourceVersion": "7",
+                                "annotations": {"kaos.tools/note": "ours"}}
+    assert controller.SECRETS.metadata_only  # the data is not even sent to the operator
+
+
+def test_the_pod_cache_keeps_status_and_identity_only() -> None:
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "a", "labels": {"modelapi": "m"},
+                                                           "managedFields": [{}], "annotations": {"big": "x"}},
+           "spec": {"containers": [{"name": "c", "env": [{"name": "K", "value": "v"}]}]},
+           "status": {"phase": "Running"}}
+    assert controller.pod_status_only(pod) == {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "a", "labels": {"modelapi": "m"}},
+        "status": {"phase": "Running"}}
+
+
+def test_children_are_cached_without_managed_fields() -> None:
+    obj = {"metadata": {"name": "x", "managedFields": [{"manager": "m"}]}}
+    assert controller.strip_managed(obj) == {"metadata": {"name": "x"}}
+
+
+# --- what wakes a reconcile ------------------------------------------------------------------------------
+
+
+def modelapi(name: str, namespace: str, proxy_config: dict[str, Any]) -> Obj:
+    return {"apiVersion": "kaos.tools/v1alpha1", "kind": "ModelAPI",
+            "metadata": {"name": name, "namespace": namespace, "resourceVersion": "1"},
+            "spec": {"mode": "Proxy", "proxyConfig": proxy_config}}
 
 
 def test_a_secret_finds_the_modelapis_that_reference_it_in_its_own_namespace() -> None:
     env = {"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "k"}}}
     config = {"configYaml": {"fromSecretKeyRef": {"name": "routes", "key": "config.yaml"}}, "env": [env]}
-    store = Store({SECRET_REF_INDEX: secret_refs})
+    store = Store({SECRET_REF_INDEX: secret_ref_keys})
     store.apply(Change("add", None, modelapi("both", "a", config)))
     store.apply(Change("add", None, modelapi("env-only", "a", {"model": "m", "env": [env]})))
     store.apply(Change("add", None, modelapi("elsewhere", "b", config)))
@@ -29,3 +293,23 @@ def test_a_secret_finds_the_modelapis_that_reference_it_in_its_own_namespace() -
     assert names("a/keys") == ["both", "env-only"]
     assert names("b/routes") == ["elsewhere"]
     assert names("a/other") == []
+
+
+def wakes(obj: Obj, objects: list[Obj]) -> set[str]:
+    """The keys every watch declared in controller.watches() enqueues for an event on `obj`."""
+    stores = stores_of(objects)
+    return {k for w in controller.watches(Settings()).watches_ if w.cache.resource.kind == obj["kind"]
+            for k in w.map(obj, stores)}
+
+
+def test_children_and_pods_wake_their_modelapi(converged: list[Obj]) -> None:
+    for kind in ("ConfigMap", "Secret", "Deployment", "Service", "Pod", "ModelAPI"):
+        assert wakes(of_kind(converged, kind), converged) == {"default/mock-api"}, kind
+
+
+def test_a_referenced_secret_wakes_its_users_and_an_unrelated_one_nobody() -> None:
+    env = {"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "k"}}}
+    objects = [modelapi("user", "a", {"model": "m", "env": [env]}), modelapi("other", "a", {"model": "m"})]
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "keys", "namespace": "a"}}
+    assert wakes(secret, objects) == {"a/user"}
+    assert wakes({**secret, "metadata": {"name": "unrelated", "namespace": "a"}}, objects) == set()

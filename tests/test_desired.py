@@ -78,7 +78,8 @@ def test_master_key_comes_from_a_secret_never_a_literal() -> None:
     objs = children(modelapi(PROXY))
     secret = objs["Secret/litellm-master-key-m"]
     assert "data" not in secret and "stringData" not in secret  # the apply layer generates it on creation
-    assert secret["metadata"]["annotations"][desired.GENERATE_KEY_ANNOTATION] == "master-key"
+    assert desired.build(modelapi(PROXY), Settings()).generated == (
+        desired.GeneratedKey("litellm-master-key-m", "master-key"),)
     assert env_of(container(objs, "model-api"))["LITELLM_MASTER_KEY"] == {
         "secretKeyRef": {"name": "litellm-master-key-m", "key": "master-key"}}
 

@@ -1,0 +1,235 @@
+"""The generic controller machinery, after controller-runtime. Knows nothing of ModelAPIs.
+
+- `Builder` says, in one place, what wakes a reconcile: `for_` the primary resource (its own key),
+  `owns` a child resource (the key of its controlling owner), `watches` any resource through a mapping
+  function. Each names the `CacheSpec` its informer is made from; a resource watched twice shares one cache.
+- `Controller` turns those events into keys on a `WorkQueue` and runs a `Reconciler` on them, under
+  controller-runtime's contract: a `Result` may ask for a requeue after a delay; an ordinary exception
+  means retry with the queue's backoff; a `TerminalError` means no retry until something wakes the key again.
+- `Stores` holds the caches by resource, for mapping functions and reconcilers to read.
+
+The `Manager` (in `operator.py`) makes the informers, wires the handlers and starts everything in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from .informer import DEFAULT_INDEXERS, EventKind, Handler, IndexFunc, StoreReader, Transform, drop_managed_fields
+from .kube import Obj, Resource, controller_ref, key_for, object_key
+from .observability import Metrics
+from .workqueue import ShutDown, WorkQueue
+
+Log = structlog.typing.FilteringBoundLogger
+SHUTDOWN_GRACE_SECONDS = 20.0
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a successful reconcile asks for: nothing, or another look after `requeue_after` seconds."""
+
+    requeue_after: float | None = None
+
+
+class TerminalError(Exception):
+    """A failure that retrying cannot mend (only the user, or the object's deletion, can): the key is not
+    retried. The reconciler decides this, not the code around it."""
+
+
+class Reconciler(Protocol):
+    async def reconcile(self, key: str) -> Result: ...
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """How one resource is cached: what is listed and watched, and what of each object is kept."""
+
+    resource: Resource
+    label_selector: str | None = None
+    transform: Transform = drop_managed_fields
+    metadata_only: bool = False
+    indexers: Mapping[str, IndexFunc] = field(default_factory=lambda: DEFAULT_INDEXERS)
+    # The API may be absent (a CRD not installed): the cache starts once the cluster serves it.
+    optional: bool = False
+
+
+class Stores:
+    """The caches by resource. A resource whose API the cluster does not serve (yet) has none."""
+
+    def __init__(self) -> None:
+        self._stores: dict[Resource, StoreReader] = {}
+
+    def get(self, resource: Resource) -> StoreReader | None:
+        return self._stores.get(resource)
+
+    def __getitem__(self, resource: Resource) -> StoreReader:
+        return self._stores[resource]
+
+    def __contains__(self, resource: object) -> bool:
+        return resource in self._stores
+
+    def objects(self, resource: Resource) -> list[Obj]:
+        store = self._stores.get(resource)
+        return store.list() if store is not None else []
+
+    def add(self, resource: Resource, store: StoreReader) -> None:
+        self._stores[resource] = store
+
+
+MapFunc = Callable[[Obj, Stores], Iterable[str]]
+"""An object -> the keys of the primary objects it should wake (controller-runtime's MapFunc)."""
+
+
+@dataclass(frozen=True)
+class Watch:
+    cache: CacheSpec
+    map: MapFunc
+
+
+def _own_key(obj: Obj, _: Stores) -> Iterable[str]:
+    return (object_key(obj),)
+
+
+def owner_keys(owner: Resource) -> MapFunc:
+    """Map a child to its controlling owner of type `owner` (EnqueueRequestForOwner, controller only)."""
+
+    def map_to_owner(obj: Obj, _: Stores) -> Iterable[str]:
+        ref = controller_ref(obj, owner.group, owner.kind)
+        return () if ref is None else (key_for(obj["metadata"].get("namespace"), str(ref["name"])),)
+
+    return map_to_owner
+
+
+class Builder:
+    """`Builder("modelapi").for_(...).owns(...).watches(..., map_fn)`: every source of reconciles."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.primary: CacheSpec | None = None
+        self.watches_: list[Watch] = []
+
+    def for_(self, cache: CacheSpec) -> Builder:
+        self.primary = cache
+        self.watches_.append(Watch(cache, _own_key))
+        return self
+
+    def owns(self, cache: CacheSpec) -> Builder:
+        if self.primary is None:
+            raise ValueError("call for_() before owns()")
+        self.watches_.append(Watch(cache, owner_keys(self.primary.resource)))
+        return self
+
+    def watches(self, cache: CacheSpec, map_fn: MapFunc) -> Builder:
+        self.watches_.append(Watch(cache, map_fn))
+        return self
+
+    def complete(self, reconciler: Reconciler, *, workers: int, resync_seconds: float, metrics: Metrics,
+                 log: Log) -> Controller:
+        if self.primary is None:
+            raise ValueError("a controller needs for_()")
+        return Controller(self.name, self.primary, tuple(self.watches_), reconciler, workers=workers,
+                          resync_seconds=resync_seconds, metrics=metrics, log=log)
+
+
+class Controller:
+    """Keys from watch events onto a work queue; `workers` reconciles at a time, never two for one key."""
+
+    def __init__(self, name: str, primary: CacheSpec, watches: tuple[Watch, ...], reconciler: Reconciler, *,
+                 workers: int, resync_seconds: float, metrics: Metrics, log: Log) -> None:
+        self.name = name
+        self.primary = primary
+        self.watches = watches
+        self.queue: WorkQueue[str] = WorkQueue(metrics=metrics)
+        self._reconciler = reconciler
+        self._workers = workers
+        self._resync_seconds = resync_seconds
+        self._metrics = metrics
+        self._log = log
+        self.writes_allowed = True
+        metrics.track_unfinished_work(self.queue.unfinished_work)
+        metrics.max_concurrent.labels(name).set(workers)
+
+    def caches(self) -> Iterator[CacheSpec]:
+        return (w.cache for w in self.watches)
+
+    def handler(self, watch: Watch, stores: Stores) -> Handler:
+        def enqueue(kind: EventKind, old: Obj | None, new: Obj | None) -> None:
+            obj = new if new is not None else old
+            if obj is not None:
+                for key in watch.map(obj, stores):
+                    self.queue.add(key)
+
+        return enqueue
+
+    def enqueue_all(self, stores: Stores) -> None:
+        for obj in stores.objects(self.primary.resource):
+            self.queue.add(object_key(obj))
+
+    async def run(self, stores: Stores) -> None:
+        """Reconcile until cancelled. On a shutdown, in-flight reconciles finish first; after a lost
+        leadership (`writes_allowed` False) they are cancelled at once, since another process may write."""
+        self.enqueue_all(stores)
+        workers = [asyncio.create_task(self._worker()) for _ in range(self._workers)]
+        resync = asyncio.create_task(self._resync(stores))
+        try:
+            await asyncio.wait(workers)  # not gather: a cancellation here must not cancel the workers
+        finally:
+            self.queue.shutdown()
+            resync.cancel()
+            if self.writes_allowed:
+                await asyncio.wait(workers, timeout=SHUTDOWN_GRACE_SECONDS)
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, resync, return_exceptions=True)
+
+    async def _resync(self, stores: Stores) -> None:
+        while True:
+            await asyncio.sleep(self._resync_seconds)
+            self.enqueue_all(stores)
+
+    async def _worker(self) -> None:
+        while True:
+            try:
+                key = await self.queue.get()
+            except ShutDown:
+                return
+            await self._process(key)
+
+    async def _process(self, key: str) -> None:
+        started = time.monotonic()
+        m = self._metrics
+        m.active_workers.labels(self.name).inc()
+        # Every log line of this reconcile carries its key and id, however deep it is written.
+        with structlog.contextvars.bound_contextvars(**{self.name: key, "reconcile_id": uuid.uuid4().hex[:12]}):
+            try:
+                result = await self._reconciler.reconcile(key)
+            except TerminalError as e:
+                m.reconcile_total.labels(self.name, "error").inc()
+                m.reconcile_errors.labels(self.name).inc()
+                m.terminal_errors.labels(self.name).inc()
+                self._log.info("reconcile failed for good; not retrying", error=str(e))
+                self.queue.forget(key)
+            except Exception as e:  # one object failing must never stop the others
+                m.reconcile_total.labels(self.name, "error").inc()
+                m.reconcile_errors.labels(self.name).inc()
+                self._log.warning("reconcile failed; retrying with backoff", error=str(e) or type(e).__name__,
+                                  retries=self.queue.num_requeues(key))
+                self.queue.add_rate_limited(key)
+            else:
+                self.queue.forget(key)
+                if result.requeue_after is not None:
+                    m.reconcile_total.labels(self.name, "requeue_after").inc()
+                    self.queue.add_after(key, result.requeue_after)
+                else:
+                    m.reconcile_total.labels(self.name, "success").inc()
+            finally:
+                self.queue.done(key)
+                m.active_workers.labels(self.name).dec()
+                m.reconcile_time.labels(self.name).observe(time.monotonic() - started)
