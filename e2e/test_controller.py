@@ -245,6 +245,35 @@ async def test_bad_override_and_bad_config_fail_without_stopping_others(
     assert not kubectl.children("bad-config", namespace)  # nothing half-built
 
 
+async def test_a_podspec_the_api_server_refuses_fails_once_and_leaves_the_running_pods(
+        kubectl: Kubectl, operator: OperatorProcess, namespace: str) -> None:
+    """An override that merges cleanly but yields a Deployment the API server refuses is the user's to fix:
+    Failed with the server's message, one Warning Event, no retries, and the pods keep running."""
+    kubectl.apply(modelapi_yaml("refused", mock()), namespace)
+    kubectl.wait_phase("refused", namespace, "Ready")
+    running = template_hash(kubectl, "refused", namespace)
+    errors_before = metric_value(operator.metrics(), "controller_runtime_reconcile_errors_total",
+                                 controller="modelapi")
+
+    broken = dict(mock(), podSpec={"containers": [{"name": "model-api", "image": ""}]})
+    kubectl.apply(modelapi_yaml("refused", broken), namespace)
+    st = kubectl.wait_phase("refused", namespace, "Failed")
+    assert ready_condition(st)["reason"] == "InvalidPodSpec"
+    assert "Deployment/modelapi-refused" in st["message"] and "image: Required value" in st["message"]
+    wait_until(lambda: [e for e in events_for(kubectl, "refused", namespace) if e["reason"] == "InvalidPodSpec"],
+               30, "an InvalidPodSpec Event")
+    wait_for_reconcile(operator, kubectl, "refused", namespace)  # woken again: still no retry, no new Event
+    warnings = [e for e in events_for(kubectl, "refused", namespace) if e["type"] == "Warning"]
+    assert [e["reason"] for e in warnings] == ["InvalidPodSpec"]
+    assert metric_value(operator.metrics(), "controller_runtime_reconcile_errors_total",
+                        controller="modelapi") == errors_before
+    assert template_hash(kubectl, "refused", namespace) == running  # the running pods were left alone
+    assert pods_run_only(kubectl, "refused", namespace, running)
+
+    kubectl.apply(modelapi_yaml("refused", mock()), namespace)
+    kubectl.wait_phase("refused", namespace, "Ready")
+
+
 async def test_status_reports_model_pull_and_failing_container(kubectl: Kubectl, operator: OperatorProcess,
                                                               namespace: str) -> None:
     slow_pull = dict(HOSTED, podSpec={"initContainers": [

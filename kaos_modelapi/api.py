@@ -407,10 +407,6 @@ class ModelAPI(K8sModel):
         ),
     )
 
-    @property
-    def key(self) -> str:
-        return f"{self.metadata.namespace}/{self.metadata.name}"
-
 
 def describe_validation_error(error: ValidationError) -> str:
     """The first problem, as one line that names the field (as the API server's CEL messages do)."""

@@ -14,7 +14,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-CONTROLLER = "modelapi"
 PHASES = ("Pending", "Ready", "Failed")
 # controller-runtime's buckets for reconcile and workqueue durations.
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0,
@@ -40,9 +39,10 @@ class _PhaseCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry, queue_name: str = CONTROLLER) -> None:
+    def __init__(self, registry: CollectorRegistry, controller: str) -> None:
+        """Series for one controller, whose work queue bears its name (as in controller-runtime)."""
         self.registry = registry
-        self._queue = queue_name
+        self._queue = controller
         c = ["controller"]
         self.reconcile_total = Counter("controller_runtime_reconcile_total", "Reconciliations by result",
                                        [*c, "result"], registry=registry)
@@ -74,11 +74,11 @@ class Metrics:
         self.leader = Gauge("leader_election_master_status", "1 when this process is the leader", ["name"],
                             registry=registry)
         for result in ("success", "error", "requeue", "requeue_after"):
-            self.reconcile_total.labels(CONTROLLER, result)
-        self.reconcile_errors.labels(CONTROLLER)
-        self.terminal_errors.labels(CONTROLLER)
+            self.reconcile_total.labels(controller, result)
+        self.reconcile_errors.labels(controller)
+        self.terminal_errors.labels(controller)
         for metric in (self.depth, self.adds, self.retries):
-            metric.labels(queue_name)
+            metric.labels(controller)
 
     def track_unfinished_work(self, unfinished_work: Callable[[], tuple[float, float]]) -> None:
         """Read the queue's in-flight work when scraped: (total seconds, longest single one)."""

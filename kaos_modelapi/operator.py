@@ -168,7 +168,7 @@ async def run(options: Options, log: Log) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     registry = CollectorRegistry()
-    metrics = Metrics(registry)
+    metrics = Metrics(registry, controller.NAME)
     api_client = await load_api_client(options.kubeconfig)
     client = KubeClient(api_client, on_response=metrics.on_response)
     identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"

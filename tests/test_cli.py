@@ -84,3 +84,23 @@ def test_crd_command_prints_the_crd() -> None:
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert "required when mode is Proxy" in spec["properties"]["proxyConfig"]["description"]
     assert spec["properties"]["podSpec"]["properties"]["containers"]["x-kubernetes-list-map-keys"] == ["name"]
+
+
+def _imports(module: Path) -> set[str]:
+    """The kaos_modelapi modules a module imports (relative or absolute), at any depth of its code."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(module.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level or base.startswith("kaos_modelapi"):
+                base = base.removeprefix("kaos_modelapi").lstrip(".")
+                found |= {base} if base else {alias.name for alias in node.names}
+    return found
+
+
+def test_the_command_line_sits_on_top_nothing_imports_it() -> None:
+    package = REPO / "kaos_modelapi"
+    importers = [p.name for p in package.glob("*.py") if p.stem not in ("cli", "__main__") and "cli" in _imports(p)]
+    assert importers == []

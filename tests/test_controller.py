@@ -160,7 +160,7 @@ async def test_a_conflict_is_taken_back_with_an_event(converged: list[Obj]) -> N
     await r.reconcile(key(objects))
     assert client.writes()[:2] == [("apply", "Service/modelapi-mock-api", False),
                                    ("apply", "Service/modelapi-mock-api", True)]
-    assert client.event_reasons() == ["FieldsReclaimed"]
+    assert client.event_reasons() == ["FieldsReclaimed", "Updated"]
 
 
 async def test_an_invalid_hand_edited_list_is_replaced(converged: list[Obj]) -> None:
@@ -172,7 +172,7 @@ async def test_an_invalid_hand_edited_list_is_replaced(converged: list[Obj]) -> 
     await r.reconcile(key(objects))
     assert [c[:2] for c in client.writes()] == [("apply", "Service/modelapi-mock-api"),
                                                 ("replace", "Service/modelapi-mock-api")]
-    assert client.event_reasons() == ["FieldsReclaimed"]
+    assert client.event_reasons() == ["FieldsReclaimed", "Updated"]
 
 
 async def test_an_unwanted_child_is_deleted(converged: list[Obj]) -> None:

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from kaos_modelapi.workqueue import (
+    BucketRateLimiter,
     ExponentialFailureRateLimiter,
+    MaxOfRateLimiter,
     ShutDown,
     WorkQueue,
     exponential_delay,
@@ -207,6 +209,28 @@ def test_rate_limiter_rejects_nonsense_settings() -> None:
         ExponentialFailureRateLimiter[str](base_delay=0, max_delay=1)
     with pytest.raises(ValueError):
         ExponentialFailureRateLimiter[str](base_delay=2, max_delay=1)
+
+
+def test_bucket_allows_a_burst_then_spaces_retries_at_its_rate() -> None:
+    now = [0.0]
+    bucket = BucketRateLimiter(qps=10.0, burst=3, now=lambda: now[0])
+    assert [bucket.when(k) for k in "abc"] == [0.0, 0.0, 0.0]
+    assert [round(bucket.when(k), 6) for k in "def"] == [0.1, 0.2, 0.3], "each retry reserves the next token"
+    now[0] = 10.0  # tokens refill up to the burst, no further
+    assert [bucket.when(k) for k in "ghi"] == [0.0, 0.0, 0.0]
+    assert bucket.when("j") > 0
+
+
+def test_default_limiter_is_the_slower_of_per_key_backoff_and_the_overall_bucket() -> None:
+    now = [0.0]
+    limiter = MaxOfRateLimiter[str](ExponentialFailureRateLimiter(base_delay=0.005, max_delay=1000.0),
+                                    BucketRateLimiter(qps=10.0, burst=100, now=lambda: now[0]))
+    delays = [limiter.when(f"key-{i}") for i in range(200)]  # an API outage: every key fails at once
+    assert delays[:100] == [0.005] * 100, "the first burst retries after the per-key backoff"
+    assert round(delays[199], 6) == 10.0, "then at most 10 retries a second overall"
+    assert limiter.num_requeues("key-0") == 1
+    limiter.forget("key-0")
+    assert limiter.num_requeues("key-0") == 0
 
 
 async def test_add_rate_limited_waits_the_backoff_and_grows() -> None:
