@@ -163,6 +163,46 @@ async def test_mode_switch_leaves_exactly_the_right_children(kubectl: Kubectl, o
     kubectl.wait_phase("switch", namespace, "Ready")
 
 
+async def test_the_seeds_reference_example_with_both_blocks_serves_its_mode_and_switches(
+        kubectl: Kubectl, operator: OperatorProcess, namespace: str) -> None:
+    both = {**mock(), "hostedConfig": HOSTED["hostedConfig"]}
+    kubectl.apply(modelapi_yaml("both", both), namespace)
+    st = kubectl.wait_phase("both", namespace, "Ready")
+    assert st["endpoint"].endswith(":8000")
+    assert "hostedConfig is ignored because mode is Proxy" in st["message"]
+    wait_until(lambda: any("hostedConfig is ignored" in e.get("note", "")
+                           for e in events_for(kubectl, "both", namespace)), 30, "an Event naming the ignored block")
+
+    kubectl.apply(modelapi_yaml("both", {**both, "mode": "Hosted"}), namespace)  # switching mode just works
+    wait_until(lambda: kubectl.status("both", namespace)["endpoint"].endswith(":11434"), 30, "the Hosted endpoint")
+    st = kubectl.wait_phase("both", namespace, "Ready")
+    assert "proxyConfig is ignored because mode is Hosted" in st["message"]
+    assert "ConfigMap/litellm-config-both" not in kubectl.children("both", namespace)
+
+
+async def test_kubectl_scale_modelapi_scales_its_pods_without_rolling_them(
+        kubectl: Kubectl, operator: OperatorProcess, namespace: str) -> None:
+    kubectl.apply(modelapi_yaml("scaled", mock()), namespace)
+    kubectl.wait_phase("scaled", namespace, "Ready")
+    running = template_hash(kubectl, "scaled", namespace)
+
+    kubectl.run("scale", "modelapi/scaled", "-n", namespace, "--replicas=3")
+    wait_until(lambda: kubectl.status("scaled", namespace).get("readiness") == "3/3", 60, "3 of 3 pods ready")
+    assert "3/3" in kubectl.run("get", "modelapi", "scaled", "-n", namespace).stdout  # the READY column
+    budget = wait_until(lambda: kubectl.get("poddisruptionbudget", "modelapi-scaled", namespace), 30, "a PDB")
+    assert budget["spec"]["maxUnavailable"] == 1
+    scale = json.loads(kubectl.run("get", "--raw", f"/apis/kaos.tools/v1alpha1/namespaces/{namespace}/modelapis/"
+                                   "scaled/scale").stdout)
+    assert scale["spec"]["replicas"] == 3 and scale["status"]["selector"] == "app=modelapi,modelapi=scaled"
+    assert template_hash(kubectl, "scaled", namespace) == running  # scaling never rolls the pods
+    assert pods_run_only(kubectl, "scaled", namespace, running)
+
+    kubectl.run("scale", "modelapi/scaled", "-n", namespace, "--replicas=1")
+    wait_until(lambda: kubectl.status("scaled", namespace).get("readiness") == "1/1", 60, "1 of 1 pods ready")
+    wait_until(lambda: kubectl.get("poddisruptionbudget", "modelapi-scaled", namespace) is None, 30,
+               "no PDB for one pod")
+
+
 async def test_deleting_a_modelapi_removes_its_children(kubectl: Kubectl, operator: OperatorProcess,
                                                         namespace: str) -> None:
     kubectl.apply(modelapi_yaml("gone", mock()), namespace)
@@ -295,7 +335,7 @@ async def test_invalid_specs_are_refused_at_apply_time_with_the_field_named(kube
                                                                             namespace: str) -> None:
     cases = {
         "spec.proxyConfig": {"mode": "Proxy"},
-        "spec.hostedConfig": {"mode": "Proxy", "proxyConfig": {"model": "m"}, "hostedConfig": {"model": "m"}},
+        "spec.hostedConfig": {"mode": "Hosted", "proxyConfig": {"model": "m"}},
         "at least one of apiBase": {"mode": "Proxy", "proxyConfig": {}},
         "exactly one of fromString or fromSecretKeyRef": {"mode": "Proxy", "proxyConfig": {"configYaml": {
             "fromString": "a: b", "fromSecretKeyRef": {"name": "s", "key": "k"}}}},

@@ -260,15 +260,15 @@ class ModelAPISpec(K8sModel):
     mode: Mode = Field(description="Proxy: a LiteLLM proxy in front of other backends. Hosted: Ollama.")
     proxyConfig: ProxyConfig | None = Field(
         default=None,
-        description="LiteLLM proxy settings; required when mode is Proxy. configYaml: that config is used as is "
-        "(apiBase and model are ignored). apiBase only: wildcard, any model a client names is forwarded to "
-        "apiBase. apiBase and model: only that model, forwarded to apiBase. model only: mock, no backend, a "
-        "request's mock_response is the answer.",
+        description="LiteLLM proxy settings; required when mode is Proxy (ignored otherwise). configYaml: that "
+        "config is used as is (apiBase and model are ignored). apiBase only: wildcard, any model a client "
+        "names is forwarded to apiBase. apiBase and model: only that model, forwarded to apiBase. model "
+        "only: mock, no backend, a request's mock_response is the answer.",
     )
     hostedConfig: HostedConfig | None = Field(
         default=None,
-        description="Ollama settings; required when mode is Hosted. The pull-model init container pulls the "
-        "model into a shared volume, then the model-api container serves it on port 11434.",
+        description="Ollama settings; required when mode is Hosted (ignored otherwise). The pull-model init "
+        "container pulls the model into a shared volume, then the model-api container serves it on port 11434.",
     )
     podSpec: dict[str, Any] | None = Field(
         default=None,
@@ -277,6 +277,13 @@ class ModelAPISpec(K8sModel):
         "mountPath; $patch directives honoured). The main container is named model-api.",
     )
     gatewayRoute: GatewayRoute | None = Field(default=None, description="HTTPRoute settings.")
+    replicas: int | None = Field(
+        default=None, ge=0, le=1000,
+        description="How many pods serve the endpoint. Unset: one at first, then the Deployment's count is left "
+        "to whoever scales it. Set (also by kubectl scale modelapi, or a HorizontalPodAutoscaler on the scale "
+        "subresource): the operator keeps the Deployment at this count. Scaling never restarts pods. With "
+        "more than one, a PodDisruptionBudget keeps at most one pod unavailable.",
+    )
 
     rules = (
         Rule(
@@ -287,25 +294,11 @@ class ModelAPISpec(K8sModel):
             reason="FieldValueRequired",
         ),
         Rule(
-            cel="self.mode != 'Proxy' || !has(self.hostedConfig)",
-            message="hostedConfig must not be set when mode is Proxy: remove it, or set mode: Hosted",
-            check=lambda s: s.mode != "Proxy" or s.hostedConfig is None,
-            field_path=".hostedConfig",
-            reason="FieldValueForbidden",
-        ),
-        Rule(
             cel="self.mode != 'Hosted' || has(self.hostedConfig)",
             message="hostedConfig is required when mode is Hosted",
             check=lambda s: s.mode != "Hosted" or s.hostedConfig is not None,
             field_path=".hostedConfig",
             reason="FieldValueRequired",
-        ),
-        Rule(
-            cel="self.mode != 'Hosted' || !has(self.proxyConfig)",
-            message="proxyConfig must not be set when mode is Hosted: remove it, or set mode: Proxy",
-            check=lambda s: s.mode != "Hosted" or s.proxyConfig is None,
-            field_path=".proxyConfig",
-            reason="FieldValueForbidden",
         ),
     )
 
@@ -365,6 +358,9 @@ class ModelAPIStatus(K8sModel):
     message: str = Field(default="", description="What is happening or what is wrong.")
     observedGeneration: int | None = Field(default=None, description="The spec generation last acted on.")
     deployment: DeploymentStatus | None = Field(default=None, description="Mirror of the Deployment status.")
+    replicas: int = Field(default=0, description="Pods running now (the scale subresource's status).")
+    selector: str = Field(default="", description="Label selector of the pods (the scale subresource's, for HPA).")
+    readiness: str = Field(default="", description="Ready and desired pods, as kubectl get shows them: 2/3.")
     conditions: list[Condition] = Field(default_factory=list, description="Standard conditions (Ready).")
 
 

@@ -108,7 +108,7 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Mode", "type": "string", "jsonPath": ".spec.mode"},
     {"name": "Model", "type": "string", "jsonPath": ".status.model"},
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-    {"name": "Ready", "type": "boolean", "jsonPath": ".status.ready"},
+    {"name": "Ready", "type": "string", "jsonPath": ".status.readiness"},
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "priority": 0},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
@@ -136,7 +136,10 @@ def crd() -> dict[str, Any]:
                     "name": api.VERSION,
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
+                    # scale: `kubectl scale modelapi`, a HorizontalPodAutoscaler or KEDA can target a ModelAPI.
+                    "subresources": {"status": {}, "scale": {
+                        "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+                        "labelSelectorPath": ".status.selector"}},
                     "additionalPrinterColumns": PRINTER_COLUMNS,
                     "schema": {"openAPIV3Schema": openapi_schema()},
                 }

@@ -325,9 +325,28 @@ def _deployment(m: ModelAPI, pod_spec: dict[str, Any], config_data: dict[str, st
         },
         "spec": pod_spec,
     }
-    # No replicas field: left to its default (1) or to whoever scales the Deployment (an autoscaler).
-    spec = {"selector": {"matchLabels": selector_labels(name)}, "template": template}
+    spec: dict[str, Any] = {"selector": {"matchLabels": selector_labels(name)}, "template": template}
+    if m.spec.replicas is not None:  # else left to its default (1) or to whoever scales the Deployment
+        spec["replicas"] = m.spec.replicas
     return _object("apps/v1", "Deployment", _metadata(m, workload_name(name)), spec=spec)
+
+
+def _spread(m: ModelAPI, pod_spec: dict[str, Any]) -> dict[str, Any]:
+    """Pods spread over nodes, softly. Always present, whatever the replica count: scaling must never change
+    the pod template (that would roll every pod). Pods of the same revision only, so a roll is not skewed."""
+    spread = {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+              "labelSelector": {"matchLabels": selector_labels(m.metadata.name)},
+              "matchLabelKeys": ["pod-template-hash"]}
+    return {**pod_spec, "topologySpreadConstraints": [spread]}
+
+
+def _disruption_budget(m: ModelAPI) -> dict[str, Any] | None:
+    """At most one pod down at a time in a drain, once there is more than one (with one, a budget would
+    block every node drain)."""
+    if m.spec.replicas is None or m.spec.replicas < 2:
+        return None
+    spec = {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(m.metadata.name)}}
+    return _object("policy/v1", "PodDisruptionBudget", _metadata(m, workload_name(m.metadata.name)), spec=spec)
 
 
 def _service(m: ModelAPI, port: int) -> dict[str, Any]:
@@ -375,6 +394,15 @@ def _apply_override(m: ModelAPI, pod_spec: dict[str, Any]) -> dict[str, Any]:
         raise SpecError("InvalidPodSpec", f"cannot merge the podSpec override: {e}") from e
 
 
+def _ignored_block(m: ModelAPI) -> tuple[str, ...]:
+    """The seed's own reference example carries both blocks: the mode picks one, the other is kept, unused."""
+    if m.spec.mode == "Proxy" and m.spec.hostedConfig is not None:
+        return ("hostedConfig is ignored because mode is Proxy",)
+    if m.spec.mode == "Hosted" and m.spec.proxyConfig is not None:
+        return ("proxyConfig is ignored because mode is Hosted",)
+    return ()
+
+
 def endpoint(m: ModelAPI, s: Settings, port: int) -> str:
     host = f"{workload_name(m.metadata.name)}.{m.metadata.namespace}.svc.{s.cluster_domain}"
     return f"http://{host}:{port}"
@@ -405,8 +433,11 @@ def build(m: ModelAPI, s: Settings, config_secret_version: str | None = None) ->
         children, notes = [], ()
         pod_spec, port, model = _hosted_pod_spec(m, s), ollama.PORT, m.spec.hostedConfig.model
         config_data = None
-    pod_spec = _apply_override(m, pod_spec)
+    notes = (*notes, *_ignored_block(m))
+    pod_spec = _apply_override(m, _spread(m, pod_spec))
     children += [_deployment(m, pod_spec, config_data), _service(m, port)]
+    if (budget := _disruption_budget(m)) is not None:
+        children.append(budget)
     if s.gateway is not None:
         children.append(_http_route(m, s, port))
     required = tuple(r for r in secret_refs(m) if not r.optional)

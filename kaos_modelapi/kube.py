@@ -77,6 +77,7 @@ EVENT = Resource("events.k8s.io", "v1", "events", "Event")
 LEASE = Resource("coordination.k8s.io", "v1", "leases", "Lease")
 NAMESPACE = Resource("", "v1", "namespaces", "Namespace", namespaced=False)
 POD = Resource("", "v1", "pods", "Pod")
+PDB = Resource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
 
 DEFAULT_RESOURCES: tuple[Resource, ...] = (
     MODELAPI,
@@ -89,6 +90,7 @@ DEFAULT_RESOURCES: tuple[Resource, ...] = (
     LEASE,
     NAMESPACE,
     POD,
+    PDB,
 )
 
 

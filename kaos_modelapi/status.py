@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .api import ModelAPI
-from .desired import CONTAINER, INIT_CONTAINER, Desired, SecretRef, SpecError
+from .desired import CONTAINER, INIT_CONTAINER, Desired, SecretRef, SpecError, selector_labels
 
 # Container states that will not heal by waiting: the user has to look (and the message says where).
 _FAILING_WAIT_REASONS = frozenset({
@@ -199,7 +199,18 @@ def compute(m: ModelAPI, built: Desired | SpecError, observed: Observed, now: st
         "conditions": [ready_condition(ready_of(previous if previous is not None else _stored(m)), v,
                                        m.metadata.generation, now)],
     }
+    status.update(_scale(m, observed.deployment))
     mirror = _deployment_mirror(observed.deployment)
     if mirror is not None:
         status["deployment"] = mirror
     return status
+
+
+def _scale(m: ModelAPI, deployment: dict[str, Any] | None) -> dict[str, Any]:
+    """What the scale subresource reads (replicas, selector) and kubectl get's READY column (ready/desired)."""
+    st = (deployment or {}).get("status") or {}
+    wanted = ((deployment or {}).get("spec") or {}).get("replicas", m.spec.replicas if m.spec.replicas is not None
+                                                          else 1)
+    selector = ",".join(f"{k}={v}" for k, v in selector_labels(m.metadata.name).items())
+    return {"replicas": st.get("replicas", 0), "selector": selector,
+            "readiness": f"{st.get('readyReplicas', 0)}/{wanted}"}

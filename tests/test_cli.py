@@ -43,6 +43,13 @@ def test_render_prints_the_children_of_every_sample(sample: Path) -> None:
     assert kinds.count("Deployment") == kinds.count("Service") == kinds.count("HTTPRoute") == modelapis
 
 
+def test_the_seeds_reference_example_with_both_blocks_renders_the_block_its_mode_names() -> None:
+    done = cli("render", "-f", "-", stdin=SEED_FULL_SPEC)
+    assert done.returncode == 0, done.stderr
+    kinds = [d["kind"] for d in yaml.safe_load_all(done.stdout)]
+    assert kinds == ["ConfigMap", "Secret", "Deployment", "Service"]  # Proxy's children, no Ollama
+
+
 def test_render_reads_stdin_and_uses_image_flags() -> None:
     done = cli("render", "-f", "-", "--litellm-image", "registry.local/litellm:x",
                stdin=(SAMPLES[0].parent / "proxy-mock.yaml").read_text())
@@ -51,7 +58,6 @@ def test_render_reads_stdin_and_uses_image_flags() -> None:
 
 
 @pytest.mark.parametrize(("manifest", "expected"), [
-    (SEED_FULL_SPEC, "spec.hostedConfig: hostedConfig must not be set when mode is Proxy"),
     ("kind: ModelAPI\nmetadata: {name: x}\nspec: {mode: Proxy}\n", "spec.proxyConfig"),
     ("kind: ModelAPI\nmetadata: {name: x}\nspec: {mode: Proxy, proxyConfig: {apiBase: 'ftp://x'}}\n",
      "apiBase: must be an absolute http or https URL"),
@@ -78,7 +84,9 @@ def test_crd_command_prints_the_crd() -> None:
     assert crd["kind"] == "CustomResourceDefinition"
     assert crd["metadata"]["name"] == "modelapis.kaos.tools"
     version = crd["spec"]["versions"][0]
-    assert version["subresources"] == {"status": {}}
+    assert version["subresources"] == {"status": {}, "scale": {
+        "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector"}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
         "Mode", "Model", "Phase", "Ready", "Endpoint", "Age"]
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]

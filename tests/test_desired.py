@@ -299,3 +299,50 @@ def test_pod_spec_override_with_an_unknown_field_is_a_spec_error_naming_it() -> 
     with pytest.raises(desired.SpecError) as e:
         desired.build(modelapi(spec), Settings())
     assert e.value.message == "spec.podSpec.containers[0].resorces: unknown field (not in Kubernetes' PodSpec)"
+
+
+# --- scaling ----------------------------------------------------------------------------------------------
+
+
+def test_unset_replicas_leave_the_count_to_whoever_scales_the_deployment() -> None:
+    objs = children(modelapi(PROXY))
+    assert "replicas" not in objs["Deployment/modelapi-m"]["spec"]
+    assert not [k for k in objs if k.startswith("PodDisruptionBudget/")]
+
+
+def test_set_replicas_are_owned_and_more_than_one_gets_a_disruption_budget() -> None:
+    one = children(modelapi({**PROXY, "replicas": 1}))
+    assert one["Deployment/modelapi-m"]["spec"]["replicas"] == 1
+    assert not [k for k in one if k.startswith("PodDisruptionBudget/")], "one pod: a budget would block drains"
+    three = children(modelapi({**PROXY, "replicas": 3}))
+    assert three["Deployment/modelapi-m"]["spec"]["replicas"] == 3
+    assert three["PodDisruptionBudget/modelapi-m"]["spec"] == {
+        "maxUnavailable": 1, "selector": {"matchLabels": {"app": "modelapi", "modelapi": "m"}}}
+
+
+def test_scaling_never_changes_the_pod_template() -> None:
+    templates = [children(modelapi({**PROXY, **extra}))["Deployment/modelapi-m"]["spec"]["template"]
+                 for extra in ({}, {"replicas": 1}, {"replicas": 5})]
+    assert templates[0] == templates[1] == templates[2]
+
+
+def test_pods_spread_over_nodes_unless_the_override_replaces_it() -> None:
+    spread = children(modelapi(PROXY))["Deployment/modelapi-m"]["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread == [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+                       "labelSelector": {"matchLabels": {"app": "modelapi", "modelapi": "m"}},
+                       "matchLabelKeys": ["pod-template-hash"]}]
+    zone = {"maxSkew": 2, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule",
+            "labelSelector": {"matchLabels": {"modelapi": "m"}}}
+    override = {**PROXY, "podSpec": {"topologySpreadConstraints": [{"$patch": "replace"}, zone]}}
+    replaced = children(modelapi(override))["Deployment/modelapi-m"]["spec"]["template"]["spec"]
+    assert replaced["topologySpreadConstraints"] == [zone]
+
+
+def test_the_seeds_reference_example_uses_the_block_its_mode_names() -> None:
+    both = {**PROXY, "hostedConfig": {"model": "smollm2:135m"}}
+    built = desired.build(modelapi(both), Settings())
+    assert "hostedConfig is ignored because mode is Proxy" in built.notes
+    assert [c["kind"] for c in built.children] == ["ConfigMap", "Secret", "Deployment", "Service"]
+    hosted = desired.build(modelapi({**both, "mode": "Hosted"}), Settings())
+    assert "proxyConfig is ignored because mode is Hosted" in hosted.notes
+    assert [c["kind"] for c in hosted.children] == ["Deployment", "Service"]

@@ -154,3 +154,11 @@ def test_unschedulable_pod_is_pending_with_the_scheduler_message() -> None:
     st = compute(HOSTED, status.Observed(deployment(), (unschedulable,)))
     assert (st["phase"], st["conditions"][0]["reason"]) == ("Pending", "Unschedulable")
     assert st["message"] == "pod cannot be scheduled: 0/1 nodes have nvidia.com/gpu"
+
+
+def test_scale_fields_say_pods_and_selector_and_ready_of_desired() -> None:
+    st = compute(MOCK, status.Observed(deployment(replicas=3, ready=2, updated=3, available=True)))
+    assert (st["replicas"], st["selector"], st["readiness"]) == (3, "app=modelapi,modelapi=m", "2/3")
+    assert compute(MOCK, status.Observed())["readiness"] == "0/1"
+    scaled = modelapi({"mode": "Proxy", "proxyConfig": {"model": "x"}, "replicas": 4})
+    assert compute(scaled, status.Observed())["readiness"] == "0/4"
