@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .operator import Options
 
 EXIT_USAGE = 2
+EXIT_STARTUP = 1
 
 
 class InputError(Exception):
@@ -92,6 +93,9 @@ def add_run_parser(sub: Any) -> None:
                      help="comma-separated namespaces to watch (default: all)")
     add_settings_flags(run)
     run.add_argument("--workers", type=int, default=4, help="concurrent reconciles")
+    run.add_argument("--kube-api-qps", type=float, default=100.0,
+                     help="requests per second to the API server after a burst (0: no client-side limit)")
+    run.add_argument("--kube-api-burst", type=int, default=200, help="requests allowed at once before --kube-api-qps")
     run.add_argument("--resync-period", type=float, default=600.0, help="seconds between full resyncs")
     run.add_argument("--metrics-bind-address", default=":8080", help='metrics address ("0" disables)')
     run.add_argument("--health-probe-bind-address", default=":8081", help="/healthz and /readyz address")
@@ -118,6 +122,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
         raise InputError(str(e)) from None
     if args.workers < 1:
         raise InputError("--workers must be at least 1")
+    if args.kube_api_burst < 1:
+        raise InputError("--kube-api-burst must be at least 1")
     return Options(
         kubeconfig=args.kubeconfig,
         namespaces=tuple(ns.strip() for ns in args.namespaces.split(",") if ns.strip()),
@@ -130,6 +136,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
         leader_election_id=args.leader_election_id,
         leader_election_namespace=args.leader_election_namespace,
         lease=lease,
+        kube_api_qps=args.kube_api_qps,
+        kube_api_burst=args.kube_api_burst,
         log_level=args.log_level,
         log_format=args.log_format,
     )
@@ -155,9 +163,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "crd":
             sys.stdout.write(crd.crd_yaml())
         else:
-            from .operator import run_command  # imported here: render and crd need no Kubernetes client
+            from .operator import StartupError, run_command  # render and crd need no Kubernetes client
 
-            return run_command(options_from_args(args))
+            try:
+                return run_command(options_from_args(args))
+            except StartupError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return EXIT_STARTUP
     except (InputError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

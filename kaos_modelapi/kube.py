@@ -8,6 +8,7 @@ good at: kubeconfig/in-cluster loading, TLS and bearer-token refresh.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
@@ -20,6 +21,7 @@ from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client import ApiClient, Configuration
 
 from kaos_modelapi import __version__
+from kaos_modelapi.workqueue import BucketRateLimiter
 
 USER_AGENT = f"kaos-modelapi/{__version__}"
 
@@ -261,8 +263,13 @@ class KubeClient:
         resources: Iterable[Resource] = DEFAULT_RESOURCES,
         request_timeout: float = 60.0,
         user_agent: str = USER_AGENT,
+        qps: float = 0.0,
+        burst: int = 1,
     ) -> None:
         self._api = api_client
+        # Client-side limits, as client-go's: a burst, then `qps` requests a second (a watch counts once).
+        # qps <= 0: none (the API server's priority and fairness still apply).
+        self._limiter = BucketRateLimiter(qps, burst) if qps > 0 else None
         self._on_response = on_response
         self._by_type = {(r.api_version, r.kind): r for r in resources}
         self._timeout = request_timeout
@@ -280,6 +287,13 @@ class KubeClient:
     async def get(self, resource: Resource, namespace: str | None, name: str) -> Obj:
         obj = await self._json("GET", resource.path(namespace, name))
         return with_type(obj, resource)
+
+    async def check_list(self, resource: Resource, namespace: str | None, label_selector: str | None = None,
+                         metadata_only: bool = False) -> None:
+        """One page of one object: raises the ApiError a list would (RBAC, a missing API) without reading all."""
+        accept = PARTIAL_METADATA_LIST if metadata_only else JSON
+        await self._json("GET", resource.path(namespace), query=_query(labelSelector=label_selector, limit=1),
+                         accept=accept)
 
     async def serves(self, resource: Resource) -> bool:
         """Whether the cluster serves `resource` (one discovery request; e.g. is a CRD installed)."""
@@ -473,6 +487,8 @@ class KubeClient:
         payload: tuple[Obj | None, str] | None,
         client_timeout: aiohttp.ClientTimeout,
     ) -> aiohttp.ClientResponse:
+        if self._limiter is not None and (delay := self._limiter.when(None)) > 0:
+            await asyncio.sleep(delay)
         body, content_type = payload if payload is not None else (None, JSON)
         headers = {"Accept": accept, "Content-Type": content_type, "User-Agent": self._user_agent}
         # Adds (and, for in-cluster/exec credentials, refreshes) the bearer token.
@@ -538,17 +554,35 @@ def _is_uid_precondition_failure(err: ApiError) -> bool:
     return err.is_conflict() and "precondition" in err.message.lower() and "uid" in err.message.lower()
 
 
+def _is_file(path: str) -> bool:
+    return os.path.isfile(path)
+
+
+class ConfigError(Exception):
+    """No usable credentials: the kubeconfig is missing or unreadable, or in-cluster config is incomplete."""
+
+
 async def load_api_client(kubeconfig: str | None) -> ApiClient:
     """An ApiClient from the given kubeconfig file; else in-cluster credentials when running in a
     pod; else the default kubeconfig ($KUBECONFIG or ~/.kube/config), as kubectl would."""
     configuration = Configuration()
-    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        # untyped upstream; it fills `configuration` and installs a token-file refresh hook
-        kube_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    else:
-        await kube_config.load_kube_config(
-            config_file=kubeconfig, client_configuration=configuration, persist_config=False
-        )
+    where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+    hint = "(pass --kubeconfig FILE, set KUBECONFIG, or run in a pod with a ServiceAccount)"
+    try:
+        if kubeconfig is not None and not _is_file(kubeconfig):  # the library would only log it, then fail oddly
+            raise ConfigError(f"cannot load the kubeconfig {kubeconfig}: no such file {hint}")
+        if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            # untyped upstream; it fills `configuration` and installs a token-file refresh hook
+            kube_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        else:
+            await kube_config.load_kube_config(
+                config_file=kubeconfig, client_configuration=configuration, persist_config=False
+            )
+    except ConfigError:
+        raise
+    except Exception as e:  # the library raises several kinds (ConfigException, OSError, YAML errors, ...)
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(f"cannot load the kubeconfig {where}: {reason} {hint}") from None
     client = ApiClient(configuration=configuration)
     client.user_agent = USER_AGENT
     return client

@@ -27,15 +27,20 @@ from prometheus_client import CollectorRegistry
 from . import __version__, controller
 from .events import Recorder
 from .informer import Informer, MultiNamespaceInformer, informer_for_namespaces
-from .kube import KubeClient, Resource, load_api_client
+from .kube import ApiError, ConfigError, KubeClient, Resource, load_api_client
 from .leader import LeaderElector, LeaseTiming
 from .observability import Metrics, configure_logging, health_app, metrics_app, serve
 from .runtime import CacheSpec, Controller, Stores
 from .settings import Settings
 
 OPTIONAL_API_RECHECK_SECONDS = 30.0
+PREFLIGHT_TIMEOUT_SECONDS = 30.0
 AnyInformer = Informer | MultiNamespaceInformer
 Log = structlog.typing.FilteringBoundLogger
+
+
+class StartupError(Exception):
+    """The operator cannot start; the message says what to do (printed as one line, exit 1)."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,8 @@ class Options:
     leader_election_id: str
     leader_election_namespace: str
     lease: LeaseTiming
+    kube_api_qps: float = 100.0
+    kube_api_burst: int = 200
     log_level: str = "info"
     log_format: str = "json"
 
@@ -81,6 +88,27 @@ class Manager:
         return self._synced
 
     # --- caches -----------------------------------------------------------------------------------------
+
+    async def preflight(self) -> None:
+        """One small list per cache before any informer starts, so that what would only retry forever in
+        the informers (a missing CRD, RBAC that forbids a list, an unreachable server) stops the start with
+        a StartupError instead."""
+        try:
+            async with asyncio.timeout(PREFLIGHT_TIMEOUT_SECONDS):
+                for spec in self._specs.values():
+                    await self._check(spec)
+        except TimeoutError:
+            raise StartupError(f"the API server did not answer within {PREFLIGHT_TIMEOUT_SECONDS:.0f} s "
+                               "(check the kubeconfig's server and the network)") from None
+
+    async def _check(self, spec: CacheSpec) -> None:
+        for namespace in self.namespaces or (None,):
+            try:
+                await self.client.check_list(spec.resource, namespace, spec.label_selector, spec.metadata_only)
+            except ApiError as e:
+                if spec.optional and e.is_not_found():
+                    return  # its watcher starts the cache once the API is installed
+                raise StartupError(_startup_problem(spec.resource, namespace, e)) from None
 
     def _start_informer(self, spec: CacheSpec) -> AnyInformer:
         def make(namespace: str | None) -> Informer:
@@ -144,6 +172,30 @@ class Manager:
             await asyncio.gather(*waiters, return_exceptions=True)
 
 
+def _startup_problem(resource: Resource, namespace: str | None, e: ApiError) -> str:
+    what = f"{resource.plural}.{resource.group or 'core'}"
+    where = f"in namespace {namespace}" if namespace else "cluster-wide"
+    if e.is_transport():
+        return f"cannot reach the API server: {e.message} (check the kubeconfig's server and the network)"
+    if e.is_unauthorized():
+        return f"the API server refused the credentials: {e.message} (check the kubeconfig or ServiceAccount token)"
+    if e.is_forbidden():
+        return (f"RBAC forbids listing {what} {where}: {e.message} (grant get/list/watch as the Helm chart or "
+                "config/rbac/role.yaml do)")
+    if e.is_not_found() and resource.group == "kaos.tools":
+        return ("the ModelAPI CRD (modelapis.kaos.tools) is not installed: "
+                "kubectl apply -f config/crd/bases/ (or install the Helm chart)")
+    return f"cannot list {what} {where}: {e}"
+
+
+async def _serve(app: Any, address: str, flag: str) -> Any:
+    try:
+        return await serve(app, address)
+    except (OSError, ValueError) as e:
+        raise StartupError(f"{flag} {address}: {e.strerror if isinstance(e, OSError) and e.strerror else e} "
+                           '(choose a free address, or "0" to turn the server off)') from None
+
+
 async def _until_signalled(stop: asyncio.Event, main: Coroutine[Any, Any, Any]) -> bool:
     """Run `main` until it ends or `stop` is set; True when it was stopped by a signal."""
     task = asyncio.ensure_future(main)
@@ -159,7 +211,10 @@ async def _until_signalled(stop: asyncio.Event, main: Coroutine[Any, Any, Any]) 
 
 def run_command(options: Options) -> int:
     log = configure_logging(options.log_level, options.log_format)
-    return asyncio.run(run(options, log))
+    try:
+        return asyncio.run(run(options, log))
+    except ConfigError as e:
+        raise StartupError(str(e)) from None
 
 
 async def run(options: Options, log: Log) -> int:
@@ -170,20 +225,25 @@ async def run(options: Options, log: Log) -> int:
     registry = CollectorRegistry()
     metrics = Metrics(registry, controller.NAME)
     api_client = await load_api_client(options.kubeconfig)
-    client = KubeClient(api_client, on_response=metrics.on_response)
+    client = KubeClient(api_client, on_response=metrics.on_response, qps=options.kube_api_qps,
+                        burst=options.kube_api_burst)
     identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
     manager = Manager(client, options.namespaces, log)
     reconciler = controller.Reconciler(client, manager.stores, options.settings, Recorder(client, identity, log), log)
     manager.add(controller.watches(options.settings).complete(
         reconciler, workers=options.workers, resync_seconds=options.resync_seconds, metrics=metrics, log=log))
     metrics.count_modelapis(lambda: manager.stores.objects(controller.MODELAPIS.resource))
-    runners = [await serve(metrics_app(registry), options.metrics_address),
-               await serve(health_app(manager.synced), options.health_address)]
-    log.info("starting", version=__version__, namespaces=list(options.namespaces) or "all",
-             leader_elect=options.leader_elect, identity=identity)
+    runners: list[Any] = []
     elector = None
     lost = False
     try:
+        runners.append(await _serve(metrics_app(registry), options.metrics_address, "--metrics-bind-address"))
+        runners.append(await _serve(health_app(manager.synced), options.health_address,
+                                    "--health-probe-bind-address"))
+        log.info("starting", version=__version__, namespaces=list(options.namespaces) or "all",
+                 leader_elect=options.leader_elect, identity=identity)
+        if await _until_signalled(stop, manager.preflight()):
+            return 0
         if await _until_signalled(stop, manager.start_caches()):
             return 0
         if options.leader_elect:
