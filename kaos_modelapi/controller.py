@@ -294,21 +294,17 @@ class Reconciler:
         if generated_key is not None:
             if live is None:
                 await self._create_generated_secret(child, generated_key)
-                await self._recorder.emit(ctx.obj, Event(NORMAL, "Created", "Create", f"created {_ref(child)}"))
                 ctx.log.info("created", child=_ref(child))
                 return True
             child = diff.metadata_only(child)
         if not diff.needs_apply(child, live):
             return False
         await self._apply_unless_refused(ctx, child, live)
-        verb = "created" if live is None else "updated"
-        ctx.log.info(verb, child=_ref(child))
+        ctx.log.info("created" if live is None else "updated", child=_ref(child))
+        # Events are for what a user acts on (a roll, a state change, an error), not for every child written.
         if child["kind"] == "Deployment" and live is not None and _config_hash(child) != _config_hash(live):
             await self._recorder.emit(ctx.obj, Event(NORMAL, "ConfigRolled", "Update",
                                                      f"pod template changed: rolling {_ref(child)}"))
-        else:
-            await self._recorder.emit(ctx.obj, Event(NORMAL, verb.capitalize(), verb[:-1].capitalize(),
-                                                     f"{verb} {_ref(child)}"))
         return True
 
     async def _apply_unless_refused(self, ctx: Context, child: Obj, live: Obj | None) -> None:
@@ -370,8 +366,6 @@ class Reconciler:
                                           child["metadata"].get("uid"))
                 ctx.outcome.deleted.append(ref)
                 ctx.log.info("deleted", child=ref)
-                await self._recorder.emit(ctx.obj, Event(NORMAL, "Deleted", "Delete",
-                                                         f"deleted {ref}: no longer needed"))
 
     # --- status -----------------------------------------------------------------------------------------
 
