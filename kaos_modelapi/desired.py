@@ -8,6 +8,7 @@ creates it. Also the one home of the children's names, labels and owner referenc
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -213,7 +214,13 @@ def _proxy_plan(m: ModelAPI) -> _ProxyPlan:
     else:
         assert pc.model is not None
         generated, model, auth = litellm.mock_config(pc.model), pc.model, litellm.AUTH_MOCK
-    return _ProxyPlan(yaml.safe_dump(generated, sort_keys=False), cm_volume, auth, model, ())
+    return _ProxyPlan(_config_yaml(json.dumps(generated)), cm_volume, auth, model, ())
+
+
+@functools.lru_cache(maxsize=4096)
+def _config_yaml(config_json: str) -> str:
+    """YAML emission is most of a reconcile's CPU, and every reconcile of a ModelAPI renders the same config."""
+    return yaml.safe_dump(json.loads(config_json), sort_keys=False)
 
 
 def _proxy_env(m: ModelAPI, plan: _ProxyPlan) -> list[dict[str, Any]]:
