@@ -29,6 +29,7 @@ MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "kaos-modelapi"
 MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"  # every child and pod carries it
 CONFIG_HASH_ANNOTATION = "kaos.tools/config-hash"
+PRESTOP_SECONDS = 5
 
 
 class SpecError(Exception):
@@ -256,9 +257,12 @@ def _proxy_pod_spec(m: ModelAPI, s: Settings, plan: _ProxyPlan) -> dict[str, Any
         ],
         # LiteLLM needs several seconds to import on a small node; the startup probe covers slow starts
         # without making liveness lax for the rest of the pod's life.
-        "startupProbe": _http_probe(litellm.LIVENESS_PATH, periodSeconds=5, failureThreshold=60),
+        "startupProbe": _http_probe(litellm.LIVENESS_PATH, periodSeconds=2, failureThreshold=150),
         "livenessProbe": _http_probe(litellm.LIVENESS_PATH, periodSeconds=15, failureThreshold=4),
-        "readinessProbe": _http_probe(litellm.READINESS_PATH, periodSeconds=10),
+        "readinessProbe": _http_probe(litellm.READINESS_PATH, periodSeconds=5),
+        # A stopping pod keeps serving until the endpoint controllers and kube-proxy have taken it out of the
+        # Service; then LiteLLM (uvicorn) gets SIGTERM and finishes the requests in flight.
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
     }
     return {
         "containers": [container],
@@ -335,7 +339,17 @@ def _deployment(m: ModelAPI, pod_spec: dict[str, Any], config_data: dict[str, st
     spec: dict[str, Any] = {"selector": {"matchLabels": selector_labels(name)}, "template": template}
     if m.spec.replicas is not None:  # else left to its default (1) or to whoever scales the Deployment
         spec["replicas"] = m.spec.replicas
+    if (strategy := _rolling_update(m)) is not None:
+        spec["strategy"] = strategy
     return _object("apps/v1", "Deployment", _metadata(m, workload_name(name)), spec=spec)
+
+
+def _rolling_update(m: ModelAPI) -> dict[str, Any] | None:
+    """Proxy pods are cheap: a roll starts each new pod before it stops an old one, so serving capacity never
+    drops. Hosted pods keep the Deployment's default (a surge would need a second GPU, or the model store)."""
+    if m.spec.mode != "Proxy":
+        return None
+    return {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
 
 
 def _spread(m: ModelAPI, pod_spec: dict[str, Any]) -> dict[str, Any]:
