@@ -23,6 +23,10 @@ from e2e import chart, images
 from e2e.stub_backend import REPLY, SEEN_PATH
 from kaos_modelapi import litellm
 
+PREFIX = "kaos-test-images-"
+# A container whose test process died (SIGKILL: no teardown) stops by itself after this, and the next
+# session removes it.
+CONTAINER_LIFETIME = 900
 BOOT_TIMEOUT = 180.0  # LiteLLM imports for 7+ s on two idle cores; other sessions share them
 MOCK_MODEL = "mock-model"
 
@@ -34,7 +38,7 @@ class Podman:
         self.names: list[str] = []
 
     def _name(self) -> str:
-        name = f"kaos-test-images-{secrets.token_hex(4)}"
+        name = f"{PREFIX}{secrets.token_hex(4)}"
         self.names.append(name)
         return name
 
@@ -50,7 +54,7 @@ class Podman:
 
     def start(self, image: str, *args: str, flags: tuple[str, ...] = ()) -> str:
         """Start in the background; return the container's name."""
-        cmd = self._args(image, args, ("--detach", *flags))
+        cmd = self._args(image, args, ("--detach", "--timeout", str(CONTAINER_LIFETIME), *flags))
         name = self.names[-1]
         subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120)
         return name
@@ -69,8 +73,21 @@ class Podman:
             subprocess.run(images.podman_cmd("rm", "--force", "--time", "0", name), capture_output=True)
 
 
+def remove_stopped_leftovers() -> None:
+    """Containers of earlier sessions that died before their teardown (running ones may be another
+    session's, so only stopped ones go)."""
+    listed = subprocess.run(
+        images.podman_cmd("ps", "--all", "--filter", f"name=^{PREFIX}", "--filter", "status=exited", "--format",
+                          "{{.Names}}"),
+        capture_output=True, text=True,
+    )
+    for name in listed.stdout.split():
+        subprocess.run(images.podman_cmd("rm", "--force", name), capture_output=True)
+
+
 @pytest.fixture
 def podman() -> Iterator[Podman]:
+    remove_stopped_leftovers()
     p = Podman()
     try:
         yield p
@@ -164,13 +181,18 @@ def test_debootstrap_uses_the_mirror_apt_uses() -> None:
 # --- the operator image -------------------------------------------------------------------------------
 
 
+# A read-only root with nothing writable added (podman would otherwise mount tmpfs on /tmp, /run, ...;
+# Kubernetes does not) and no capabilities, as the chart's securityContext asks.
+POD_LIKE = ("--read-only", "--read-only-tmpfs=false", "--cap-drop", "ALL")
+
+
 def test_operator_image_runs_as_65532_with_a_read_only_root(podman: Podman) -> None:
     assert image_config(images.OPERATOR_REF)["User"] == "65532:65532"
-    done = podman.run(images.OPERATOR_REF, "--help", flags=("--read-only",))
+    done = podman.run(images.OPERATOR_REF, "--help", flags=POD_LIKE)
     assert done.returncode == 0, done.stderr
     assert "usage" in done.stdout.lower() and "--kubeconfig" in done.stdout
     ids = podman.run(images.OPERATOR_REF, "-c", "import os; print(os.getuid(), os.getgid())",
-                     flags=("--read-only", "--entrypoint", "python3"))
+                     flags=(*POD_LIKE, "--entrypoint", "python3"))
     assert ids.stdout.split() == ["65532", "65532"], ids.stderr
 
 
@@ -196,10 +218,21 @@ def test_litellm_image_is_the_operators_default_with_upstreams_layout() -> None:
     assert "LITELLM_LOCAL_MODEL_COST_MAP=True" in config["Env"]
 
 
-def test_litellm_image_serves_the_operators_boot_script_in_mock_mode(podman: Podman, tmp_path: Path) -> None:
+# Pod-like restrictions: a numeric non-root user, a read-only root without podman's automatic tmpfs mounts
+# (Kubernetes adds none), no capabilities. LiteLLM (this release) needs a writable temp dir at import, so
+# such a pod must mount one at /tmp; here a tmpfs stands for that emptyDir.
+RESTRICTED = ("--user", "65532:65532", "--read-only", "--read-only-tmpfs=false", "--cap-drop", "ALL",
+              "--tmpfs", "/tmp:mode=1777")
+
+
+@pytest.mark.parametrize("restricted", [False, True], ids=["as-rendered", "restricted"])
+def test_litellm_image_serves_the_operators_boot_script_in_mock_mode(
+    podman: Podman, tmp_path: Path, restricted: bool
+) -> None:
     """The operator's pod command (`python3 -c BOOT_SCRIPT --config ... --port ...`) with its env, a mock
     config mounted read-only and an empty runtime dir: a request without a key gets its mock_response."""
     (tmp_path / litellm.CONFIG_FILE).write_text(yaml.safe_dump(litellm.mock_config(MOCK_MODEL)))
+    tmp_path.chmod(0o755)  # readable by the restricted user too
     port = free_port()
     name = podman.start(
         litellm.DEFAULT_IMAGE, "-c", litellm.BOOT_SCRIPT,
@@ -207,10 +240,11 @@ def test_litellm_image_serves_the_operators_boot_script_in_mock_mode(podman: Pod
         flags=(
             "--entrypoint", "python3",
             "--volume", f"{tmp_path}:{litellm.CONFIG_DIR}:ro",
-            "--tmpfs", litellm.RUNTIME_DIR,
+            "--tmpfs", f"{litellm.RUNTIME_DIR}:mode=1777",
             "--env", f"{litellm.ENV_MASTER_KEY}=sk-{secrets.token_hex(8)}",
             "--env", f"{litellm.ENV_AUTH}={litellm.AUTH_MOCK}",
             "--env", f"{litellm.ENV_RUNTIME_DIR}={litellm.RUNTIME_DIR}",
+            *(RESTRICTED if restricted else ()),
         ),
     )
     wait_http_ok(podman, name, f"http://127.0.0.1:{port}{litellm.READINESS_PATH}")
