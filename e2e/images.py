@@ -76,8 +76,9 @@ BASE_CONFIG = (
 RUNTIME_FLAGS = ("--runtime", "runc", "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096")
 # Archives kept per ref: the current one and the one before (two work trees alternating keep both).
 KEEP_PER_REF = 2
-# Unused layers older than this are dropped after a build; younger ones stay as buildah's layer cache.
-PRUNE_AFTER = "72h"
+# Named stages of a recipe are tagged under this repository, so that their layers (buildah's cache of,
+# e.g., the operator's dependency install) count as in use and survive the prune after each build.
+STAGE_CACHE_REPOSITORY = "localhost/kaos-images-stage"
 
 Log = Callable[[str], None]
 
@@ -275,11 +276,11 @@ def build(ref: str, log: Log = say) -> Path:
     with _lock():
         if target.is_file():  # another session built it while this one waited
             return target
-        started = time.monotonic()
+        started, wall = time.monotonic(), int(time.time())
         _build_locked(catalog[ref], catalog, target, log)
         log(f"built {ref} in {time.monotonic() - started:.0f} s: {target}")
         _forget_old_archives(ref, keep=target.parent)
-        _prune_storage()
+        _prune_storage(before=wall)
     return target
 
 
@@ -323,13 +324,21 @@ def _bud(image: Image, work: Path, log: Log) -> None:
         dest = ctx / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest)
-    run(
-        buildah_cmd(
-            "bud", *RUNTIME_FLAGS, "--network", "host", "--pull-never", "--layers", "--force-rm",
-            "-f", str(ctx / image.containerfile), "-t", image.ref, str(ctx),
-        ),
-        log,
-    )
+    containerfile = ctx / image.containerfile
+    bud = ["bud", *RUNTIME_FLAGS, "--network", "host", "--pull-never", "--layers", "--force-rm"]
+    bud += ["-f", str(containerfile)]
+    for stage in _named_stages(containerfile.read_text()):
+        run(buildah_cmd(*bud, "--target", stage, "-t", _stage_tag(image.ref, stage), str(ctx)), log)
+    run(buildah_cmd(*bud, "-t", image.ref, str(ctx)), log)
+
+
+def _named_stages(containerfile: str) -> list[str]:
+    return re.findall(r"^\s*FROM\s+\S+\s+AS\s+(\S+)", containerfile, flags=re.M | re.I)
+
+
+def _stage_tag(ref: str, stage: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", ref.rsplit(":", 1)[0].split("/", 1)[-1].lower()).strip("-")
+    return f"{STAGE_CACHE_REPOSITORY}:{slug}-{stage.lower()}"
 
 
 def _build_base(work: Path, log: Log) -> None:
@@ -408,11 +417,13 @@ def _forget_old_archives(ref: str, keep: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _prune_storage() -> None:
-    """Bound the private storage: drop the untagged layers no image uses any more, once older than
-    PRUNE_AFTER (younger ones still serve as buildah's layer cache)."""
+def _prune_storage(before: int | None = None) -> None:
+    """Bound the private storage to the current images and their layers: drop every untagged image that
+    no tagged one is built on (superseded builds; images and named stages are tagged), created before
+    `before` (seconds since the epoch), so a build running alongside keeps its fresh layers."""
+    until = str(before if before is not None else int(time.time()))
     subprocess.run(
-        podman_cmd("image", "prune", "--force", "--filter", f"until={PRUNE_AFTER}"),
+        podman_cmd("image", "prune", "--force", "--filter", f"until={until}"),
         capture_output=True, env=_tool_env(), check=False,
     )
 
