@@ -46,12 +46,6 @@ OPERATOR_TAG = "dev"
 OPERATOR_REF = f"{OPERATOR_REPOSITORY}:{OPERATOR_TAG}"
 
 
-def operator_chart_flags() -> list[str]:
-    """Helm flags that make the chart run the operator image built here (its defaults name
-    `kaos-modelapi:<appVersion>`, a registry image)."""
-    return ["--set", f"image.repository={OPERATOR_REPOSITORY}", "--set", f"image.tag={OPERATOR_TAG}"]
-
-
 # Tags other than `latest`, so a pod's default imagePullPolicy is IfNotPresent and never tries a pull.
 STUB_BACKEND_REF = "localhost/kaos-stub-backend:dev"
 CLIENT_REF = "localhost/kaos-client:dev"
@@ -81,6 +75,12 @@ KEEP_PER_REF = 2
 STAGE_CACHE_REPOSITORY = "localhost/kaos-images-stage"
 
 Log = Callable[[str], None]
+
+
+def operator_chart_flags() -> list[str]:
+    """Helm flags that make the chart run the operator image built here (its defaults name
+    `kaos-modelapi:<appVersion>`, a registry image)."""
+    return ["--set", f"image.repository={OPERATOR_REPOSITORY}", "--set", f"image.tag={OPERATOR_TAG}"]
 
 
 def say(message: str) -> None:
