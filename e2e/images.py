@@ -2,7 +2,8 @@
 
     python e2e/images.py build [REF...]   # build (unless cached) and print REF<TAB>archive for each
     python e2e/images.py list             # every ref, its cache key and whether its archive is cached
-    python e2e/images.py prune            # drop unused layers and old archives now
+    python e2e/images.py prune            # drop layers no current image uses
+    python e2e/images.py clean            # remove the whole image cache and its storage
 
 Each image is a docker-archive tarball whose RepoTags carry the exact ref a pod asks for, so
 `ctr -n k8s.io images import ARCHIVE` names it right. Archives are cached under
@@ -428,6 +429,15 @@ def _prune_storage(before: int | None = None) -> None:
     )
 
 
+def clean() -> None:
+    """Remove every cached archive and the private storage (its containers, images and run state)."""
+    run(podman_cmd("system", "reset", "--force"))
+    _unmount_under(cache_root())
+    for child in cache_root().iterdir():
+        if child.name != ".lock":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
 # --- CLI ----------------------------------------------------------------------------------------------
 
 
@@ -447,6 +457,10 @@ def main(argv: list[str]) -> int:
     if command == "prune":
         with _lock():
             _prune_storage()
+        return 0
+    if command == "clean":
+        with _lock():
+            clean()
         return 0
     print(__doc__, file=sys.stderr)
     return 2
