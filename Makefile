@@ -37,8 +37,22 @@ $(VENV)/.installed: $(ROOT)/requirements.lock $(ROOT)/pyproject.toml
 	@$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python --no-deps -e $(ROOT)
 	@touch $@
 
+# What e2e/images.py builds with (Debian packages): the OCI runtime here is runc (crun refuses this host's
+# cgroups), debootstrap makes the Python base image's rootfs.
+IMAGE_PACKAGES := buildah podman runc debootstrap
+
+.PHONY: images
+images: ## Build the local node's container images (e2e/images.py) unless cached in ~/.cache/kaos-modelapi/images
+	@missing="$$(for p in $(IMAGE_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+	  | grep -q 'ok installed' || echo $$p; done)"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing $$missing (Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@$(PYTHON) $(ROOT)/e2e/images.py build >/dev/null
+
 .PHONY: deps
-deps: venv ## Install everything the tests run: .venv, the pinned LiteLLM (e2e/.venv-litellm), helm, the control plane
+deps: venv images ## Install everything the tests run: .venv, the pinned LiteLLM (e2e/.venv-litellm), helm, the control plane, the images
 	@bash $(ROOT)/e2e/install-litellm.sh
 	@$(ROOT)/hack/helm/build.sh >/dev/null
 	@$(PYTHON) $(ROOT)/e2e/cluster.py build

@@ -1,9 +1,13 @@
 """A loopback LLM backend that records what reaches it: the Ollama API (/api/chat, /api/generate, /api/show,
 /api/tags) and the OpenAI chat API (/chat/completions, /v1/chat/completions), so a test can check what the
-proxy forwarded (path, model name, messages, Authorization header)."""
+proxy forwarded (path, model name, messages, Authorization header).
+
+Also the stand-in backend image's server (`python3 stub_backend.py --host 0.0.0.0 --port 11434`): there a
+test reads what reached it from GET /_kaos/seen, since it cannot reach into the pod's memory."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import threading
 import time
@@ -14,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 REPLY = "hello from the stub backend"
+SEEN_PATH = "/_kaos/seen"  # not an LLM API path: lists the requests received so far, oldest first
 
 
 @dataclass(frozen=True)
@@ -95,10 +100,18 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
             raw = self.rfile.read(length) if length else b""
             body = json.loads(raw) if raw else {}
             path = self.path.split("?", 1)[0]
+            if path == SEEN_PATH:
+                self._reply(200, [{"path": s.path, "headers": s.headers, "body": s.body} for s in backend.seen])
+                return
             backend.seen.append(Seen(path, {k.lower(): v for k, v in self.headers.items()}, body))
             answer = _answer(path, body)
-            status = 200 if answer is not None else 404
-            data = json.dumps(answer if answer is not None else {"error": f"no route {path}"}).encode()
+            if answer is None:
+                self._reply(404, {"error": f"no route {path}"})
+            else:
+                self._reply(200, answer)
+
+        def _reply(self, status: int, payload: Any) -> None:
+            data = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -127,3 +140,17 @@ def running_backend() -> Iterator[Backend]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve the stub LLM backend until killed.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=11434)
+    args = parser.parse_args(argv)
+    server = ThreadingHTTPServer((args.host, args.port), _handler(Backend(url=f"http://{args.host}:{args.port}")))
+    print(f"stub backend serving on {args.host}:{args.port}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
