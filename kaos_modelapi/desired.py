@@ -254,6 +254,8 @@ def _proxy_pod_spec(m: ModelAPI, s: Settings, plan: _ProxyPlan) -> dict[str, Any
         "volumeMounts": [
             {"name": "litellm-config", "mountPath": litellm.CONFIG_DIR, "readOnly": True},
             {"name": "litellm-runtime", "mountPath": litellm.RUNTIME_DIR},
+            # LiteLLM writes to /tmp at import: with it here, a read-only root filesystem (podSpec) works.
+            {"name": "tmp", "mountPath": "/tmp"},
         ],
         # LiteLLM needs several seconds to import on a small node; the startup probe covers slow starts
         # without making liveness lax for the rest of the pod's life.
@@ -266,7 +268,7 @@ def _proxy_pod_spec(m: ModelAPI, s: Settings, plan: _ProxyPlan) -> dict[str, Any
     }
     return {
         "containers": [container],
-        "volumes": [plan.config_volume, {"name": "litellm-runtime", "emptyDir": {}}],
+        "volumes": [plan.config_volume, {"name": "litellm-runtime", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
     }
 
 
