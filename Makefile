@@ -38,10 +38,15 @@ $(VENV)/.installed: $(ROOT)/requirements.lock $(ROOT)/pyproject.toml
 	@touch $@
 
 .PHONY: deps
-deps: venv ## Install everything the tests run: .venv, the pinned LiteLLM (e2e/.venv-litellm), helm, the control plane
+deps: venv ## Install everything the tests run: .venv, the pinned LiteLLM (e2e/.venv-litellm), helm, ollama, the control plane
 	@bash $(ROOT)/e2e/install-litellm.sh
 	@$(ROOT)/hack/helm/build.sh >/dev/null
+	@$(PYTHON) $(ROOT)/e2e/ollama_build.py >/dev/null
 	@$(PYTHON) $(ROOT)/e2e/cluster.py build
+
+.PHONY: ollama
+ollama: venv ## Build ollama (the release kaos_modelapi/ollama.py pins, CPU only) unless cached in ~/.cache/kaos-modelapi/ollama; print its path
+	@$(PYTHON) $(ROOT)/e2e/ollama_build.py
 
 .PHONY: lint
 lint: venv ## ruff and mypy --strict
