@@ -19,7 +19,7 @@ Sources, all pinned by hash below:
 
 The binary is cached outside the work tree, keyed by this file and the pinned release:
 $XDG_CACHE_HOME or ~/.cache, /kaos-modelapi/ollama/<sha256>/ollama (build.log beside it). Concurrent
-builds of the same key wait for one another.
+builds wait for one another.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -170,14 +171,18 @@ def _vendor_headers(pins: Pins, src: Path, work: Path, out: IO[str]) -> None:
 
 def _build_locked(version: str, pins: Pins, target: Path) -> Path:
     build_log = target.parent / "build.log"
+    tmp_bin = target.with_name(f".ollama.{os.getpid()}.tmp")
     say(f"building ollama {version} (CPU only) into {target.parent}; a cold build takes several minutes ...")
     began = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="ollama-build-") as tmp, open(build_log, "w") as out:
-        work = Path(tmp)
+    # The sources go to the same folder every time: cgo's compiled C/C++ objects are keyed by it in the Go
+    # build cache, so a new cache key (an edit to this file) relinks instead of compiling llama.cpp again.
+    src_root = cache_root() / "build" / f"v{version}"
+    with _exclusive(cache_root() / "build.lock"), open(build_log, "w") as out:
+        shutil.rmtree(src_root, ignore_errors=True)
+        src_root.mkdir(parents=True)
         try:
-            src = _module_source(version, pins, work)
-            _vendor_headers(pins, src, work, out)
-            tmp_bin = target.with_name(f".ollama.{os.getpid()}.tmp")
+            src = _module_source(version, pins, src_root)
+            _vendor_headers(pins, src, src_root, out)
             jobs = os.environ.get("KAOS_BUILD_JOBS", "2")
             argv = ["go", "build", f"-p={jobs}", "-trimpath", "-buildvcs=false",
                     "-ldflags", f"-X github.com/ollama/ollama/version.Version={version}", "-o", str(tmp_bin), "."]
@@ -186,11 +191,22 @@ def _build_locked(version: str, pins: Pins, target: Path) -> Path:
             env = {**os.environ, "CGO_ENABLED": "1", "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=readonly"}
             subprocess.run(argv, cwd=src, env=env, check=True, stdout=out, stderr=subprocess.STDOUT)
         except subprocess.CalledProcessError as e:
+            tmp_bin.unlink(missing_ok=True)
             raise BuildError(f"building ollama failed ({' '.join(map(str, e.cmd[:3]))} exited {e.returncode}); "
                              f"full output in {build_log}") from e
+        finally:
+            shutil.rmtree(src_root, ignore_errors=True)
     tmp_bin.rename(target)  # atomic: a concurrent reader sees no binary or a whole one
     say(f"built {target} in {time.monotonic() - began:.0f} s")
     return target
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def main() -> int:

@@ -7,6 +7,7 @@ template and sampler. Deterministic for a given seed, so the blob digests are st
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import string
@@ -29,7 +30,7 @@ CONTEXT = 4096
 # SentencePiece control tokens the template uses: </s> closes a turn, the role markers open one.
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 ROLES = ("system", "user", "assistant")
-WORDS = ("hello", "world", "the", "a", "is", "tiny", "model", "random", "say", "hi", "kaos", "ollama",
+WORDS = ("hello", "world", "the", "is", "tiny", "model", "random", "say", "hi", "kaos", "ollama",
          "answer", "question", "yes", "no", "and", "to", "of", "in")
 
 # The chat template twice: Jinja in the GGUF (what llama.cpp and `ollama create` read), and the Go
@@ -57,6 +58,7 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
     types += [gguf.TokenType.BYTE] * 256
     pieces = ["\u2581", *string.ascii_letters, *string.digits, *string.punctuation,
               *(f"\u2581{c}" for c in string.ascii_lowercase), *(f"\u2581{w}" for w in WORDS)]
+    pieces = list(dict.fromkeys(pieces))  # each token once: the loader refuses duplicates
     tokens += pieces
     types += [gguf.TokenType.NORMAL] * len(pieces)
     # Longer pieces score higher, so the tokenizer prefers whole words over letters.
@@ -154,6 +156,7 @@ def _descriptor(media_type: str, data: bytes) -> dict[str, object]:
     return {"mediaType": media_type, "digest": digest(data), "size": len(data)}
 
 
+@functools.cache  # deterministic; tests ask for it more than once
 def registry_model(seed: int = 0) -> RegistryModel:
     layers = [
         (MODEL_TYPE, gguf_bytes(seed)),
