@@ -12,6 +12,7 @@ SSL_CERT_FILE (the session's test CA).
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 import urllib.error
@@ -26,7 +27,7 @@ import pytest
 from e2e import ollama_build
 from e2e.ollama_registry import REGISTRY_HOST, RunningRegistry, running_registry
 from e2e.pod import E2E_DIR, Finished, Image, Pod, Process, wait_for
-from e2e.test_litellm_datapath import ask, keyless_client
+from e2e.test_litellm_datapath import keyless_client
 from e2e.test_litellm_datapath import modelapi as proxy_modelapi
 from e2e.test_litellm_datapath import render as render_proxy
 from e2e.tiny_model import registry_model
@@ -82,6 +83,12 @@ def hosted_pod(binary: Path, registry: RunningRegistry, model: str, root: Path) 
                             images={ollama.DEFAULT_IMAGE: ollama_image(binary)})
 
 
+def nothing_listens(pod: Pod) -> bool:
+    """True when nothing answers on the pod's Ollama port (its loopback stand-in)."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", pod.ports[ollama.PORT])) != 0
+
+
 @dataclass
 class Served:
     pod: Pod
@@ -102,6 +109,7 @@ def served(ollama_bin: Path, registry: RunningRegistry, tmp_path_factory: pytest
     pod = hosted_pod(ollama_bin, registry, MODEL, tmp_path_factory.mktemp("hosted"))
     pulled = pod.run(INIT_CONTAINER, timeout=PULL_TIMEOUT)
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    assert nothing_listens(pod), "the init container left its ollama server running"
     process = pod.start(CONTAINER)
     try:
         process.wait_ready(READY_TIMEOUT)
@@ -173,6 +181,7 @@ def test_an_unknown_model_fails_the_pull_with_the_reason_in_the_log(
     log = finished.stdout + finished.stderr
     assert "pull-model: pulling no-such-model:1b failed" in log
     assert "pull model manifest: file does not exist" in log
+    assert nothing_listens(pod), "the init container left its ollama server running"
     assert any(r.path == "/v2/library/no-such-model/manifests/1b" for r in registry.registry.seen())
 
 
@@ -181,18 +190,22 @@ def test_an_unknown_model_fails_the_pull_with_the_reason_in_the_log(
 
 def test_a_wildcard_proxy_serves_the_model_through_litellm(served: Served, tmp_path: Path) -> None:
     subprocess.run(["bash", str(E2E_DIR / "install-litellm.sh")], check=True, timeout=900)
+    _unload(served)  # so that a loaded model afterwards can only be LiteLLM's doing
     children = render_proxy(proxy_modelapi("wild", {"apiBase": served.process.url()}))
     proxy = Pod.from_objects(children, tmp_path).start(CONTAINER)
     try:
         proxy.wait_ready(LITELLM_READY_TIMEOUT)
-        client = keyless_client(proxy)
-        answer = ask(client, f"ollama_chat/{MODEL}", "hello through the proxy", max_tokens=8)
-        assert isinstance(answer, str)
+        response = keyless_client(proxy).chat.completions.create(
+            model=f"ollama_chat/{MODEL}", max_tokens=8,
+            messages=[{"role": "user", "content": "hello through the proxy"}])
     finally:
         proxy.stop()
-    # Ollama served it: the model is loaded now (LiteLLM asked Ollama, nothing else could answer).
-    loaded = served.call("/api/ps")
-    assert [m["name"] for m in loaded["models"]] == [MODEL]
+    assert response.choices[0].message.role == "assistant"
+    assert isinstance(response.choices[0].message.content, str)
+    # Token counts that only Ollama's /api/chat reports: the prompt through the template, what it generated.
+    assert response.usage is not None
+    assert response.usage.prompt_tokens > 3 and 1 <= response.usage.completion_tokens <= 8
+    assert [m["name"] for m in served.call("/api/ps")["models"]] == [MODEL]
 
 
 # --- first-request latency -------------------------------------------------------------------------------
