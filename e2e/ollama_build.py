@@ -153,8 +153,10 @@ def _vendor_headers(pins: Pins, src: Path, work: Path, out: IO[str]) -> None:
     req = work / "headers.txt"
     req.write_text(f"{pins.headers_from} --hash=sha256:{pins.headers_sdist_sha256}\n")
     dl = work / "sdist"
-    # --no-binary: the source distribution is what carries llama.cpp's vendor/ folder.
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+    # --no-binary: the source distribution is what carries llama.cpp's vendor/ folder (pip prepares its
+    # metadata, which installs its build requirements into a throw-away environment; nothing is built).
+    package = pins.headers_from.split("==")[0]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", package,
                     "--require-hashes", "-r", str(req), "-d", str(dl)],
                    check=True, stdout=out, stderr=subprocess.STDOUT)
     (sdist,) = dl.glob("*.tar.gz")
