@@ -52,10 +52,15 @@ images: ## Build the local node's container images (e2e/images.py) unless cached
 	@$(PYTHON) $(ROOT)/e2e/images.py build >/dev/null
 
 .PHONY: deps
-deps: venv images ## Install everything the tests run: .venv, the pinned LiteLLM (e2e/.venv-litellm), helm, the control plane, the images
+deps: venv images ## Install everything the tests run: .venv, the pinned LiteLLM (e2e/.venv-litellm), helm, ollama, the control plane, the images
 	@bash $(ROOT)/e2e/install-litellm.sh
 	@$(ROOT)/hack/helm/build.sh >/dev/null
+	@$(PYTHON) $(ROOT)/e2e/ollama_build.py >/dev/null
 	@$(PYTHON) $(ROOT)/e2e/cluster.py build
+
+.PHONY: ollama
+ollama: venv ## Build ollama (the release kaos_modelapi/ollama.py pins, CPU only) unless cached in ~/.cache/kaos-modelapi/ollama; print its path
+	@$(PYTHON) $(ROOT)/e2e/ollama_build.py
 
 .PHONY: lint
 lint: venv ## ruff and mypy --strict

@@ -11,7 +11,13 @@ The cluster used in e2e runs no containers, so the data path is proven by runnin
 - container ports: every process binds loopback ports the kernel picked instead of its containerPort
   (a local stand-in for the pod's own IP); an argument equal to a containerPort is rewritten to it;
 - no environment leaks in from the test process: only PATH (the litellm venv's bin, plus stand-in dirs
-  when asked), HOME and LANG, as an image would set them.
+  when asked), HOME and LANG, as an image would set them;
+- a container without `command` runs its image's entrypoint, when the test says what that image's
+  config holds (`Image`: entrypoint, cmd, env, home), as a container runtime reads it from the image: `args`
+  replace cmd, the image's env comes first and the container's env overrides it, and a volume mounted
+  under the image user's home is linked into the local HOME at the same relative path;
+- an env value that is an address with a port of the pod (`0.0.0.0:11434`, `:11434`) is rewritten to the
+  loopback port standing in for it, in every container of the pod, since they share one network.
 """
 
 from __future__ import annotations
@@ -42,6 +48,16 @@ T = TypeVar("T")
 
 class PodError(Exception):
     """What a kubelet would refuse to start (a missing Secret, an unsupported volume...)."""
+
+
+@dataclass(frozen=True)
+class Image:
+    """What a runtime takes from an image's config for a container that does not override it."""
+
+    entrypoint: tuple[str, ...]
+    cmd: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    home: str = "/root"  # the image's user's home directory
 
 
 # --- waiting ---------------------------------------------------------------------------------------------
@@ -158,12 +174,14 @@ class Pod:
     name: str
     namespace: str
     extra_path: tuple[str, ...] = ()
+    images: dict[str, Image] = field(default_factory=dict)
     ports: dict[int, int] = field(default_factory=dict)  # containerPort -> loopback port
     mounts_root: Path = field(init=False)
 
     @classmethod
     def from_objects(
-        cls, objects: Iterable[Obj], root: Path, extra_path: Sequence[str | Path] = ()
+        cls, objects: Iterable[Obj], root: Path, extra_path: Sequence[str | Path] = (),
+        images: Mapping[str, Image] | None = None,
     ) -> Pod:
         objs = list(objects)
         deployments = [o for o in objs if o["kind"] == "Deployment"]
@@ -178,6 +196,7 @@ class Pod:
             name=f"{meta['name']}-local",
             namespace=meta.get("namespace", "default"),
             extra_path=tuple(str(p) for p in extra_path),
+            images=dict(images or {}),
         )
         pod._materialize_volumes()
         return pod
@@ -295,20 +314,56 @@ class Pod:
             self.ports[container_port] = free_port()
         return self.ports[container_port]
 
+    def _command(self, container: Obj) -> tuple[list[str], Image | None]:
+        image = self.images.get(container.get("image", ""))
+        if "command" in container:
+            return [*container["command"], *(container.get("args") or [])], image
+        if image is None:
+            raise PodError(f"container {container['name']}: no command (the image's entrypoint cannot be run "
+                           "locally unless the test names it)")
+        return [*image.entrypoint, *(container.get("args") or image.cmd)], image
+
+    def _pod_ports(self) -> dict[str, str]:
+        """Every containerPort of the pod (its containers share a network) -> its loopback stand-in."""
+        containers = [*(self.spec.get("initContainers") or []), *self.spec["containers"]]
+        declared = {int(p["containerPort"]) for c in containers for p in c.get("ports") or []}
+        return {str(port): str(self._host_port(port)) for port in sorted(declared)}
+
+    def _rewrite_address(self, value: str, ports: Mapping[str, str]) -> str:
+        match = re.fullmatch(r"(?:0\.0\.0\.0|127\.0\.0\.1|localhost)?:(\d+)", value)
+        if match is None or match[1] not in ports:
+            return value
+        return f"127.0.0.1:{ports[match[1]]}"
+
+    def _home(self, container: Obj, image: Image | None) -> Path:
+        home = self.root / "home"
+        home.mkdir(exist_ok=True)
+        if image is None:
+            return home
+        prefix = image.home.rstrip("/") + "/"
+        for mount_path, local in self._mount_map(container):
+            if mount_path.startswith(prefix):
+                link = home / mount_path[len(prefix):]
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if not link.is_symlink():
+                    link.symlink_to(local, target_is_directory=True)
+        return home
+
     def argv(self, name: str) -> tuple[list[str], dict[str, str]]:
         """The argv and environment the process gets: expanded, paths and ports rewritten."""
         container = self.container(name)
-        if "command" not in container:
-            raise PodError(f"container {name}: no command (the image's entrypoint cannot be run locally)")
-        env = self.environment(name)
+        command, image = self._command(container)
+        declared = self.environment(name)
+        # $(VAR) sees only the container's own variables, not the image's (as the kubelet expands them).
+        env = dict(image.env if image else ()) | declared
         mounts = self._mount_map(container)
         ports = {str(p["containerPort"]): str(self._host_port(p["containerPort"]))
                  for p in container.get("ports") or []}
-        argv = [expand(a, env) for a in [*container["command"], *(container.get("args") or [])]]
+        argv = [expand(a, declared) for a in command]
         argv = [ports.get(a, self._rewrite_paths(a, mounts)) for a in argv]
-        env = {k: self._rewrite_paths(v, mounts) for k, v in env.items()}
-        home = self.root / "home"
-        home.mkdir(exist_ok=True)
+        pod_ports = self._pod_ports()
+        env = {k: self._rewrite_address(self._rewrite_paths(v, mounts), pod_ports) for k, v in env.items()}
+        home = self._home(container, image)
         base = {"PATH": os.pathsep.join([*self.extra_path, str(LITELLM_BIN), *SYSTEM_PATH]),
                 "HOME": str(home), "LANG": "C.UTF-8"}
         return argv, base | env
