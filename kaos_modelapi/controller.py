@@ -228,18 +228,25 @@ class Reconciler:
         self._clock = clock
         # key -> (digest of a child the API server refused, its message): not sent again until it changes.
         self._refused: dict[str, tuple[str, str]] = {}
+        # namespace -> when the API server said it is being deleted: its older ModelAPIs go with it, so their
+        # reconciles would only be refused too (one refusal per namespace, not one per ModelAPI and child).
+        self._terminating: dict[str, str] = {}
 
     async def reconcile(self, key: str) -> Result:
         obj = self._caches.modelapis.get(key)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             self._refused.pop(key, None)
             return Result()  # owner references let the garbage collector remove the children
+        namespace = obj["metadata"]["namespace"]
+        if obj["metadata"].get("creationTimestamp", "") <= self._terminating.get(namespace, ""):
+            return Result()  # (a namespace of the same name made since then is a new one)
         ctx = Context(obj, self._log.bind(generation=obj["metadata"].get("generation")))
         try:
             await self._reconcile(ctx)
         except ApiError as e:
             if e.is_namespace_terminating():  # the ModelAPI goes with its namespace: nothing left to do
-                raise TerminalError(f"namespace {obj['metadata']['namespace']} is being terminated") from e
+                self._terminating[namespace] = self._now()
+                raise TerminalError(f"namespace {namespace} is being terminated") from e
             raise
         outcome = ctx.outcome
         if outcome.applied or outcome.deleted or outcome.status_written:

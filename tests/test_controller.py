@@ -23,7 +23,7 @@ from kaos_modelapi.settings import Settings
 
 RECORDED = Path(__file__).parent / "recorded"
 LOG = structlog.get_logger("test")
-NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
+NOW = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)  # after the recording
 
 
 # --- test doubles: a client that records, caches filled from recorded objects ----------------------------
@@ -217,13 +217,19 @@ async def test_a_child_the_api_server_refuses_fails_the_status_once_and_is_not_r
     assert [c[0] for c in client.writes()] == ["apply_status"]  # (the cache still holds the old status)
 
 
-async def test_a_namespace_being_terminated_is_a_terminal_error(converged: list[Obj]) -> None:
-    r, client = reconciler(without(converged, "Deployment"))
+async def test_a_namespace_being_terminated_is_a_terminal_error_and_its_modelapis_are_left_alone(
+        converged: list[Obj]) -> None:
+    sibling = copy.deepcopy(of_kind(converged, "ModelAPI"))
+    sibling["metadata"]["name"] = "sibling"
+    r, client = reconciler([*without(converged, "Deployment"), sibling])
     client.fail["apply"] = [ApiError(403, "Forbidden", 'deployments.apps "modelapi-mock-api" is forbidden: '
                                      "unable to create new content in namespace default because it is being "
                                      "terminated", causes=("NamespaceTerminating",))]
     with pytest.raises(TerminalError):
         await r.reconcile(key(converged))
+    client.calls.clear()
+    await r.reconcile("default/sibling")  # it goes with the namespace: no write the server would refuse
+    assert client.writes() == []
 
 
 async def test_a_deleted_modelapi_is_left_to_the_garbage_collector(converged: list[Obj]) -> None:
