@@ -47,6 +47,9 @@ import (
 	"k8s.io/component-base/version"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	kcm "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	kubeproxy "k8s.io/kubernetes/cmd/kube-proxy/app"
+	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
 )
 
 const (
@@ -82,6 +85,13 @@ func main() {
 			cmd = apiserver.NewAPIServerCommand()
 		case "kube-controller-manager":
 			cmd = kcm.NewControllerManagerCommand()
+		case "kube-scheduler":
+			cmd = scheduler.NewSchedulerCommand()
+		case "kubelet":
+			// A nil context panics: the kubelet derives its run context from this one.
+			cmd = kubelet.NewKubeletCommand(context.Background())
+		case "kube-proxy":
+			cmd = kubeproxy.NewProxyCommand()
 		}
 		if cmd != nil {
 			cmd.SetArgs(os.Args[2:])
