@@ -469,9 +469,11 @@ def main(argv: list[str]) -> int:
                 print(f"the control plane is already running: export KUBECONFIG={state / 'kubeconfig'}")
                 return 0
             began = time.monotonic()
-            cluster = start(state, real_node=want_real_node())
+            real_node = want_real_node()
+            cluster = start(state, real_node=real_node)
+            nodes = "the stand-in node and the real node kaos-real-node" if real_node else "the stand-in node"
             print(
-                f"control plane ready in {time.monotonic() - began:.1f} s on {cluster.server} "
+                f"control plane with {nodes} ready in {time.monotonic() - began:.1f} s on {cluster.server} "
                 f"(logs: {state / 'logs'}): export KUBECONFIG={cluster.kubeconfig}"
             )
         elif command == "down":

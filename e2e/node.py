@@ -538,6 +538,10 @@ def start(state: Path, apiserver_port: int, log_fn: Callable[[str], None] = clus
         (net.dir / "images-imported").touch()  # the kubelet starts only now: the sandbox image is there
         _publish_endpoints(state, net)
         _wait(lambda: node_ready(state), timeout, f"node {NODE_NAME} to be Ready", proc, net)
+        # The node lifecycle controller would lift the not-ready taint that admission gave the new node;
+        # it does not run here (it would evict the stand-in's pods: the stand-in sends no heartbeats).
+        _api(state, "PATCH", f"/api/v1/nodes/{NODE_NAME}", {"spec": {"taints": [
+            {"key": NODE_LABEL, "value": "true", "effect": "NoSchedule"}]}})
     except BaseException:
         stop(state)
         raise
@@ -793,6 +797,7 @@ def inner_main(state: Path) -> int:
     for path in ("/run", "/var/lib/cni"):
         Path(path).mkdir(parents=True, exist_ok=True)
         run("mount", "-t", "tmpfs", "tmpfs", path)
+    _mask_kernel_tunables(net)
     _join_cgroup(net, "node")
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
@@ -821,13 +826,32 @@ def inner_main(state: Path) -> int:
     return 0
 
 
+# The values the kubelet insists on (pkg/kubelet/cm setupKernelTunables): it writes them unless it finds
+# them, and they are machine-global (kernel.panic_on_oops=1 would change how this whole machine fails).
+KUBELET_SYSCTLS = {"vm/overcommit_memory": 1, "vm/panic_on_oom": 0, "kernel/panic": 10, "kernel/panic_on_oops": 1,
+                   "kernel/keys/root_maxkeys": 1000000, "kernel/keys/root_maxbytes": 25000000}
+
+
+def _mask_kernel_tunables(net: Net) -> None:
+    """Show the kubelet (only in this mount namespace) the values it wants, so it leaves the real ones alone."""
+    masks = net.dir / "sysctl"
+    masks.mkdir(exist_ok=True)
+    for key, value in KUBELET_SYSCTLS.items():
+        path = Path("/proc/sys") / key
+        if path.read_text().strip() != str(value):
+            fake = masks / key.replace("/", ".")
+            fake.write_text(f"{value}\n")
+            run("mount", "--bind", str(fake), str(path))
+
+
 def _teardown(net: Net, state: Path, daemons: list[Daemon]) -> None:
     """Pods first (the kubelet kills their containers and unmounts their volumes), then the daemons."""
     by_name = {x.name: x for x in daemons}
     kubelet = by_name.get("kubelet")
     if kubelet and kubelet.proc.poll() is None:
-        with contextlib.suppress(urllib.error.URLError, OSError, KeyError):
-            _drain(state)
+        # (The control plane may be gone already: then the kubelet cannot be told, the cgroup is killed.)
+        with contextlib.suppress(urllib.error.URLError, OSError, KeyError, cluster.ClusterError):
+            log(f"deleted {_drain(state)} pods; waiting for the kubelet to stop their containers")
             deadline = time.monotonic() + 20
             while _tasks(net) and time.monotonic() < deadline:
                 time.sleep(0.2)
@@ -836,6 +860,7 @@ def _teardown(net: Net, state: Path, daemons: list[Daemon]) -> None:
             _stop(by_name[name].proc)
     # Whatever the kubelet did not stop: kill the tasks through containerd, then the daemon.
     for task in _tasks(net):
+        log(f"killing task {task}")
         _ctr(net, "tasks", "kill", "--signal", "SIGKILL", task)
     if "containerd" in by_name:
         _stop(by_name["containerd"].proc)
@@ -843,8 +868,8 @@ def _teardown(net: Net, state: Path, daemons: list[Daemon]) -> None:
     _kill_cgroup(net)  # the shims and anything that escaped
 
 
-def _drain(state: Path) -> None:
-    """Cordon the node (no new pods) and delete its pods at once."""
+def _drain(state: Path) -> int:
+    """Cordon the node (no new pods) and delete its pods at once; return how many."""
     _api(state, "PATCH", f"/api/v1/nodes/{NODE_NAME}", {"spec": {"unschedulable": True}}, timeout=5)
     pods = _api(state, "GET", f"/api/v1/pods?fieldSelector=spec.nodeName%3D{NODE_NAME}", timeout=5)
     for pod in pods["items"]:
@@ -852,6 +877,7 @@ def _drain(state: Path) -> None:
         with contextlib.suppress(urllib.error.HTTPError):
             _api(state, "DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
                  {"gracePeriodSeconds": 0}, timeout=5)
+    return len(pods["items"])
 
 
 def _ctr(net: Net, *args: str) -> subprocess.CompletedProcess[str]:

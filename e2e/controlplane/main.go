@@ -328,6 +328,8 @@ func (cp *controlPlane) start(ctx context.Context) error {
 		"--kubelet-certificate-authority="+pkiPath("ca.crt"),
 		"--kubelet-client-certificate="+pkiPath("admin.crt"),
 		"--kubelet-client-key="+pkiPath("admin.key"),
+		// The node's name is no DNS name here: reach the kubelet by its address.
+		"--kubelet-preferred-address-types=InternalIP",
 	)
 	if err != nil {
 		return err
