@@ -27,7 +27,7 @@ from e2e.operator_process import Kubectl, wait_until
 pytestmark = pytest.mark.cluster
 
 
-def testbin_image() -> str:
+def tool_image() -> str:
     return node.test_image(lambda _: None)[0]
 
 
@@ -52,7 +52,7 @@ def apply(kubectl: Kubectl, namespace: str, *objs: dict[str, Any]) -> None:
 
 def server(name: str = "main", **extra: Any) -> dict[str, Any]:
     """A container serving HTTP on 8080 with an HTTP readiness probe."""
-    return {"name": name, "image": testbin_image(), "args": ["serve", "8080"],
+    return {"name": name, "image": tool_image(), "args": ["serve", "8080"],
             "ports": [{"containerPort": 8080}],
             "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 1}, **extra}
 
@@ -78,7 +78,7 @@ def exec_in(kubectl: Kubectl, namespace: str, name: str, *cmd: str) -> str:
 
 async def test_init_container_emptydir_and_readiness_probe(kubectl: Kubectl, namespace: str, real_node: Net) -> None:
     apply(kubectl, namespace, pod("web", {
-        "initContainers": [{"name": "init", "image": testbin_image(),
+        "initContainers": [{"name": "init", "image": tool_image(),
                             "args": ["write", "/data/greeting", "written by the init container"],
                             "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
         "containers": [server(volumeMounts=[{"name": "data", "mountPath": "/data"}])],
@@ -98,7 +98,7 @@ async def test_init_container_emptydir_and_readiness_probe(kubectl: Kubectl, nam
 
 
 async def test_failing_container_reaches_crashloopbackoff(kubectl: Kubectl, namespace: str, real_node: Net) -> None:
-    crashing = {"name": "main", "image": testbin_image(), "args": ["fail", "3"]}
+    crashing = {"name": "main", "image": tool_image(), "args": ["fail", "3"]}
     apply(kubectl, namespace, pod("crash", {"containers": [crashing]}))
 
     def crashlooping() -> dict[str, Any] | None:
@@ -140,7 +140,7 @@ async def test_service_by_dns_name_from_another_pod(kubectl: Kubectl, namespace:
           pod("backend", {"containers": [server()]}, labels={"app": "backend"}),
           {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "backend"},
            "spec": {"selector": {"app": "backend"}, "ports": [{"port": 80, "targetPort": 8080}]}},
-          pod("client", {"containers": [{"name": "main", "image": testbin_image(), "args": ["sleep"]}]}))
+          pod("client", {"containers": [{"name": "main", "image": tool_image(), "args": ["sleep"]}]}))
     wait_ready(kubectl, namespace, "backend")
     wait_ready(kubectl, namespace, "client")
     url = f"http://backend.{namespace}.svc.cluster.local/"
