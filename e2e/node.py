@@ -103,9 +103,11 @@ class Net:
         ident = digest[:8]
         taken = _octets_in_use()
         # 10.100-189.x.x: clear of the Service range 10.96.0.0/16 and of each other.
-        octet = 100 + int(digest[8:16], 16) % 90
-        while octet in taken:
-            octet = 100 + (octet - 99) % 90
+        start = int(digest[8:16], 16)
+        free = [100 + (start + i) % 90 for i in range(90) if 100 + (start + i) % 90 not in taken]
+        if not free:
+            raise NodeError("no free 10.<100-189>.0.0/16 range for the node's network: remove stale routes")
+        octet = free[0]
         return cls(id=ident, state=str(state.resolve()), octet=octet, apiserver_port=apiserver_port)
 
     @property
