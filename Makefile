@@ -16,11 +16,11 @@ controlplane: ## Build the local control plane (e2e/controlplane) unless cached 
 	@$(PYTHON) $(ROOT)/e2e/cluster.py build
 
 .PHONY: cluster
-cluster: ## Start the local control plane in the background; kubeconfig: .cluster/kubeconfig
+cluster: ## Start the local cluster (control plane + stand-in node + real node when root; KAOS_REAL_NODE=0|1) in the background
 	@$(PYTHON) $(ROOT)/e2e/cluster.py up
 
 .PHONY: cluster-down
-cluster-down: ## Stop the local control plane and remove .cluster
+cluster-down: ## Stop the local cluster, remove .cluster and any real node left by a crashed session
 	@$(PYTHON) $(ROOT)/e2e/cluster.py down
 
 VENV := $(ROOT)/.venv
@@ -52,11 +52,13 @@ images: ## Build the local node's container images (e2e/images.py) unless cached
 	@$(PYTHON) $(ROOT)/e2e/images.py build >/dev/null
 
 .PHONY: deps
-deps: venv images ## Install everything the tests run: .venv, the pinned LiteLLM (e2e/.venv-litellm), helm, ollama, the control plane, the images
+deps: venv images ## Install everything the tests run: .venv, LiteLLM (e2e/.venv-litellm), helm, ollama, the control plane, the images, the real node
+	@$(PYTHON) $(ROOT)/e2e/node.py deps  # Debian packages of the real node, when missing (root only)
 	@bash $(ROOT)/e2e/install-litellm.sh
 	@$(ROOT)/hack/helm/build.sh >/dev/null
 	@$(PYTHON) $(ROOT)/e2e/ollama_build.py >/dev/null
 	@$(PYTHON) $(ROOT)/e2e/cluster.py build
+	@$(PYTHON) $(ROOT)/e2e/node.py build  # CoreDNS, the pause and test images (when the node can run here)
 
 .PHONY: ollama
 ollama: venv ## Build ollama (the release kaos_modelapi/ollama.py pins, CPU only) unless cached in ~/.cache/kaos-modelapi/ollama; print its path

@@ -7,6 +7,9 @@
 - `api_client` (session): a kubernetes_asyncio ApiClient for that kubeconfig.
 - `namespace` (function): a fresh namespace, ready for pods (its default ServiceAccount
   exists), deleted after the test.
+- `real_node` (session): the real node (e2e/node.py) of the session's cluster. A private control
+  plane gets one only when a collected test uses this fixture, so sessions that do not need it
+  (and machines without root) keep the fast start.
 """
 
 from __future__ import annotations
@@ -23,8 +26,12 @@ import pytest
 from e2e import cluster
 
 
+def _wants_real_node(session: pytest.Session) -> bool:
+    return any("real_node" in getattr(item, "fixturenames", ()) for item in session.items)
+
+
 @pytest.fixture(scope="session")
-def kubeconfig() -> Iterator[str]:
+def kubeconfig(request: pytest.FixtureRequest) -> Iterator[str]:
     external = os.environ.get("KUBECONFIG", "")
     if any(Path(p).is_file() for p in external.split(os.pathsep) if p):
         yield external
@@ -36,7 +43,8 @@ def kubeconfig() -> Iterator[str]:
     state = Path(tempfile.mkdtemp(prefix="kaos-cluster-"))
     try:
         # Free ports and a private folder: other sessions and `make cluster` can run meanwhile.
-        started = cluster.start(state, cluster.free_ports(), exit_with_parent=True)
+        started = cluster.start(state, cluster.free_ports(), exit_with_parent=True,
+                                real_node=_wants_real_node(request.session))
     except cluster.ClusterError as err:
         pytest.exit(f"cannot start the local control plane: {err}", returncode=1)
     try:
@@ -86,3 +94,15 @@ async def namespace(api_client: object, request: pytest.FixtureRequest) -> Async
         except ApiException as err:
             if err.status != 404:
                 raise
+
+
+@pytest.fixture(scope="session")
+def real_node(kubeconfig: str) -> object:
+    """The real node of the session's cluster (an e2e.node.Net); fails if the cluster has none."""
+    from e2e import node
+
+    net = node.record_for(Path(kubeconfig).parent)
+    if net is None:
+        pytest.fail(f"the cluster of {kubeconfig} has no real node: stop `make cluster` (or start it with "
+                    "KAOS_REAL_NODE=1), or unset KUBECONFIG, so that the session starts one")
+    return net

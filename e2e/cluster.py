@@ -17,6 +17,8 @@ Settings, from the environment:
     KAOS_CONTROLPLANE_SRC   Go sources to build (default: e2e/controlplane)
     KAOS_CACHE_DIR          binary cache (default: $XDG_CACHE_HOME or ~/.cache, /kaos-modelapi/controlplane)
     KAOS_BUILD_JOBS         parallel compile jobs of a cold build (default 2)
+    KAOS_REAL_NODE          `up` adds the real node (e2e/node.py): 1 yes, 0 no, default: yes when
+                            running as root with the node's Debian packages installed
 
 The standard library only, so that `make cluster` works before the project's venv exists.
 Every failure is a ClusterError whose message is one line that says what to do.
@@ -215,11 +217,13 @@ def start(
     exit_with_parent: bool = False,
     timeout: float = START_TIMEOUT,
     log: Callable[[str], None] = say,
+    real_node: bool = False,
 ) -> Cluster:
     """Start a control plane in the background with its state in `state`; return once it is ready.
 
-    With exit_with_parent it stops by itself when this process exits (for test sessions). On
-    failure nothing is left running and a ClusterError says why.
+    With exit_with_parent it stops by itself when this process exits (for test sessions). With
+    real_node it also gets a real node (e2e/node.py) beside the stand-in, and the real
+    kube-scheduler. On failure nothing is left running and a ClusterError says why.
     """
     state = (state or state_dir()).resolve()
     ports = ports or default_ports()
@@ -233,6 +237,11 @@ def start(
     ]
     if exit_with_parent:
         cmd.append("--exit-with-parent")
+    if real_node:
+        from e2e import node
+
+        node.check_host()  # before anything starts: say what is missing
+        cmd.append("--real-node")
     # Its own session: a Ctrl-C in the terminal that ran `make cluster` does not reach it, and
     # the whole tree can be signalled as one process group.
     proc = subprocess.Popen(
@@ -246,7 +255,10 @@ def start(
             _remove(state / name)
         raise
     if outcome.startswith("ready:") and proc.poll() is None:
-        return Cluster(state_dir=state, pid=proc.pid, apiserver_port=ports["apiserver"], proc=proc)
+        started = Cluster(state_dir=state, pid=proc.pid, apiserver_port=ports["apiserver"], proc=proc)
+        if real_node:
+            _add_real_node(started, log)
+        return started
     _kill_group(proc.pid, proc)
     if outcome.startswith("error:"):
         raise ClusterError(outcome.removeprefix("error:").strip())
@@ -257,6 +269,16 @@ def start(
     raise ClusterError(
         f"the control plane exited during start (code {proc.returncode}): see the logs in {state / 'logs'}"
     )
+
+
+def _add_real_node(started: Cluster, log: Callable[[str], None]) -> None:
+    from e2e import node
+
+    try:
+        node.start(started.state_dir, started.apiserver_port, log_fn=log)
+    except BaseException:
+        stop(cluster=started)
+        raise
 
 
 def _read_outcome(proc: subprocess.Popen[bytes], timeout: float) -> str:
@@ -351,6 +373,9 @@ def stop(state: Path | None = None, cluster: Cluster | None = None, timeout: flo
     state = (state or (cluster.state_dir if cluster else state_dir())).resolve()
     pid = cluster.pid if cluster else read_pid(state)
     proc = cluster.proc if cluster else None
+    from e2e import node
+
+    node.stop(state)  # pods and the node's processes go first, while the apiserver still answers
     was_running = pid is not None and _alive(pid)
     if pid is not None and was_running:
         os.kill(pid, signal.SIGTERM)  # an orderly stop: controllers, apiserver, then etcd
@@ -444,13 +469,18 @@ def main(argv: list[str]) -> int:
                 print(f"the control plane is already running: export KUBECONFIG={state / 'kubeconfig'}")
                 return 0
             began = time.monotonic()
-            cluster = start(state)
+            real_node = want_real_node()
+            cluster = start(state, real_node=real_node)
+            nodes = "the stand-in node and the real node kaos-real-node" if real_node else "the stand-in node"
             print(
-                f"control plane ready in {time.monotonic() - began:.1f} s on {cluster.server} "
+                f"control plane with {nodes} ready in {time.monotonic() - began:.1f} s on {cluster.server} "
                 f"(logs: {state / 'logs'}): export KUBECONFIG={cluster.kubeconfig}"
             )
         elif command == "down":
             print("control plane stopped" if stop(state) else "no control plane was running")
+            from e2e import node
+
+            node.sweep()  # and any real node whose session crashed
         elif command == "status":
             if is_running(state):
                 print(f"running (pid {read_pid(state)}): export KUBECONFIG={state / 'kubeconfig'}")
@@ -466,5 +496,19 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def want_real_node() -> bool:
+    """KAOS_REAL_NODE: 1 or 0; unset: a real node when this machine can run one (root, packages)."""
+    value = os.environ.get("KAOS_REAL_NODE", "")
+    if value in ("0", "1"):
+        return value == "1"
+    from e2e import node
+
+    return os.geteuid() == 0 and not node.missing_packages()
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    # As e2e.cluster, so that e2e.node (which imports it) shares its classes.
+    sys.path.insert(0, str(REPO))
+    from e2e import cluster as _module
+
+    sys.exit(_module.main(sys.argv))

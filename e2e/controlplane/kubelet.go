@@ -25,6 +25,7 @@ package main
 // Pods whose nodeSelector does not match the node, or that request a resource the node does
 // not have (e.g. nvidia.com/gpu), stay Pending with PodScheduled=False/Unschedulable, as the
 // scheduler would leave them. A pod being deleted is removed at once (grace period 0).
+// With a real node (--real-node) the upstream kube-scheduler places pods instead, on either node.
 
 import (
 	"context"
@@ -66,11 +67,15 @@ type fakeKubelet struct {
 	pods   corelisters.PodLister
 	queue  workqueue.TypedRateLimitingInterface[string]
 	nextIP atomic.Uint32
+	bind   bool
 }
 
-func startFakeKubelet(ctx context.Context, cs kubernetes.Interface, nodeName, kubeVersion string) error {
+// With bind false the real kube-scheduler places pods (there is a real node too): the fake kubelet
+// then only runs the pods bound to its node.
+func startFakeKubelet(ctx context.Context, cs kubernetes.Interface, nodeName, kubeVersion string, bind bool) error {
 	k := &fakeKubelet{
 		cs:    cs,
+		bind:  bind,
 		queue: workqueue.NewTypedRateLimitingQueue(workqueue.DefaultTypedControllerRateLimiter[string]()),
 	}
 	if err := k.registerNode(ctx, nodeName, kubeVersion); err != nil {
@@ -204,6 +209,9 @@ func (k *fakeKubelet) sync(ctx context.Context, key string) (time.Duration, erro
 		}
 		return 0, err
 	case pod.Spec.NodeName == "":
+		if !k.bind {
+			return 0, nil // the scheduler's
+		}
 		if pod.Spec.SchedulerName != "" && pod.Spec.SchedulerName != corev1.DefaultSchedulerName {
 			return 0, nil // some other scheduler's pod
 		}

@@ -47,6 +47,9 @@ import (
 	"k8s.io/component-base/version"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	kcm "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	kubeproxy "k8s.io/kubernetes/cmd/kube-proxy/app"
+	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
 )
 
 const (
@@ -72,6 +75,7 @@ type options struct {
 	etcdPeerPort   int
 	nodeName       string
 	exitWithParent bool
+	realNode       bool
 }
 
 func main() {
@@ -82,6 +86,13 @@ func main() {
 			cmd = apiserver.NewAPIServerCommand()
 		case "kube-controller-manager":
 			cmd = kcm.NewControllerManagerCommand()
+		case "kube-scheduler":
+			cmd = scheduler.NewSchedulerCommand()
+		case "kubelet":
+			// A nil context panics: the kubelet derives its run context from this one.
+			cmd = kubelet.NewKubeletCommand(context.Background())
+		case "kube-proxy":
+			cmd = kubeproxy.NewProxyCommand()
 		}
 		if cmd != nil {
 			cmd.SetArgs(os.Args[2:])
@@ -95,6 +106,8 @@ func main() {
 	flag.IntVar(&o.etcdPeerPort, "etcd-peer-port", 26380, "etcd peer port on 127.0.0.1")
 	flag.StringVar(&o.nodeName, "node-name", "kaos-node", "name of the fake node")
 	flag.BoolVar(&o.exitWithParent, "exit-with-parent", false, "shut down when the parent process exits")
+	flag.BoolVar(&o.realNode, "real-node", false, "a real kubelet will join (e2e/node.py): run kube-scheduler and the "+
+		"EndpointSlice controller, and let the scheduler place pods on the fake node instead of binding them itself")
 	flag.Parse()
 	os.Exit(run(o))
 }
@@ -190,6 +203,9 @@ func run(o options) int {
 	case <-cp.kcm.done:
 		logf("kube-controller-manager exited: %v; stopping", cp.kcm.err)
 		code = 1
+	case <-cp.schedulerDone():
+		logf("kube-scheduler exited: %v; stopping", cp.scheduler.err)
+		code = 1
 	case err := <-cp.etcd.Err():
 		logf("etcd failed: %v; stopping", err)
 		code = 1
@@ -260,6 +276,7 @@ type controlPlane struct {
 	etcd          *embed.Etcd
 	apiserver     *child
 	kcm           *child
+	scheduler     *child // only with a real node
 	stopKubelet   context.CancelFunc
 	clientset     kubernetes.Interface
 	dynamicClient dynamic.Interface
@@ -306,6 +323,13 @@ func (cp *controlPlane) start(ctx context.Context) error {
 		// Gone from etcd within a minute of the start, as on any long-lived cluster, not old data.
 		"--etcd-compaction-interval=20s",
 		"--profiling=false",
+		// kubectl logs/exec/port-forward to a real node's kubelet (e2e/node.py): its serving certificate is
+		// signed by the cluster CA, and it authenticates the apiserver by this client certificate.
+		"--kubelet-certificate-authority="+pkiPath("ca.crt"),
+		"--kubelet-client-certificate="+pkiPath("admin.crt"),
+		"--kubelet-client-key="+pkiPath("admin.key"),
+		// The node's name is no DNS name here: reach the kubelet by its address.
+		"--kubelet-preferred-address-types=InternalIP",
 	)
 	if err != nil {
 		return err
@@ -337,7 +361,7 @@ func (cp *controlPlane) start(ctx context.Context) error {
 	}
 	cp.kcm, err = startChild("kube-controller-manager", filepath.Join(cp.logs, "kube-controller-manager.log"),
 		"--kubeconfig="+kcmKubeconfig,
-		"--controllers="+strings.Join(controllers, ","),
+		"--controllers="+strings.Join(cp.controllers(), ","),
 		"--leader-elect=false",
 		"--secure-port=0", // nothing scrapes it; one port less to collide
 		"--use-service-account-credentials=false",
@@ -351,9 +375,14 @@ func (cp *controlPlane) start(ctx context.Context) error {
 	if err := installGatewayAPI(ctx, cp.clientset, cp.dynamicClient); err != nil {
 		return fmt.Errorf("Gateway API CRDs: %w", err)
 	}
+	if cp.o.realNode {
+		if err := cp.startScheduler(); err != nil {
+			return err
+		}
+	}
 	kubeletCtx, stopKubelet := context.WithCancel(context.Background())
 	cp.stopKubelet = stopKubelet
-	if err := startFakeKubelet(kubeletCtx, cp.clientset, cp.o.nodeName, version.Get().GitVersion); err != nil {
+	if err := startFakeKubelet(kubeletCtx, cp.clientset, cp.o.nodeName, version.Get().GitVersion, !cp.o.realNode); err != nil {
 		return fmt.Errorf("fake kubelet: %w", err)
 	}
 	// Pods can only be created in a namespace once its default ServiceAccount exists: wait for
@@ -423,7 +452,7 @@ func (cp *controlPlane) shutdown() {
 	if cp.stopKubelet != nil {
 		cp.stopKubelet()
 	}
-	for _, c := range []*child{cp.kcm, cp.apiserver} {
+	for _, c := range []*child{cp.scheduler, cp.kcm, cp.apiserver} {
 		if c != nil {
 			c.stop(20 * time.Second)
 		}
@@ -494,4 +523,49 @@ func lastLine(path string) string {
 	}
 	lines := strings.Split(strings.TrimSpace(string(data)), "\n")
 	return lines[len(lines)-1]
+}
+
+// controllers run by kube-controller-manager; with a real node also the EndpointSlice controller, so
+// that kube-proxy routes Services to its pods (the fake node's loopback pod IPs are refused by
+// EndpointSlice validation, hence not without one).
+func (cp *controlPlane) controllers() []string {
+	if cp.o.realNode {
+		return append(append([]string{}, controllers...), "endpointslice-controller")
+	}
+	return controllers
+}
+
+// startScheduler runs the upstream kube-scheduler: with two nodes, placement is the scheduler's
+// (taints, tolerations, node selectors, resources), not the fake kubelet's trivial binding.
+func (cp *controlPlane) startScheduler() error {
+	pkiPath := cp.pki.path
+	kubeconfig := pkiPath("kube-scheduler.kubeconfig")
+	if err := writeKubeconfig(kubeconfig, cp.server(), cp.pki.ca.certPEM, cp.pki.admin); err != nil {
+		return err
+	}
+	config := pkiPath("kube-scheduler.yaml")
+	// QPS as the controller manager's: hundreds of pods are bound within seconds in the benchmarks.
+	if err := os.WriteFile(config, []byte(`apiVersion: kubescheduler.config.k8s.io/v1
+kind: KubeSchedulerConfiguration
+clientConnection:
+  kubeconfig: `+kubeconfig+`
+  qps: 200
+  burst: 400
+leaderElection:
+  leaderElect: false
+`), 0o600); err != nil {
+		return err
+	}
+	var err error
+	cp.scheduler, err = startChild("kube-scheduler", filepath.Join(cp.logs, "kube-scheduler.log"),
+		"--config="+config, "--secure-port=0")
+	return err
+}
+
+// schedulerDone is closed when the scheduler exits; never, when there is none.
+func (cp *controlPlane) schedulerDone() <-chan struct{} {
+	if cp.scheduler == nil {
+		return nil
+	}
+	return cp.scheduler.done
 }

@@ -93,7 +93,9 @@ func newPKI(dir string) (*pki, error) {
 		return nil, err
 	}
 	files := map[string][]byte{
-		"ca.crt":        p.ca.certPEM,
+		"ca.crt": p.ca.certPEM,
+		// A throw-away CA: a real node (e2e/node.py) signs its kubelet's serving certificate with it.
+		"ca.key":        p.ca.keyPEM,
 		"apiserver.crt": p.serving.certPEM,
 		"apiserver.key": p.serving.keyPEM,
 		"admin.crt":     p.admin.certPEM,
