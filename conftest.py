@@ -106,3 +106,14 @@ def real_node(kubeconfig: str) -> object:
         pytest.fail(f"the cluster of {kubeconfig} has no real node: stop `make cluster` (or start it with "
                     "KAOS_REAL_NODE=1), or unset KUBECONFIG, so that the session starts one")
     return net
+
+
+@pytest.fixture(scope="session")
+def node_images(kubeconfig: str, real_node: object) -> dict[str, str]:
+    """Every image of e2e/images.py (operator, LiteLLM, stub backend, client, base) imported into the real
+    node under its exact ref: built once and cached, never pulled. Maps each ref to the name containerd
+    stores it under."""
+    from e2e import images, node
+
+    state = Path(kubeconfig).parent
+    return {ref: node.import_image(state, images.build(ref), ref) for ref in images.images()}

@@ -74,6 +74,15 @@ class NodeError(cluster.ClusterError):
     """A failure to set up, start or stop the real node; str() says what to do."""
 
 
+def on_real_node(spec: dict[str, Any]) -> dict[str, Any]:
+    """A pod spec (or a ModelAPI's podSpec override) that the scheduler places on the real node."""
+    return {
+        **spec,
+        "nodeSelector": {NODE_LABEL: "true"},
+        "tolerations": [{"key": NODE_LABEL, "operator": "Exists", "effect": "NoSchedule"}],
+    }
+
+
 def log(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} node: {message}", file=sys.stderr, flush=True)
 

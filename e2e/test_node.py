@@ -33,17 +33,9 @@ def tool_image() -> str:
 
 
 
-def on_real_node(spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        **spec,
-        "nodeSelector": {node.NODE_LABEL: "true"},
-        "tolerations": [{"key": node.NODE_LABEL, "operator": "Exists", "effect": "NoSchedule"}],
-    }
-
-
 def pod(name: str, spec: dict[str, Any], labels: dict[str, str] | None = None) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels or {}},
-            "spec": on_real_node(spec)}
+            "spec": node.on_real_node(spec)}
 
 
 def apply(kubectl: Kubectl, namespace: str, *objs: dict[str, Any]) -> None:
