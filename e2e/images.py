@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import fcntl
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -34,6 +35,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import IO
 
 REPO = Path(__file__).resolve().parent.parent
@@ -147,6 +149,10 @@ class Image:
     # Extra inputs that are not files of the context (the base's recipe, the mirror, ...).
     extra: tuple[str, ...] = ()
     derived: bool = True  # FROM the base (so the base's key is part of this one's)
+    # Files another cached build step makes (name in the context -> a function that builds or finds it).
+    # Their bytes are not hashed: that step's own cache key, which determines them, is in `extra`, so
+    # listing the images never builds them.
+    built: tuple[tuple[str, Callable[[], Path]], ...] = ()
 
 
 def litellm_version() -> str:
@@ -162,6 +168,33 @@ def litellm_version() -> str:
 def litellm_ref() -> str:
     """The operator's default LiteLLM image (kaos_modelapi.litellm.DEFAULT_IMAGE)."""
     return f"docker.io/litellm/litellm:v{litellm_version()}"
+
+
+def ollama_build_module() -> ModuleType:
+    """e2e/ollama_build.py (standard library only), loaded by path: this file also runs as a script."""
+    name = "kaos_ollama_build"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "e2e" / "ollama_build.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def ollama_image() -> Image:
+    """The operator's default Ollama image (kaos_modelapi.ollama.DEFAULT_IMAGE): the binary that
+    e2e/ollama_build.py builds from source, keyed by that build's cache key (the binary is the same bit
+    for bit for a key)."""
+    build_module = ollama_build_module()
+    version = build_module.ollama_version()
+    return Image(
+        f"docker.io/ollama/ollama:{version}",
+        context=_recipe("ollama"),
+        extra=(f"ollama-build={build_module.cache_key(version)}",),
+        built=(("ollama", build_module.build),),
+    )
 
 
 def debian_mirror() -> str:
@@ -238,6 +271,7 @@ def images() -> dict[str, Image]:
             context={**_recipe("stub-backend"), "stub_backend.py": REPO / "e2e" / "stub_backend.py"},
         ),
         Image(CLIENT_REF, context=_recipe("client")),
+        ollama_image(),
     ]
     return {i.ref: i for i in all_images}
 
@@ -274,6 +308,8 @@ def build(ref: str, log: Log = say) -> Path:
         return target
     if catalog[ref].derived:
         build(BASE_REF, log)  # before taking the lock, which is not re-entrant
+    for _, make in catalog[ref].built:
+        make()  # e.g. the ollama binary (minutes when cold): not while holding the images lock
     with _lock():
         if target.is_file():  # another session built it while this one waited
             return target
@@ -321,7 +357,7 @@ def _build_locked(image: Image, catalog: dict[str, Image], target: Path, log: Lo
 
 def _bud(image: Image, work: Path, log: Log) -> None:
     ctx = work / "context"
-    for name, src in image.context.items():
+    for name, src in [*image.context.items(), *((n, make()) for n, make in image.built)]:
         dest = ctx / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest)

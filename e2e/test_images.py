@@ -21,7 +21,7 @@ import yaml
 
 from e2e import chart, images
 from e2e.stub_backend import REPLY, SEEN_PATH
-from kaos_modelapi import litellm
+from kaos_modelapi import litellm, ollama
 
 PREFIX = "kaos-test-images-"
 # A container whose test process died (SIGKILL: no teardown) stops by itself after this, and the next
@@ -290,3 +290,24 @@ def test_backend_image_answers_and_the_client_image_reaches_it(podman: Podman) -
     assert status == 200
     assert [s["path"] for s in seen][-2:] == ["/api/chat", "/no/such/path"]
     assert seen[-2]["body"]["model"] == "smollm2:135m"
+
+
+# --- the Ollama image ---------------------------------------------------------------------------------
+
+
+def test_ollama_image_is_the_operators_default_with_upstreams_layout(podman: Podman) -> None:
+    assert images.ollama_image().ref == ollama.DEFAULT_IMAGE
+    config = image_config(ollama.DEFAULT_IMAGE)
+    assert config.get("User", "") in ("", "root", "0:0")
+    assert config["Entrypoint"] == ["/bin/ollama"]
+    assert config["Cmd"] == ["serve"]
+    assert "OLLAMA_HOST=0.0.0.0:11434" in config["Env"]
+    out = podman.run(ollama.DEFAULT_IMAGE, "--version")
+    assert f"version is {ollama.OLLAMA_VERSION}" in out.stdout + out.stderr, out.stderr
+
+
+def test_ollama_image_serves_from_its_own_entrypoint(podman: Podman) -> None:
+    port = free_port()
+    name = podman.start(ollama.DEFAULT_IMAGE, flags=("--env", f"OLLAMA_HOST=127.0.0.1:{port}"))
+    wait_http_ok(podman, name, f"http://127.0.0.1:{port}/api/tags")
+    assert http(f"http://127.0.0.1:{port}/api/tags") == (200, {"models": []})
