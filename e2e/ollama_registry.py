@@ -51,13 +51,13 @@ class TestCA:
     server_key: Path
 
     @classmethod
-    def create(cls, folder: Path, names: tuple[str, ...] = (REGISTRY_HOST,)) -> TestCA:
-        """A throw-away CA (valid for a day) and one server certificate for `names` and 127.0.0.1."""
+    def create(cls, folder: Path, names: tuple[str, ...] = (REGISTRY_HOST,), ip: str = "127.0.0.1") -> TestCA:
+        """A throw-away CA (valid for a day) and one server certificate for `names` and `ip`."""
         folder.mkdir(parents=True, exist_ok=True)
         ca_key, ca_cert = folder / "ca.key", folder / "ca.crt"
         key, csr, cert = folder / "server.key", folder / "server.csr", folder / "server.crt"
         ext = folder / "server.ext"
-        sans = ",".join([*(f"DNS:{n}" for n in names), "IP:127.0.0.1"])
+        sans = ",".join([*(f"DNS:{n}" for n in names), f"IP:{ip}"])
         ext.write_text(f"subjectAltName={sans}\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n")
         ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
         _openssl("req", "-x509", *ec, "-keyout", ca_key, "-out", ca_cert, "-days", "1",
@@ -92,6 +92,7 @@ class Registry:
     models: dict[tuple[str, str], RegistryModel] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
     port: int = 0
+    host: str = "127.0.0.1"  # where it listens; the direct blob URLs point there
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, reference: str, model: RegistryModel) -> None:
@@ -140,7 +141,7 @@ class _RegistryHandler(BaseHTTPRequestHandler):
         if m := BLOB_PATH.match(self.path):
             if registry.blob(m["digest"]) is None:
                 return self._error(404, "BLOB_UNKNOWN", "blob unknown", body)
-            return self._redirect(f"https://127.0.0.1:{registry.port}/direct/{m['digest']}")
+            return self._redirect(f"https://{registry.host}:{registry.port}/direct/{m['digest']}")
         if m := DIRECT_PATH.match(self.path):
             data = registry.blob(m["digest"])
             if data is None:
@@ -181,7 +182,7 @@ class _RegistryServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, registry: Registry, context: ssl.SSLContext) -> None:
-        super().__init__(("127.0.0.1", 0), _RegistryHandler)
+        super().__init__((registry.host, 0), _RegistryHandler)
         self.registry = registry
         self.context = context
 
@@ -213,7 +214,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.send_error(403, "this proxy only reaches the stand-in registry")
             return
         self.server.log.allowed.append(target)
-        upstream = socket.create_connection(("127.0.0.1", self.server.upstream_port), timeout=30)
+        upstream = socket.create_connection(self.server.upstream, timeout=30)
         self.send_response(200, "Connection established")
         self.end_headers()
         self.close_connection = True
@@ -241,9 +242,9 @@ def _pump(a: socket.socket, b: socket.socket) -> None:
 class _ProxyServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, upstream_port: int, log: ConnectLog) -> None:
-        super().__init__(("127.0.0.1", 0), _ProxyHandler)
-        self.upstream_port = upstream_port
+    def __init__(self, upstream: tuple[str, int], log: ConnectLog) -> None:
+        super().__init__((upstream[0], 0), _ProxyHandler)
+        self.upstream = upstream
         self.log = log
 
 
@@ -257,21 +258,30 @@ class RunningRegistry:
     proxy_port: int
     connects: ConnectLog
 
-    def client_env(self) -> dict[str, str]:
-        """What an Ollama process needs to pull from the stand-in: the usual proxy and CA variables."""
-        return {"HTTPS_PROXY": f"http://127.0.0.1:{self.proxy_port}", "SSL_CERT_FILE": str(self.ca.ca_cert)}
+    def client_env(self, ca_file: str | None = None) -> dict[str, str]:
+        """What an Ollama process needs to pull from the stand-in: the usual proxy and CA variables.
+        `ca_file`: where the process sees the CA (in a pod, a mounted copy). Go never proxies loopback;
+        another listening address (a pod's way to the host) is exempted with NO_PROXY so that the direct
+        blob URLs are fetched straight."""
+        host = self.registry.host
+        env = {"HTTPS_PROXY": f"http://{host}:{self.proxy_port}", "SSL_CERT_FILE": ca_file or str(self.ca.ca_cert)}
+        if host != "127.0.0.1":
+            env["NO_PROXY"] = host
+        return env
 
 
 @contextmanager
-def running_registry(folder: Path) -> Iterator[RunningRegistry]:
-    ca = TestCA.create(folder)
+def running_registry(folder: Path, host: str = "127.0.0.1") -> Iterator[RunningRegistry]:
+    """The registry and its CONNECT proxy listening on `host`: loopback for local processes, the host's
+    end of a real node's veth for pods."""
+    ca = TestCA.create(folder, ip=host)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(ca.server_cert, ca.server_key)
-    registry = Registry()
+    registry = Registry(host=host)
     server = _RegistryServer(registry, context)
     registry.port = server.server_address[1]
     connects = ConnectLog()
-    proxy = _ProxyServer(registry.port, connects)
+    proxy = _ProxyServer((host, registry.port), connects)
     threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (server, proxy)]
     for t in threads:
         t.start()

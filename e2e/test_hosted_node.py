@@ -1,0 +1,171 @@
+"""Hosted mode in pods on the real node: the operator's Deployment runs the Ollama image built here
+(e2e/images.py: the source-built binary under the default image's ref), its pull-model init container
+pulls the generated tiny model from the stand-in registry, and a client pod reaches it through the Service.
+
+The stand-in registry and its CONNECT proxy listen on the host's end of the node's veth (10.<o>.255.1),
+the one host address the pod network reaches; nothing listens anywhere else. The ModelAPI passes what a
+cluster behind a corporate proxy would, in hostedConfig.env: HTTPS_PROXY, NO_PROXY for the direct blob
+URLs, and SSL_CERT_FILE pointing at the session's test CA, mounted from a ConfigMap through the podSpec
+override (which also places the pod on the real node).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from e2e import images, node
+from e2e.node import Net
+from e2e.ollama_registry import RunningRegistry, running_registry
+from e2e.operator_process import Kubectl, OperatorProcess, wait_until
+from e2e.tiny_model import registry_model
+from kaos_modelapi import ollama
+
+pytestmark = pytest.mark.cluster
+
+MODEL = "kaos-tiny:random"
+CA_DIR = "/etc/kaos-registry-ca"
+CA_CONFIGMAP = "registry-ca"
+# A cold pod: image already imported, `ollama serve` start, a 0.5 MB pull, on two shared cores.
+READY_TIMEOUT = 300.0
+CHAT_OPTIONS = {"num_predict": 8, "seed": 7}
+
+Obj = dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def pod_registry(real_node: Net, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
+    with running_registry(tmp_path_factory.mktemp("registry"), host=real_node.host_ip) as running:
+        running.registry.add(MODEL, registry_model())
+        yield running
+
+
+def ca_configmap(registry: RunningRegistry) -> Obj:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": CA_CONFIGMAP},
+            "data": {"ca.crt": registry.ca.ca_cert.read_text()}}
+
+
+def hosted(name: str, model: str, registry: RunningRegistry, **hosted_extra: Any) -> Obj:
+    """A Hosted ModelAPI as a user behind a proxy writes it, placed on the real node."""
+    env = registry.client_env(ca_file=f"{CA_DIR}/ca.crt")
+    mount = [{"name": CA_CONFIGMAP, "mountPath": CA_DIR, "readOnly": True}]
+    pod_spec = node.on_real_node({
+        "initContainers": [{"name": ollama.PULL_CONTAINER, "volumeMounts": mount}],
+        "containers": [{"name": "model-api", "volumeMounts": mount}],
+        "volumes": [{"name": CA_CONFIGMAP, "configMap": {"name": CA_CONFIGMAP}}],
+    })
+    return {
+        "apiVersion": "kaos.tools/v1alpha1", "kind": "ModelAPI", "metadata": {"name": name},
+        "spec": {"mode": "Hosted", "podSpec": pod_spec,
+                 "hostedConfig": {"model": model, "env": [{"name": k, "value": v} for k, v in env.items()],
+                                  **hosted_extra}},
+    }
+
+
+def client_pod() -> Obj:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client"},
+            "spec": node.on_real_node({"containers": [{"name": "main", "image": images.CLIENT_REF}]})}
+
+
+def apply(kubectl: Kubectl, namespace: str, *objs: Obj) -> None:
+    kubectl.apply(json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objs)}), namespace)
+
+
+def pods(kubectl: Kubectl, namespace: str, name: str) -> list[Obj]:
+    return kubectl.list("pods", namespace, f"modelapi={name}")
+
+
+def wait_ready(kubectl: Kubectl, namespace: str, name: str, timeout: float = READY_TIMEOUT) -> Obj:
+    try:
+        return kubectl.wait_phase(name, namespace, "Ready", timeout)
+    except AssertionError as err:
+        events = kubectl.run("get", "events", "-n", namespace, check=False).stdout
+        logs = kubectl.run("logs", "-n", namespace, "-l", f"modelapi={name}", "-c", ollama.PULL_CONTAINER,
+                           "--tail", "30", check=False)
+        raise AssertionError(f"{err}\npods: {pods(kubectl, namespace, name)}\nevents:\n{events}\n"
+                             f"pull-model log:\n{logs.stdout}{logs.stderr}") from None
+
+
+def client_call(kubectl: Kubectl, namespace: str, url: str, body: Obj | None = None) -> Obj:
+    args = ["exec", "-n", namespace, "client", "--", "kaos-http", "-m", "120"]
+    args += ["-d", json.dumps(body)] if body is not None else []
+    done = kubectl.run(*args, url)
+    result: Obj = json.loads(done.stdout)
+    return result
+
+
+def wait_client(kubectl: Kubectl, namespace: str) -> None:
+    def ready() -> bool:
+        obj = kubectl.get("pod", "client", namespace) or {}
+        return any(c["type"] == "Ready" and c["status"] == "True"
+                   for c in (obj.get("status") or {}).get("conditions") or [])
+
+    wait_until(ready, 120, "the client pod Ready")
+
+
+@pytest.fixture
+def hosted_env(kubectl: Kubectl, namespace: str, crd: str, operator: OperatorProcess,
+               node_images: dict[str, str], pod_registry: RunningRegistry) -> tuple[Kubectl, str, RunningRegistry]:
+    apply(kubectl, namespace, ca_configmap(pod_registry))
+    return kubectl, namespace, pod_registry
+
+
+async def test_a_hosted_modelapi_pulls_serves_and_answers_through_its_service(
+    hosted_env: tuple[Kubectl, str, RunningRegistry],
+) -> None:
+    kubectl, namespace, registry = hosted_env
+    pulls_before = len(registry.registry.seen())
+    apply(kubectl, namespace, hosted("tiny", MODEL, registry), client_pod())
+    status = wait_ready(kubectl, namespace, "tiny")
+    assert status["endpoint"] == f"http://modelapi-tiny.{namespace}.svc.cluster.local:{ollama.PORT}"
+    (pod,) = pods(kubectl, namespace, "tiny")
+    assert pod["spec"]["nodeName"] == node.NODE_NAME
+    (init,) = pod["status"]["initContainerStatuses"]
+    assert init["state"]["terminated"]["exitCode"] == 0
+    log = kubectl.run("logs", "-n", namespace, pod["metadata"]["name"], "-c", ollama.PULL_CONTAINER).stdout
+    assert f"pull-model: pulled {MODEL}" in log
+    # The pod fetched the manifest and every blob from the stand-in, through the proxy.
+    seen = registry.registry.seen()[pulls_before:]
+    assert any(r.path == "/v2/library/kaos-tiny/manifests/random" for r in seen)
+    assert {r.path.rsplit("/", 1)[1] for r in seen if r.path.startswith("/direct/") and r.method == "GET"} \
+        == set(registry_model().blobs)
+
+    wait_client(kubectl, namespace)
+    url = status["endpoint"]
+    tags = client_call(kubectl, namespace, f"{url}/api/tags")
+    assert [m["name"] for m in tags["models"]] == [MODEL]
+    answer = client_call(kubectl, namespace, f"{url}/api/chat", {
+        "model": MODEL, "stream": False, "options": CHAT_OPTIONS,
+        "messages": [{"role": "user", "content": "hello from a pod"}]})
+    assert answer["model"] == MODEL and answer["done"] is True
+    assert answer["message"]["role"] == "assistant"
+    assert 1 <= answer["eval_count"] <= CHAT_OPTIONS["num_predict"]
+
+
+async def test_an_unknown_model_fails_the_pull_the_pod_and_the_status(
+    hosted_env: tuple[Kubectl, str, RunningRegistry],
+) -> None:
+    kubectl, namespace, registry = hosted_env
+    apply(kubectl, namespace, hosted("missing", "no-such-model:1b", registry))
+    status = kubectl.wait_phase("missing", namespace, "Failed", READY_TIMEOUT)
+    (condition,) = status["conditions"]
+    assert condition["reason"] == "ModelPullFailed"
+    hint = f"kubectl logs -n {namespace} -l modelapi=missing -c {ollama.PULL_CONTAINER}"
+    assert "pulling model no-such-model:1b failed" in status["message"] and hint in status["message"]
+    # The pod: its init container failed (and is retried with back-off), the serving container never ran.
+    (pod,) = pods(kubectl, namespace, "missing")
+    (init,) = pod["status"]["initContainerStatuses"]
+    failed = (init.get("state") or {}).get("terminated") or (init.get("lastState") or {}).get("terminated")
+    assert failed and failed["exitCode"] != 0
+    assert pod["status"]["phase"] == "Pending"
+    # What the hint shows: the model and Ollama's own reason.
+    # (The init container is retried: wait for an attempt's log that got to the end.)
+    def failed_attempt_log() -> str | None:
+        out = kubectl.run(*hint.split()[1:], "--tail", "-1", check=False).stdout
+        return out if "pull-model: pulling no-such-model:1b failed" in out else None
+
+    log = wait_until(failed_attempt_log, 120, "the failed pull's log")
+    assert "file does not exist" in log
