@@ -77,6 +77,12 @@ class K8sModel(BaseModel):
         return schema
 
 
+def _single_node_store_with_replicas(spec: Any) -> bool:
+    hc = spec.hostedConfig
+    store = hc.modelStore if spec.mode == "Hosted" and hc is not None else None
+    return store is not None and store.accessMode in SINGLE_NODE_ACCESS and (spec.replicas or 0) > 1
+
+
 def _is_http_url(value: str | None) -> bool:
     if value is None:
         return True
@@ -220,6 +226,31 @@ class ProxyConfig(K8sModel):
     )
 
 
+# A Kubernetes quantity as storage sizes are written (e.g. 20Gi, 500M, 1.5Ti).
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
+# Access modes that let only one node (or one pod) mount the claim.
+SINGLE_NODE_ACCESS = ("ReadWriteOnce", "ReadWriteOncePod")
+
+
+class ModelStore(K8sModel):
+    """A PersistentVolumeClaim the ModelAPI owns, mounted where Ollama keeps its models."""
+
+    size: str = Field(
+        max_length=32, pattern=QUANTITY_PATTERN,
+        description="Requested storage, a Kubernetes quantity such as 20Gi. It can grow (if the storage class "
+        "allows expansion) but not shrink.",
+    )
+    storageClassName: str | None = Field(
+        default=None, max_length=253,
+        description="StorageClass of the claim; unset: the cluster's default class. Fixed once the claim exists.",
+    )
+    accessMode: Literal["ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany"] = Field(
+        default="ReadWriteOnce",
+        description="Access mode of the claim. ReadWriteOnce (default) and ReadWriteOncePod allow one replica; "
+        "ReadWriteMany lets every replica share the store. Fixed once the claim exists.",
+    )
+
+
 class HostedConfig(K8sModel):
     """Ollama settings: the model is pulled by the pull-model init container, then served."""
 
@@ -228,6 +259,13 @@ class HostedConfig(K8sModel):
     )
     env: list[EnvVar] | None = Field(
         default=None, max_length=256, description="Environment variables for the Ollama containers."
+    )
+    modelStore: ModelStore | None = Field(
+        default=None,
+        description="Keep the models on a PersistentVolumeClaim named modelapi-<name>-models that the ModelAPI "
+        "owns, instead of an emptyDir: a restarted or rolled pod finds the model and pulls nothing. Deleting "
+        "the ModelAPI (or this field) deletes the claim; its volume then follows the StorageClass's "
+        "reclaimPolicy.",
     )
 
 
@@ -299,6 +337,16 @@ class ModelAPISpec(K8sModel):
             check=lambda s: s.mode != "Hosted" or s.hostedConfig is not None,
             field_path=".hostedConfig",
             reason="FieldValueRequired",
+        ),
+        Rule(
+            cel="self.mode != 'Hosted' || !has(self.hostedConfig) || !has(self.hostedConfig.modelStore) || "
+            "!(self.hostedConfig.modelStore.accessMode in ['ReadWriteOnce', 'ReadWriteOncePod']) || "
+            "!has(self.replicas) || self.replicas <= 1",
+            message="at most 1 replica with a ReadWriteOnce or ReadWriteOncePod hostedConfig.modelStore: the "
+            "pods of other nodes could not mount it (use accessMode ReadWriteMany to share the store)",
+            check=lambda s: not _single_node_store_with_replicas(s),
+            field_path=".replicas",
+            reason="FieldValueForbidden",
         ),
     )
 

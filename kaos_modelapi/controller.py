@@ -32,7 +32,7 @@ NAME = "modelapi"
 FIELD_MANAGER = "kaos-modelapi"
 # Kinds the operator creates, in apply order (config before the pods that mount it).
 CHILD_RESOURCES: tuple[Resource, ...] = (
-    kube.CONFIGMAP, kube.SECRET, kube.DEPLOYMENT, kube.SERVICE, kube.PDB, kube.HTTPROUTE,
+    kube.CONFIGMAP, kube.SECRET, kube.PVC, kube.DEPLOYMENT, kube.SERVICE, kube.PDB, kube.HTTPROUTE,
 )
 SECRET_REF_INDEX = "secretRefs"
 Log = structlog.typing.FilteringBoundLogger
@@ -111,6 +111,7 @@ def watches(settings: Settings) -> Builder:
         .owns(owned(kube.DEPLOYMENT))
         .owns(owned(kube.SERVICE))
         .owns(owned(kube.PDB))  # only with more than one replica
+        .owns(owned(kube.PVC))  # Hosted with a model store only
         .watches(SECRETS, modelapis_using_secret)  # the user's Secrets it mounts or reads env from
         .watches(PODS, modelapi_of_pod)  # pod states feed the status; pods are the ReplicaSet's, found by label
     )

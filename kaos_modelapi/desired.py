@@ -315,8 +315,34 @@ def _hosted_pod_spec(m: ModelAPI, s: Settings) -> dict[str, Any]:
     return {
         "initContainers": [pull],
         "containers": [serve],
-        "volumes": [{"name": ollama.VOLUME_NAME, "emptyDir": {}}],
+        "volumes": [_model_volume(m)],
     }
+
+
+def model_store_name(name: str) -> str:
+    return f"{workload_name(name)}-models"
+
+
+def _model_volume(m: ModelAPI) -> dict[str, Any]:
+    """Where the models live: the ModelAPI's own claim when it asks for a store, else an emptyDir (gone with
+    the pod, so every new pod pulls again)."""
+    assert m.spec.hostedConfig is not None
+    if m.spec.hostedConfig.modelStore is None:
+        return {"name": ollama.VOLUME_NAME, "emptyDir": {}}
+    claim = {"claimName": model_store_name(m.metadata.name)}
+    return {"name": ollama.VOLUME_NAME, "persistentVolumeClaim": claim}
+
+
+def _model_store(m: ModelAPI) -> dict[str, Any] | None:
+    assert m.spec.hostedConfig is not None
+    store = m.spec.hostedConfig.modelStore
+    if store is None:
+        return None
+    spec: dict[str, Any] = {"accessModes": [store.accessMode],
+                            "resources": {"requests": {"storage": store.size}}}
+    if store.storageClassName is not None:
+        spec["storageClassName"] = store.storageClassName
+    return _object("v1", "PersistentVolumeClaim", _metadata(m, model_store_name(m.metadata.name)), spec=spec)
 
 
 # --- shared children -------------------------------------------------------------------------------------
@@ -453,7 +479,8 @@ def build(m: ModelAPI, s: Settings, config_secret_version: str | None = None) ->
             config_data = {"secretResourceVersion": config_secret_version or ""}
     else:
         assert m.spec.hostedConfig is not None
-        children, notes = [], ()
+        store = _model_store(m)
+        children, notes = ([store] if store is not None else []), ()
         pod_spec, port, model = _hosted_pod_spec(m, s), ollama.PORT, m.spec.hostedConfig.model
         config_data = None
     notes = (*notes, *_ignored_block(m))

@@ -80,6 +80,7 @@ LEASE = Resource("coordination.k8s.io", "v1", "leases", "Lease")
 NAMESPACE = Resource("", "v1", "namespaces", "Namespace", namespaced=False)
 POD = Resource("", "v1", "pods", "Pod")
 PDB = Resource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
+PVC = Resource("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
 
 DEFAULT_RESOURCES: tuple[Resource, ...] = (
     MODELAPI,
@@ -93,6 +94,7 @@ DEFAULT_RESOURCES: tuple[Resource, ...] = (
     NAMESPACE,
     POD,
     PDB,
+    PVC,
 )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from kaos_modelapi import desired, litellm, ollama
 from kaos_modelapi.api import ModelAPI
@@ -346,3 +347,55 @@ def test_the_seeds_reference_example_uses_the_block_its_mode_names() -> None:
     hosted = desired.build(modelapi({**both, "mode": "Hosted"}), Settings())
     assert "proxyConfig is ignored because mode is Hosted" in hosted.notes
     assert [c["kind"] for c in hosted.children] == ["Deployment", "Service"]
+
+
+# --- Hosted model store --------------------------------------------------------------------------------
+
+
+def _with_store(**store: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = copy.deepcopy(HOSTED)
+    spec["hostedConfig"]["modelStore"] = {"size": "20Gi", **store}
+    return spec
+
+
+def test_a_model_store_is_a_claim_the_modelapi_owns_mounted_where_ollama_keeps_models() -> None:
+    objs = children(modelapi(_with_store(storageClassName="fast")))
+    claim = objs["PersistentVolumeClaim/modelapi-m-models"]
+    assert claim["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "20Gi"}},
+                             "storageClassName": "fast"}
+    assert claim["metadata"]["ownerReferences"][0]["kind"] == "ModelAPI"
+    pod = objs["Deployment/modelapi-m"]["spec"]["template"]["spec"]
+    assert pod["volumes"] == [{"name": "ollama-data", "persistentVolumeClaim": {"claimName": "modelapi-m-models"}}]
+    for c in (container(objs, "pull-model", "initContainers"), container(objs, "model-api")):
+        assert c["volumeMounts"] == [{"name": "ollama-data", "mountPath": ollama.DATA_DIR}]
+
+
+def test_without_a_store_class_the_claim_leaves_it_to_the_cluster_default() -> None:
+    claim = children(modelapi(_with_store(accessMode="ReadWriteMany")))["PersistentVolumeClaim/modelapi-m-models"]
+    assert "storageClassName" not in claim["spec"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_no_claim_in_proxy_mode_even_with_an_ignored_hosted_store() -> None:
+    spec = {"mode": "Proxy", "proxyConfig": {"model": "m"}, **{"hostedConfig": _with_store()["hostedConfig"]}}
+    assert not [k for k in children(modelapi(spec)) if k.startswith("PersistentVolumeClaim/")]
+
+
+@pytest.mark.parametrize(("access", "replicas", "refused"), [
+    ("ReadWriteOnce", 2, True), ("ReadWriteOncePod", 3, True), ("ReadWriteOnce", 1, False),
+    ("ReadWriteMany", 3, False), ("ReadWriteOnce", None, False),
+])
+def test_more_than_one_replica_needs_a_shared_store(access: str, replicas: int | None, refused: bool) -> None:
+    spec = _with_store(accessMode=access)
+    if replicas is not None:
+        spec["replicas"] = replicas
+    if refused:
+        with pytest.raises(ValidationError, match="replicas: at most 1 replica"):
+            modelapi(spec)
+    else:
+        modelapi(spec)
+
+
+def test_a_store_size_must_be_a_quantity() -> None:
+    with pytest.raises(ValidationError, match="size"):
+        modelapi(_with_store(size="twenty gigs"))

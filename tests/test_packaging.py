@@ -312,14 +312,15 @@ def test_rbac_is_least_privilege(helm: str, source: str) -> None:
         # hand edit server-side apply cannot (a duplicate list item) on the children it creates.
         assert verb not in {"escalate", "bind", "impersonate", "deletecollection", "update"} or (
             verb == "update" and resource in {"modelapis/finalizers", "deployments", "services", "configmaps",
-                                              "httproutes", "poddisruptionbudgets"}
+                                              "httproutes", "poddisruptionbudgets",
+                                              "persistentvolumeclaims"}
         ), (group, resource, verb)
     assert {v for g, r, v in manager if (g, r) == ("", "secrets")} <= SECRET_VERBS
     assert {(g, r) for g, r, _ in manager} == {
         ("kaos.tools", "modelapis"), ("kaos.tools", "modelapis/status"), ("kaos.tools", "modelapis/finalizers"),
         ("apps", "deployments"), ("", "services"), ("", "configmaps"), ("", "secrets"), ("", "pods"),
         ("gateway.networking.k8s.io", "httproutes"), ("events.k8s.io", "events"),
-        ("policy", "poddisruptionbudgets"),
+        ("policy", "poddisruptionbudgets"), ("", "persistentvolumeclaims"),
     }
     assert {v for g, r, v in manager if r == "pods"} == {"list", "watch"}
     assert {(g, r) for g, r, _ in lease} == {("coordination.k8s.io", "leases")}
