@@ -459,8 +459,11 @@ class Process:
         return f"http://127.0.0.1:{self.port(port)}"
 
     def probe(self, kind: str = "readinessProbe", timeout: float = 5.0) -> int:
-        """One httpGet probe as the kubelet sends it; the status code, or 0 when nothing answered."""
+        """One httpGet probe as the kubelet sends it; the status code, or 0 when nothing answered. An exec
+        probe runs its command with the container's environment: 200 when it exits 0, else 0."""
         spec = self.container.get(kind)
+        if spec is not None and "exec" in spec:
+            return self._exec_probe(spec, max(timeout, float(spec.get("timeoutSeconds", 1))))
         if spec is None or "httpGet" not in spec:
             raise PodError(f"container {self.container['name']} has no httpGet {kind}")
         get = spec["httpGet"]
@@ -476,6 +479,15 @@ class Process:
             return int(e.code)
         except OSError:
             return 0
+
+    def _exec_probe(self, spec: Obj, timeout: float) -> int:
+        _, env = self.pod.argv(self.container["name"])
+        try:
+            done = subprocess.run(spec["exec"]["command"], env=env, capture_output=True, timeout=timeout,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return 0
+        return 200 if done.returncode == 0 else 0
 
     def alive(self) -> bool:
         return self.popen.poll() is None

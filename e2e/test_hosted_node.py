@@ -1,6 +1,9 @@
 """Hosted mode in pods on the real node: the operator's Deployment runs the Ollama image built here
 (e2e/images.py: the source-built binary under the default image's ref), its pull-model init container
 pulls the generated tiny model from the stand-in registry, and a client pod reaches it through the Service.
+With a model store, a restarted or rolled pod finds the model on the ModelAPI's PersistentVolumeClaim and
+downloads nothing (`ollama pull` reads the manifest, finds every blob, transfers none: counted at the
+stand-in registry).
 
 The stand-in registry and its CONNECT proxy listen on the host's end of the node's veth (10.<o>.255.1),
 the one host address the pod network reaches; nothing listens anywhere else. The ModelAPI passes what a
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -137,6 +141,8 @@ async def test_a_hosted_modelapi_pulls_serves_and_answers_through_its_service(
     url = status["endpoint"]
     tags = client_call(kubectl, namespace, f"{url}/api/tags")
     assert [m["name"] for m in tags["models"]] == [MODEL]
+    # Ready means loaded: the model is in memory before the first request.
+    assert [m["name"] for m in client_call(kubectl, namespace, f"{url}/api/ps")["models"]] == [MODEL]
     answer = client_call(kubectl, namespace, f"{url}/api/chat", {
         "model": MODEL, "stream": False, "options": CHAT_OPTIONS,
         "messages": [{"role": "user", "content": "hello from a pod"}]})
@@ -169,3 +175,103 @@ async def test_an_unknown_model_fails_the_pull_the_pod_and_the_status(
 
     log = wait_until(failed_attempt_log, 120, "the failed pull's log")
     assert "file does not exist" in log
+
+
+# --- the model store --------------------------------------------------------------------------------------
+# The local cluster has no storage provisioner: the test makes a PersistentVolume by hand (a hostPath folder
+# in the test's temporary folder, storage class kaos-static, pre-bound to the claim the operator will
+# create), as the administrator of a cluster with static volumes would. The control plane runs the
+# PersistentVolume binder and the protection controllers (e2e/controlplane/main.go).
+
+STORE_CLASS = "kaos-static"
+
+
+
+def static_volume(name: str, folder: Path, namespace: str, claim: str) -> Obj:
+    return {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
+            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                     "storageClassName": STORE_CLASS, "persistentVolumeReclaimPolicy": "Retain",
+                     "hostPath": {"path": str(folder), "type": "DirectoryOrCreate"},
+                     "claimRef": {"namespace": namespace, "name": claim}}}
+
+
+def blob_downloads(registry: RunningRegistry, since: int) -> list[str]:
+    return [r.path for r in registry.registry.seen()[since:] if r.path.startswith("/direct/") and r.method == "GET"]
+
+
+def manifest_reads(registry: RunningRegistry, since: int) -> int:
+    return sum(1 for r in registry.registry.seen()[since:] if r.path.endswith("/manifests/random"))
+
+
+def wait_new_ready_pod(kubectl: Kubectl, namespace: str, name: str, old: set[str]) -> Obj:
+    """Until the ModelAPI is Ready again on pods none of which is in `old` (uids)."""
+    def fresh() -> Obj | None:
+        live = [p for p in pods(kubectl, namespace, name) if not p["metadata"].get("deletionTimestamp")]
+        ready = [p for p in live if any(c["type"] == "Ready" and c["status"] == "True"
+                                        for c in (p.get("status") or {}).get("conditions") or [])]
+        if ready and not {p["metadata"]["uid"] for p in live} & old:
+            return ready[0]
+        return None
+
+    pod: Obj = wait_until(fresh, READY_TIMEOUT, f"new Ready pods of {name}")
+    wait_ready(kubectl, namespace, name)
+    return pod
+
+
+async def test_a_restart_and_a_roll_find_the_model_in_the_store(
+    hosted_env: tuple[Kubectl, str, RunningRegistry], tmp_path: Path,
+) -> None:
+    kubectl, namespace, registry = hosted_env
+    claim = "modelapi-store-models"
+    volume = f"kaos-store-{namespace}"
+    kubectl.run("apply", "-f", "-", stdin=json.dumps(static_volume(volume, tmp_path / "store", namespace, claim)))
+    try:
+        start = len(registry.registry.seen())
+        store = {"size": "64Mi", "storageClassName": STORE_CLASS}
+        apply(kubectl, namespace, hosted("store", MODEL, registry, modelStore=store))
+        wait_ready(kubectl, namespace, "store")
+        assert sorted(p.rsplit("/", 1)[1] for p in blob_downloads(registry, start)) == sorted(registry_model().blobs)
+        pvc = kubectl.get("pvc", claim, namespace)
+        assert pvc is not None and pvc["status"]["phase"] == "Bound" and pvc["spec"]["volumeName"] == volume
+        assert pvc["metadata"]["ownerReferences"][0]["name"] == "store"
+
+        # A restart: the pod is deleted, its ReplicaSet makes a new one, whose pull finds every blob.
+        (first,) = pods(kubectl, namespace, "store")
+        mark = len(registry.registry.seen())
+        kubectl.run("delete", "pod", "-n", namespace, first["metadata"]["name"], "--wait=false")
+        second = wait_new_ready_pod(kubectl, namespace, "store", {first["metadata"]["uid"]})
+        log = kubectl.run("logs", "-n", namespace, second["metadata"]["name"], "-c", "pull-model").stdout
+        assert f"pull-model: pulled {MODEL}" in log
+        assert manifest_reads(registry, mark) >= 1, "the pull checked the registry for a newer manifest"
+        assert blob_downloads(registry, mark) == []
+
+        # A roll (a new ReplicaSet): the same.
+        mark = len(registry.registry.seen())
+        kubectl.run("rollout", "restart", "-n", namespace, "deployment/modelapi-store")
+        wait_new_ready_pod(kubectl, namespace, "store", {second["metadata"]["uid"]})
+        assert manifest_reads(registry, mark) >= 1
+        assert blob_downloads(registry, mark) == []
+
+        # Deleting the ModelAPI deletes its claim (owner reference); the volume follows its reclaim
+        # policy (Retain here: Released, the data kept).
+        kubectl.run("delete", "modelapi", "-n", namespace, "store", "--wait=false")
+        wait_until(lambda: kubectl.get("pvc", claim, namespace) is None, 120, "the claim deleted")
+        released = wait_until(lambda: (pv := kubectl.get("pv", volume, "default")) and
+                              pv["status"]["phase"] == "Released" and pv, 60, "the volume Released")
+        assert released["spec"]["persistentVolumeReclaimPolicy"] == "Retain"
+        assert (tmp_path / "store" / "models" / "manifests").is_dir()
+    finally:
+        kubectl.run("delete", "pv", volume, "--wait=false", check=False)
+
+
+async def test_a_single_node_store_with_replicas_is_refused_naming_the_field(kubectl: Kubectl, crd: str,
+                                                                              namespace: str) -> None:
+    spec = {"mode": "Hosted", "replicas": 2,
+            "hostedConfig": {"model": MODEL, "modelStore": {"size": "1Gi"}}}
+    obj = {"apiVersion": "kaos.tools/v1alpha1", "kind": "ModelAPI", "metadata": {"name": "two"}, "spec": spec}
+    done = kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(obj), check=False)
+    assert done.returncode != 0
+    assert "spec.replicas" in done.stderr and "at most 1 replica" in done.stderr, done.stderr
+    spec["hostedConfig"]["modelStore"] = {"size": "1Gi", "accessMode": "ReadWriteMany"}  # type: ignore[index]
+    done = kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(obj), check=False)
+    assert done.returncode == 0, done.stderr

@@ -155,6 +155,15 @@ def test_the_served_model_is_listed(served: Served) -> None:
     assert entry["size"] == sum(len(blob) for blob in registry_model().blobs.values())
 
 
+def test_ready_means_the_model_is_loaded(served: Served) -> None:
+    # The readiness probe passed (the fixture waited for it): the model is already in memory.
+    assert [m["name"] for m in served.call("/api/ps")["models"]] == [MODEL]
+    # Unloaded (a client's keep_alive 0), the next probe loads it again before it passes.
+    _unload(served)
+    assert served.process.probe("readinessProbe", timeout=120) == 200
+    assert [m["name"] for m in served.call("/api/ps")["models"]] == [MODEL]
+
+
 def test_chat_answers(served: Served) -> None:
     answer = served.call("/api/chat", {"model": MODEL, "stream": False, "options": CHAT_OPTIONS,
                                        "messages": [{"role": "user", "content": "hello tiny model"}]})

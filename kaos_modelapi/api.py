@@ -340,7 +340,8 @@ class ModelAPISpec(K8sModel):
         ),
         Rule(
             cel="self.mode != 'Hosted' || !has(self.hostedConfig) || !has(self.hostedConfig.modelStore) || "
-            "!(self.hostedConfig.modelStore.accessMode in ['ReadWriteOnce', 'ReadWriteOncePod']) || "
+            "(has(self.hostedConfig.modelStore.accessMode) && self.hostedConfig.modelStore.accessMode == "
+            "'ReadWriteMany') || "
             "!has(self.replicas) || self.replicas <= 1",
             message="at most 1 replica with a ReadWriteOnce or ReadWriteOncePod hostedConfig.modelStore: the "
             "pods of other nodes could not mount it (use accessMode ReadWriteMany to share the store)",

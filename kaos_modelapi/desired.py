@@ -307,10 +307,14 @@ def _hosted_pod_spec(m: ModelAPI, s: Settings) -> dict[str, Any]:
         "name": CONTAINER,
         "image": s.ollama_image,
         "ports": [{"name": "http", "containerPort": ollama.PORT, "protocol": "TCP"}],
-        "env": merge_env([{"name": "OLLAMA_HOST", "value": f"0.0.0.0:{ollama.PORT}"}], user_env),
+        # The readiness probe reads the model's name from the environment too (the operator's value wins).
+        "env": merge_env(merge_env([{"name": "OLLAMA_HOST", "value": f"0.0.0.0:{ollama.PORT}"}], user_env),
+                         [{"name": ollama.ENV_MODEL, "value": hc.model}]),
         "volumeMounts": data_mount,
         "livenessProbe": _http_probe(ollama.LIVENESS_PATH, periodSeconds=15, failureThreshold=4),
-        "readinessProbe": _http_probe(ollama.READINESS_PATH, periodSeconds=10),
+        "readinessProbe": {"exec": {"command": ["/bin/sh", "-c", ollama.READY_SCRIPT]},
+                           "periodSeconds": ollama.READY_PERIOD_SECONDS,
+                           "timeoutSeconds": ollama.READY_TIMEOUT_SECONDS},
     }
     return {
         "initContainers": [pull],

@@ -14,10 +14,22 @@ DATA_DIR: Final = "/root/.ollama"
 VOLUME_NAME: Final = "ollama-data"
 PULL_CONTAINER: Final = "pull-model"
 
-# GET / answers "Ollama is running" as soon as the server listens; /api/tags also reads the model store,
-# so readiness means the pulled model can be listed.
+# GET / answers "Ollama is running" as soon as the server listens: liveness.
 LIVENESS_PATH: Final = "/"
-READINESS_PATH: Final = "/api/tags"
+
+# Readiness means the configured model is present and loaded into memory, so a client's first request does
+# not pay the load. `ollama show` reads the local store only (a missing model fails it; `ollama run` would
+# pull a missing one); `ollama run` without a prompt (stdin empty) sends a generate request without a
+# prompt, which loads the model, sets its keep-alive (-1: until the server stops) and returns once it is
+# loaded (a model that cannot load fails it). Each probe repeats it: a model unloaded meanwhile (a client's
+# keep_alive: 0) is loaded again, and the pod is not Ready until it is. A loaded model makes it a no-op.
+READY_SCRIPT: Final = """\
+ollama show "$OLLAMA_MODEL" >/dev/null || exit 1
+err=$(ollama run --keepalive=-1s "$OLLAMA_MODEL" </dev/null 2>&1 >/dev/null) || { echo "$err" >&2; exit 1; }
+"""
+READY_PERIOD_SECONDS: Final = 5
+# The first probe loads the model: as long as the largest model takes to load from disk.
+READY_TIMEOUT_SECONDS: Final = 300
 
 ENV_MODEL: Final = "OLLAMA_MODEL"
 ENV_START_TIMEOUT: Final = "KAOS_OLLAMA_START_TIMEOUT"

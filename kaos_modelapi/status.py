@@ -115,7 +115,20 @@ def _deployment_verdict(m: ModelAPI, deployment: dict[str, Any], pods: tuple[dic
     if progressing.get("status") == "False":
         return Verdict("Failed", progressing.get("reason") or "ProgressDeadlineExceeded",
                        progressing.get("message") or "the Deployment is not making progress")
+    if m.spec.mode == "Hosted" and m.spec.hostedConfig and any(_loading(p) for p in live):
+        return Verdict("Pending", "LoadingModel", f"loading model {m.spec.hostedConfig.model} into memory")
     return Verdict("Pending", "PodsNotReady", f"waiting for pods to become ready ({ready}/{wanted})")
+
+
+def _loading(pod: dict[str, Any]) -> bool:
+    """The model is pulled and the server runs, but its readiness probe (the model loaded) has not passed."""
+    status = pod.get("status") or {}
+    pulled = any(i.get("name") == INIT_CONTAINER
+                 and ((i.get("state") or {}).get("terminated") or {}).get("exitCode") == 0
+                 for i in status.get("initContainerStatuses") or [])
+    serving = any(c.get("name") == CONTAINER and "running" in (c.get("state") or {}) and not c.get("ready")
+                  for c in status.get("containerStatuses") or [])
+    return pulled and serving
 
 
 def verdict(m: ModelAPI, built: Desired | SpecError, observed: Observed) -> Verdict:

@@ -191,6 +191,9 @@ def test_hosted_pulls_in_an_init_container_and_serves_on_11434() -> None:
     (serve,) = pod["containers"]
     assert serve["name"] == "model-api" and serve["image"] == ollama.DEFAULT_IMAGE
     assert serve["ports"][0]["containerPort"] == 11434
+    # Ready means the model is loaded: the probe runs the load script, with the model in the environment.
+    assert serve["readinessProbe"]["exec"]["command"] == ["/bin/sh", "-c", ollama.READY_SCRIPT]
+    assert env_of(serve)[ollama.ENV_MODEL] == "smollm2:135m"
     mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"] + serve["volumeMounts"]}
     assert mounts == {"ollama-data": ollama.DATA_DIR}
     assert pod["volumes"] == [{"name": "ollama-data", "emptyDir": {}}]

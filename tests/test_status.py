@@ -162,3 +162,24 @@ def test_scale_fields_say_pods_and_selector_and_ready_of_desired() -> None:
     assert compute(MOCK, status.Observed())["readiness"] == "0/1"
     scaled = modelapi({"mode": "Proxy", "proxyConfig": {"model": "x"}, "replicas": 4})
     assert compute(scaled, status.Observed())["readiness"] == "0/4"
+
+
+def test_a_pull_that_outlasts_the_progress_deadline_is_still_pulling() -> None:
+    # A large model on a slow link: the Deployment gives up on progress (600 s by default), the pull goes on.
+    running = {"name": "pull-model", "state": {"running": {"startedAt": EARLIER}}}
+    stuck = {"status": "False", "reason": "ProgressDeadlineExceeded",
+             "message": 'ReplicaSet "modelapi-m-1" has timed out progressing.'}
+    st = compute(HOSTED, status.Observed(deployment(progressing=stuck), (pod(init=[running]),)))
+    assert (st["phase"], st["conditions"][0]["reason"]) == ("Pending", "PullingModel")
+    assert st["message"] == "pulling model smollm2:135m"
+
+
+def test_loading_the_model_after_the_pull() -> None:
+    pulled = {"name": "pull-model", "state": {"terminated": {"exitCode": 0}}}
+    serving = {"name": "model-api", "state": {"running": {"startedAt": NOW}}, "ready": False}
+    st = compute(HOSTED, status.Observed(deployment(), (pod(init=[pulled], containers=[serving]),)))
+    assert (st["phase"], st["conditions"][0]["reason"]) == ("Pending", "LoadingModel")
+    assert st["message"] == "loading model smollm2:135m into memory"
+    # A Proxy pod in the same state is just not ready yet.
+    st = compute(MOCK, status.Observed(deployment(), (pod(containers=[serving]),)))
+    assert st["conditions"][0]["reason"] == "PodsNotReady"

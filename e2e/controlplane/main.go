@@ -60,12 +60,17 @@ const (
 
 // controllers run by kube-controller-manager: the workload controllers, garbage collection,
 // namespace deletion and what a namespace needs before pods can be created in it (the default
-// ServiceAccount, kube-root-ca.crt). Node, volume and cloud controllers have nothing to act on.
+// ServiceAccount, kube-root-ca.crt), and the volume controllers a PersistentVolumeClaim needs: the
+// binder (a claim binds to a matching PersistentVolume; a pod mounts only a Bound claim) and the two
+// protection controllers (admission puts their finalizers on every claim and volume; without them a
+// claim, and its namespace, would never finish deleting). Node and cloud controllers have nothing to
+// act on.
 var controllers = []string{
 	"deployment-controller", "replicaset-controller", "statefulset-controller", "daemonset-controller",
 	"job-controller", "cronjob-controller", "ttl-after-finished-controller", "disruption-controller",
 	"garbage-collector-controller", "namespace-controller", "serviceaccount-controller",
-	"root-ca-certificate-publisher-controller",
+	"root-ca-certificate-publisher-controller", "persistentvolume-binder-controller",
+	"persistentvolumeclaim-protection-controller", "persistentvolume-protection-controller",
 }
 
 type options struct {
