@@ -275,3 +275,7 @@ async def test_a_single_node_store_with_replicas_is_refused_naming_the_field(kub
     spec["hostedConfig"]["modelStore"] = {"size": "1Gi", "accessMode": "ReadWriteMany"}  # type: ignore[index]
     done = kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(obj), check=False)
     assert done.returncode == 0, done.stderr
+    # kubectl explain documents the store (the API server serves the CRD's schema).
+    explained = kubectl.run("explain", "modelapi.spec.hostedConfig.modelStore").stdout
+    assert "PersistentVolumeClaim" in explained
+    assert all(f in explained for f in ("size", "storageClassName", "accessMode")), explained
