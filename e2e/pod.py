@@ -255,9 +255,13 @@ class Pod:
         return sorted(mounts, key=lambda pair: len(pair[0]), reverse=True)
 
     def _rewrite_paths(self, text: str, mounts: list[tuple[str, Path]]) -> str:
-        for mount_path, local in mounts:
-            text = re.sub(re.escape(mount_path) + r"(?=/|$|[\s:;,'\"])", str(local).replace("\\", "\\\\"), text)
-        return text
+        # One pass, longest mount path first: a rewritten path must not be rewritten again (with an
+        # emptyDir at /tmp, a mount's local folder under /tmp would be), and /a/b wins over /a.
+        if not mounts:
+            return text
+        local = {mount_path: str(path) for mount_path, path in mounts}
+        alternatives = "|".join(re.escape(m) for m in sorted(local, key=len, reverse=True))
+        return re.sub(f"({alternatives})" + r"(?=/|$|[\s:;,'\"])", lambda match: local[match[1]], text)
 
     # env
 
