@@ -255,9 +255,13 @@ class Pod:
         return sorted(mounts, key=lambda pair: len(pair[0]), reverse=True)
 
     def _rewrite_paths(self, text: str, mounts: list[tuple[str, Path]]) -> str:
-        for mount_path, local in mounts:
-            text = re.sub(re.escape(mount_path) + r"(?=/|$|[\s:;,'\"])", str(local).replace("\\", "\\\\"), text)
-        return text
+        """One pass over the text (longest mount path first), so that a rewritten path is never rewritten
+        again by a shorter mount path, e.g. /tmp when the local dirs are under /tmp too."""
+        if not mounts:
+            return text
+        local = dict(mounts)
+        pattern = "|".join(re.escape(mount_path) for mount_path, _ in mounts)
+        return re.sub(f"({pattern})(?=/|$|[\\s:;,'\"])", lambda m: str(local[m.group(1)]), text)
 
     # env
 
