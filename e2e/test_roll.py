@@ -109,7 +109,8 @@ async def test_roll_and_scale_drop_no_request(kubectl: Kubectl, namespace: str, 
 
     kubectl.run("exec", "-n", namespace, "client", "--", "touch", "/tmp/stop")
     result = wait_until(lambda: client_file(kubectl, namespace, "/tmp/result.json"), 120, "the client's result")
-    print(f"\n{result['ok'] + len(result['failures'])} requests, {len(result['failures'])} failed; latency "
+    print(f"\n{result['ok'] + len(result['failures'])} requests, {len(result['failures'])} failed, "
+          f"{result['retries']} sent again on a new connection (kept one closed); latency "
           f"p50 {result['p50'] * 1000:.0f} ms, p99 {result['p99'] * 1000:.0f} ms, max {result['max'] * 1000:.0f} ms")
     failures = result["failures"]
     assert not failures, f"{len(failures)} requests failed, e.g. " + "; ".join(
