@@ -2,8 +2,8 @@
 
 - `kubeconfig` (session): path to an admin kubeconfig. In order of preference: $KUBECONFIG if it
   names an existing file (an existing cluster: kind, a real one), the control plane of `make cluster` if it is running
-  (left running afterwards), else a private control plane started for this session on free
-  ports and stopped at its end.
+  (left running afterwards; not `make dev`'s, whose pods go to the real node by default), else a private
+  control plane started for this session on free ports and stopped at its end.
 - `api_client` (session): a kubernetes_asyncio ApiClient for that kubeconfig.
 - `namespace` (function): a fresh namespace, ready for pods (its default ServiceAccount
   exists), deleted after the test.
@@ -30,13 +30,20 @@ def _wants_real_node(session: pytest.Session) -> bool:
     return any("real_node" in getattr(item, "fixturenames", ()) for item in session.items)
 
 
+def _runs_pods_on_the_real_node(state: Path) -> bool:
+    """`make dev`'s cluster sends pods to the real node by default; the tests expect the stand-in there."""
+    from e2e import node
+
+    return node.is_default(state)
+
+
 @pytest.fixture(scope="session")
 def kubeconfig(request: pytest.FixtureRequest) -> Iterator[str]:
     external = os.environ.get("KUBECONFIG", "")
     if any(Path(p).is_file() for p in external.split(os.pathsep) if p):
         yield external
         return
-    if cluster.is_running():
+    if cluster.is_running() and not _runs_pods_on_the_real_node(cluster.state_dir()):
         cluster.wait_ready()
         yield str(cluster.state_dir() / "kubeconfig")
         return

@@ -322,7 +322,13 @@ def test_failing_config_reports_the_kubelet_status_and_config_edits_roll_the_pod
     e = env
     status = wait_modelapi(e, "routed", phase="Failed", reason="ContainerFailing")
     assert f"kubectl logs -n {e.ns} -l modelapi=routed -c {CONTAINER} --previous" in status["message"]
-    logs = e.kubectl.run("logs", "-n", e.ns, "-l", "modelapi=routed", "-c", CONTAINER, "--previous").stdout
+
+    def previous_logs() -> str | None:
+        # The hint's command: it answers once the kubelet has restarted the container at least once.
+        done = e.kubectl.run("logs", "-n", e.ns, "-l", "modelapi=routed", "-c", CONTAINER, "--previous", check=False)
+        return done.stdout if done.returncode == 0 and done.stdout else None
+
+    logs = wait_until(previous_logs, 120, "the failed container's log")
     assert "kaos-litellm-boot: cannot load LiteLLM config" in logs
 
     # The fix: the config from a valid Secret, the key from another Secret in the env.
@@ -341,7 +347,9 @@ def test_failing_config_reports_the_kubelet_status_and_config_edits_roll_the_pod
     old_pod = wait_pod_ready(e, e.ns, "modelapi=routed")["metadata"]["name"]
 
     # An edit of the config rolls the pods; the new pod serves the new config.
-    edited = {"configYaml": {"fromString": routed_config(e.ns, fast_name="quick")}, "env": openai_env()}
+    # (A merge patch: null removes the Secret reference that the string replaces.)
+    edited = {"configYaml": {"fromSecretKeyRef": None, "fromString": routed_config(e.ns, fast_name="quick")},
+              "env": openai_env()}
     e.kubectl.run("patch", "modelapi", "routed", "-n", e.ns, "--type=merge",
                   "-p", json.dumps({"spec": {"proxyConfig": edited}}))
 
