@@ -120,7 +120,6 @@ def node_images(kubeconfig: str, real_node: object) -> dict[str, str]:
     """Every image of e2e/images.py (operator, LiteLLM, stub backend, client, base) imported into the real
     node under its exact ref: built once and cached, never pulled. Maps each ref to the name containerd
     stores it under."""
-    from e2e import images, node
+    from e2e import node
 
-    state = Path(kubeconfig).parent
-    return {ref: node.import_image(state, images.build(ref), ref) for ref in images.images()}
+    return node.import_all_images(Path(kubeconfig).parent)
