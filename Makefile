@@ -73,8 +73,11 @@ test: deps lint ## Run every test (they start a control plane, or use KUBECONFIG
 	cd $(ROOT) && $(VENV)/bin/python -m pytest -q
 
 .PHONY: dev
-dev: venv controlplane ## Local control plane + CRD + samples, then the operator in the foreground
-	@$(PYTHON) $(ROOT)/e2e/cluster.py up
+dev: venv controlplane ## Local control plane + CRD + samples (their pods on the real node when there is one), then the operator in the foreground
+	@# As root (unless KAOS_REAL_NODE=0): the real node's Debian packages and the images its pods run.
+	@if [ "$$(id -u)" = 0 ] && [ "$${KAOS_REAL_NODE:-}" != 0 ]; then \
+	  $(PYTHON) $(ROOT)/e2e/node.py deps && $(MAKE) --no-print-directory images; fi
+	@$(PYTHON) $(ROOT)/e2e/cluster.py dev
 	@$(VENV)/bin/kaos-modelapi crd | $(KUBECTL) apply -f - >/dev/null
 	@for i in $$(seq 30); do $(KUBECTL) wait --for=condition=Established crd/modelapis.kaos.tools \
 	  --timeout=5s >/dev/null 2>&1 && break; sleep 1; done  # (wait fails while the CRD has no status yet)

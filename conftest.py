@@ -2,8 +2,8 @@
 
 - `kubeconfig` (session): path to an admin kubeconfig. In order of preference: $KUBECONFIG if it
   names an existing file (an existing cluster: kind, a real one), the control plane of `make cluster` if it is running
-  (left running afterwards), else a private control plane started for this session on free
-  ports and stopped at its end.
+  (left running afterwards; not `make dev`'s, whose pods go to the real node by default), else a private
+  control plane started for this session on free ports and stopped at its end.
 - `api_client` (session): a kubernetes_asyncio ApiClient for that kubeconfig.
 - `namespace` (function): a fresh namespace, ready for pods (its default ServiceAccount
   exists), deleted after the test.
@@ -30,13 +30,20 @@ def _wants_real_node(session: pytest.Session) -> bool:
     return any("real_node" in getattr(item, "fixturenames", ()) for item in session.items)
 
 
+def _runs_pods_on_the_real_node(state: Path) -> bool:
+    """`make dev`'s cluster sends pods to the real node by default; the tests expect the stand-in there."""
+    from e2e import node
+
+    return node.is_default(state)
+
+
 @pytest.fixture(scope="session")
 def kubeconfig(request: pytest.FixtureRequest) -> Iterator[str]:
     external = os.environ.get("KUBECONFIG", "")
     if any(Path(p).is_file() for p in external.split(os.pathsep) if p):
         yield external
         return
-    if cluster.is_running():
+    if cluster.is_running() and not _runs_pods_on_the_real_node(cluster.state_dir()):
         cluster.wait_ready()
         yield str(cluster.state_dir() / "kubeconfig")
         return
@@ -113,7 +120,6 @@ def node_images(kubeconfig: str, real_node: object) -> dict[str, str]:
     """Every image of e2e/images.py (operator, LiteLLM, stub backend, client, base) imported into the real
     node under its exact ref: built once and cached, never pulled. Maps each ref to the name containerd
     stores it under."""
-    from e2e import images, node
+    from e2e import node
 
-    state = Path(kubeconfig).parent
-    return {ref: node.import_image(state, images.build(ref), ref) for ref in images.images()}
+    return node.import_all_images(Path(kubeconfig).parent)

@@ -4,6 +4,7 @@ As a script (the Makefile's `controlplane`, `cluster` and `cluster-down` targets
 
     python e2e/cluster.py build   # build the binary unless it is cached; print its path
     python e2e/cluster.py up      # start it in the background; kubeconfig in the state folder
+    python e2e/cluster.py dev     # up, then (with a real node) import the images and make pods run there
     python e2e/cluster.py down    # stop it and remove the state folder
     python e2e/cluster.py status
 
@@ -465,17 +466,10 @@ def main(argv: list[str]) -> int:
         if command == "build":
             print(build())
         elif command == "up":
-            if is_running(state):
-                print(f"the control plane is already running: export KUBECONFIG={state / 'kubeconfig'}")
-                return 0
-            began = time.monotonic()
-            real_node = want_real_node()
-            cluster = start(state, real_node=real_node)
-            nodes = "the stand-in node and the real node kaos-real-node" if real_node else "the stand-in node"
-            print(
-                f"control plane with {nodes} ready in {time.monotonic() - began:.1f} s on {cluster.server} "
-                f"(logs: {state / 'logs'}): export KUBECONFIG={cluster.kubeconfig}"
-            )
+            up(state)
+        elif command == "dev":
+            up(state)
+            dev_node(state)
         elif command == "down":
             print("control plane stopped" if stop(state) else "no control plane was running")
             from e2e import node
@@ -488,12 +482,42 @@ def main(argv: list[str]) -> int:
                 print("not running")
                 return 1
         else:
-            print(f"usage: {argv[0]} build|up|down|status", file=sys.stderr)
+            print(f"usage: {argv[0]} build|up|dev|down|status", file=sys.stderr)
             return 2
     except ClusterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def up(state: Path) -> None:
+    if is_running(state):
+        print(f"the control plane is already running: export KUBECONFIG={state / 'kubeconfig'}")
+        return
+    began = time.monotonic()
+    real_node = want_real_node()
+    cluster = start(state, real_node=real_node)
+    nodes = "the stand-in node and the real node kaos-real-node" if real_node else "the stand-in node"
+    print(
+        f"control plane with {nodes} ready in {time.monotonic() - began:.1f} s on {cluster.server} "
+        f"(logs: {state / 'logs'}): export KUBECONFIG={cluster.kubeconfig}"
+    )
+
+
+def dev_node(state: Path) -> None:
+    """`make dev`: with a real node, pods run there by default (the samples have no nodeSelector) and
+    every image they name that e2e/images.py builds is in its containerd; without one, nothing changes."""
+    from e2e import node
+
+    if node.record_for(state) is None:
+        print("no real node (KAOS_REAL_NODE=0, or not root, or its packages missing): "
+              "the samples' pods go to the stand-in node, which marks them Ready without running them")
+        return
+    began = time.monotonic()
+    node.import_all_images(state)
+    node.make_default(state)
+    print(f"images imported in {time.monotonic() - began:.1f} s; pods run on the real node "
+          f"{node.NODE_NAME} by default (the stand-in is tainted {node.STAND_IN_TAINT})")
 
 
 def want_real_node() -> bool:

@@ -395,6 +395,37 @@ def node_ready(state: Path) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in node.get("status", {}).get("conditions", []))
 
 
+STAND_IN_NODE = "kaos-node"
+# `make dev` taints the stand-in with this, so that pods that do not tolerate it run on the real node.
+STAND_IN_TAINT = "kaos.tools/stand-in"
+DEV_MARK = "dev-mode"  # a file in the state folder: the cluster runs its pods on the real node (make_default)
+
+
+def make_default(state: Path) -> None:
+    """Make the real node where pods go by default (`make dev`): lift its taint and taint the stand-in
+    instead, so that pods written without any nodeSelector or toleration (the samples) run as containers.
+    A pod can still go to the stand-in by tolerating `kaos.tools/stand-in`."""
+    _api(state, "PATCH", f"/api/v1/nodes/{NODE_NAME}", {"spec": {"taints": None}})
+    _api(state, "PATCH", f"/api/v1/nodes/{STAND_IN_NODE}", {"spec": {"taints": [
+        {"key": STAND_IN_TAINT, "value": "true", "effect": "NoSchedule"}]}})
+    (state / DEV_MARK).touch()
+
+
+def is_default(state: Path) -> bool:
+    return (state / DEV_MARK).exists()
+
+
+def import_all_images(state: Path, log_fn: Callable[[str], None] = cluster.say) -> dict[str, str]:
+    """Every image of e2e/images.py (built unless cached) imported into the node under its exact ref."""
+    from e2e import images
+
+    imported = {}
+    for ref in images.images():
+        imported[ref] = import_image(state, images.build(ref), ref)
+        log_fn(f"image {ref} imported into {NODE_NAME}")
+    return imported
+
+
 # ------------------------------------------------------------------------------- configuration
 
 

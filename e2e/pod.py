@@ -255,13 +255,13 @@ class Pod:
         return sorted(mounts, key=lambda pair: len(pair[0]), reverse=True)
 
     def _rewrite_paths(self, text: str, mounts: list[tuple[str, Path]]) -> str:
-        # One pass, longest mount path first: a rewritten path must not be rewritten again (with an
-        # emptyDir at /tmp, a mount's local folder under /tmp would be), and /a/b wins over /a.
+        """One pass over the text (longest mount path first), so that a rewritten path is never rewritten
+        again by a shorter mount path, e.g. /tmp when the local dirs are under /tmp too."""
         if not mounts:
             return text
-        local = {mount_path: str(path) for mount_path, path in mounts}
-        alternatives = "|".join(re.escape(m) for m in sorted(local, key=len, reverse=True))
-        return re.sub(f"({alternatives})" + r"(?=/|$|[\s:;,'\"])", lambda match: local[match[1]], text)
+        local = dict(mounts)
+        pattern = "|".join(re.escape(mount_path) for mount_path, _ in mounts)
+        return re.sub(f"({pattern})(?=/|$|[\\s:;,'\"])", lambda m: str(local[m.group(1)]), text)
 
     # env
 

@@ -30,6 +30,7 @@ MANAGED_BY = "kaos-modelapi"
 MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"  # every child and pod carries it
 CONFIG_HASH_ANNOTATION = "kaos.tools/config-hash"
 PRESTOP_SECONDS = 5
+DRAIN_SECONDS = 125  # the HTTPRoute's default request timeout (api.DEFAULT_ROUTE_TIMEOUT) and a margin
 
 
 class SpecError(Exception):
@@ -269,6 +270,9 @@ def _proxy_pod_spec(m: ModelAPI, s: Settings, plan: _ProxyPlan) -> dict[str, Any
     return {
         "containers": [container],
         "volumes": [plan.config_volume, {"name": "litellm-runtime", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+        # A stopping pod finishes its requests in flight, up to the HTTPRoute's default timeout (streamed answers
+        # of slow models are long); it exits as soon as they are done, so this costs nothing otherwise.
+        "terminationGracePeriodSeconds": PRESTOP_SECONDS + DRAIN_SECONDS,
     }
 
 

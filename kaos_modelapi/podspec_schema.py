@@ -118,6 +118,10 @@ _INT_OR_STRING: Mapping[str, Any] = {
     "x-kubernetes-int-or-string": True,
     "anyOf": [{"type": "integer"}, {"type": "string"}],
 }
+# A resource.Quantity's syntax, as controller-gen writes it into CRDs: a bad one (`cpu: lots`) is refused when
+# the ModelAPI is applied, naming the field, instead of failing the Deployment later (a 500, not a 422).
+QUANTITY_PATTERN = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]"
+                    r"|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
 _COPIED_KEYS = (
     "format",
     "enum",
@@ -149,7 +153,9 @@ def _crd_node(node: SchemaNode, map_keys: tuple[str, ...] = (), retain_keys: boo
     kind = node.kind
     if kind == "scalar-union":
         # IntOrString and Quantity: `cpu: 1` and `memory: 1Gi` must both validate.
-        return dict(_INT_OR_STRING)
+        if node.raw.get("format") == "int-or-string":
+            return dict(_INT_OR_STRING)
+        return {**_INT_OR_STRING, "pattern": QUANTITY_PATTERN}
     out: dict[str, Any] = {"type": "object" if kind in ("struct", "map", "free-form") else kind}
     out.update({k: node.raw[k] for k in _COPIED_KEYS if k in node.raw})
     if kind == "struct":

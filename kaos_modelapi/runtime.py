@@ -113,28 +113,28 @@ class Builder:
     def __init__(self, name: str) -> None:
         self.name = name
         self.primary: CacheSpec | None = None
-        self.watches_: list[Watch] = []
+        self.sources: list[Watch] = []
 
     def for_(self, cache: CacheSpec) -> Builder:
         self.primary = cache
-        self.watches_.append(Watch(cache, _own_key))
+        self.sources.append(Watch(cache, _own_key))
         return self
 
     def owns(self, cache: CacheSpec) -> Builder:
         if self.primary is None:
             raise ValueError("call for_() before owns()")
-        self.watches_.append(Watch(cache, owner_keys(self.primary.resource)))
+        self.sources.append(Watch(cache, owner_keys(self.primary.resource)))
         return self
 
     def watches(self, cache: CacheSpec, map_fn: MapFunc) -> Builder:
-        self.watches_.append(Watch(cache, map_fn))
+        self.sources.append(Watch(cache, map_fn))
         return self
 
     def complete(self, reconciler: Reconciler, *, workers: int, resync_seconds: float, metrics: Metrics,
                  log: Log) -> Controller:
         if self.primary is None:
             raise ValueError("a controller needs for_()")
-        return Controller(self.name, self.primary, tuple(self.watches_), reconciler, workers=workers,
+        return Controller(self.name, self.primary, tuple(self.sources), reconciler, workers=workers,
                           resync_seconds=resync_seconds, metrics=metrics, log=log)
 
 

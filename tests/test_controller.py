@@ -83,7 +83,7 @@ def stores_of(objects: list[Obj]) -> Stores:
     client = RecordingClient()
     for obj in objects:
         by_resource.setdefault(client.resource_for(obj), []).append(obj)
-    for spec in controller.watches(Settings()).watches_:
+    for spec in controller.watches(Settings()).sources:
         if spec.cache.resource in stores:
             continue
         store = Store(spec.cache.indexers)
@@ -304,7 +304,7 @@ def test_a_secret_finds_the_modelapis_that_reference_it_in_its_own_namespace() -
 def wakes(obj: Obj, objects: list[Obj]) -> set[str]:
     """The keys every watch declared in controller.watches() enqueues for an event on `obj`."""
     stores = stores_of(objects)
-    return {k for w in controller.watches(Settings()).watches_ if w.cache.resource.kind == obj["kind"]
+    return {k for w in controller.watches(Settings()).sources if w.cache.resource.kind == obj["kind"]
             for k in w.map(obj, stores)}
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from kaos_modelapi import podspec_schema
 from kaos_modelapi.podspec_schema import kubernetes_source, pod_spec_schema, podspec_crd_schema, unknown_fields
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +31,7 @@ CRD_KEYS = {
     "default",
     "nullable",
     "anyOf",
+    "pattern",
     "x-kubernetes-int-or-string",
     "x-kubernetes-preserve-unknown-fields",
     "x-kubernetes-list-type",
@@ -131,6 +133,14 @@ def test_only_crd_keys_and_no_refs_or_patch_metadata() -> None:
     for path, node in nodes(SCHEMA):
         assert set(node) <= CRD_KEYS, f"{path}: {set(node) - CRD_KEYS}"
         assert "required" not in node, path
+
+
+def test_quantities_carry_their_syntax_and_int_or_string_ports_do_not() -> None:
+    container = SCHEMA["properties"]["containers"]["items"]["properties"]
+    limit = container["resources"]["properties"]["limits"]["additionalProperties"]
+    assert limit["pattern"] == podspec_schema.QUANTITY_PATTERN and limit["x-kubernetes-int-or-string"]
+    port = container["readinessProbe"]["properties"]["httpGet"]["properties"]["port"]
+    assert "pattern" not in port and port["x-kubernetes-int-or-string"]
 
 
 def test_description_only_at_the_top() -> None:

@@ -1,0 +1,103 @@
+"""A steady stream of chat requests, run in the client image (python3, standard library only) by
+e2e/test_roll.py: `python3 -c <this file's text>` with URL and MODEL in the environment.
+
+Two workers send requests back to back, each on a fresh connection (what a client sees of a roll, without
+the question of how a pool reuses connections to a pod that is going away). A third keeps one keep-alive
+connection, as a pooled client (the openai SDK, httpx) does, and like those retries a request once on a new
+connection when the kept one was closed before any answer came (counted in `retries`). The Service's name is resolved
+once: the ClusterIP never changes, and a DNS hiccup on a loaded machine is not what this measures.
+Progress (ok/failed counts) is rewritten to /tmp/progress after every request; after /tmp/stop appears,
+the workers finish their request in flight and /tmp/result.json holds every failure and the latencies.
+"""
+
+import http.client
+import json
+import os
+import socket
+import threading
+import time
+import urllib.parse
+
+WORKERS = 2
+TIMEOUT = 60.0
+
+url = urllib.parse.urlsplit(os.environ["URL"])
+address = socket.gethostbyname(url.hostname or "")
+port = url.port or 80
+body = json.dumps({"model": os.environ["MODEL"], "messages": [{"role": "user", "content": "ping"}],
+                   "mock_response": "pong"})
+headers = {"Content-Type": "application/json", "Host": url.netloc}
+lock = threading.Lock()
+latencies: list[float] = []
+failures: list[dict[str, object]] = []
+
+
+def write(path: str, data: object) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f)
+    os.replace(path + ".tmp", path)
+
+
+retries = 0
+# What the kept connection's peer closing it looks like, before any answer (safe to send again).
+CLOSED = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+
+
+def send(conn: http.client.HTTPConnection) -> tuple[int, str]:
+    conn.request("POST", "/v1/chat/completions", body, headers)
+    resp = conn.getresponse()
+    text = resp.read().decode(errors="replace")  # on `Connection: close`, http.client reconnects next time
+    return resp.status, ("" if resp.status == 200 and "pong" in text else text[:300])
+
+
+def one(conn: http.client.HTTPConnection | None) -> None:
+    global retries
+    began = time.monotonic()
+    fresh = conn or http.client.HTTPConnection(address, port, timeout=TIMEOUT)
+    try:
+        try:
+            status, error = send(fresh)
+        except CLOSED:
+            if conn is None:
+                raise
+            conn.close()
+            with lock:
+                retries += 1
+            status, error = send(conn)
+    except Exception as err:  # every failure is a result, not a crash
+        status, error = 0, repr(err)
+        fresh.close()
+    finally:
+        if conn is None:
+            fresh.close()
+    took = time.monotonic() - began
+    with lock:
+        if error:
+            failures.append({"at": time.time(), "status": status, "error": error, "seconds": round(took, 3),
+                             "pooled": conn is not None})
+        else:
+            latencies.append(took)
+        write("/tmp/progress", {"ok": len(latencies), "failed": len(failures)})
+
+
+def worker(pooled: bool) -> None:
+    conn = http.client.HTTPConnection(address, port, timeout=TIMEOUT) if pooled else None
+    while not os.path.exists("/tmp/stop"):
+        one(conn)
+
+
+threads = [threading.Thread(target=worker, args=(i == WORKERS,)) for i in range(WORKERS + 1)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+latencies.sort()
+
+
+def quantile(q: float) -> float:
+    return latencies[min(len(latencies) - 1, int(len(latencies) * q))] if latencies else 0.0
+
+
+write("/tmp/result.json", {"ok": len(latencies), "failures": failures, "retries": retries, "p50": quantile(0.5),
+                           "p99": quantile(0.99), "max": latencies[-1] if latencies else 0.0})
+time.sleep(3600)  # stay up so that the test can read the result
