@@ -10,6 +10,8 @@ from .api import ModelAPI
 from .desired import CONTAINER, INIT_CONTAINER, Desired, SecretRef, SpecError, selector_labels
 
 # Container states that will not heal by waiting: the user has to look (and the message says where).
+# The container never started because its image could not be had: its logs are empty, describe says why.
+_IMAGE_WAIT_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
 _FAILING_WAIT_REASONS = frozenset({
     "CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff", "InvalidImageName",
     "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
@@ -69,12 +71,25 @@ def _unschedulable(status: dict[str, Any]) -> str | None:
     return None
 
 
+def _image_failure(m: ModelAPI, status: dict[str, Any]) -> Verdict | None:
+    for container in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in _IMAGE_WAIT_REASONS:
+            return Verdict("Failed", "ImagePullFailed",
+                           f"container {container.get('name')} cannot start: image {container.get('image')} "
+                           f"cannot be pulled ({waiting['reason']}); see kubectl describe pod -n "
+                           f"{m.metadata.namespace} -l modelapi={m.metadata.name}")
+    return None
+
+
 def _pod_verdict(m: ModelAPI, pod: dict[str, Any]) -> Verdict | None:
     """A verdict for a pod that is failing, unschedulable or still pulling its model; None when it tells
     nothing."""
     status = pod.get("status") or {}
     if (why := _unschedulable(status)) is not None:
         return Verdict("Pending", "Unschedulable", f"pod cannot be scheduled: {why}")
+    if (image := _image_failure(m, status)) is not None:
+        return image
     for init in status.get("initContainerStatuses") or []:
         failure = _container_failure(init)
         if failure and init.get("name") == INIT_CONTAINER and m.spec.hostedConfig:

@@ -183,3 +183,12 @@ def test_loading_the_model_after_the_pull() -> None:
     # A Proxy pod in the same state is just not ready yet.
     st = compute(MOCK, status.Observed(deployment(), (pod(containers=[serving]),)))
     assert st["conditions"][0]["reason"] == "PodsNotReady"
+
+
+def test_an_image_that_cannot_be_pulled_is_named_not_blamed_on_the_model() -> None:
+    waiting = {"name": "pull-model", "image": "docker.io/ollama/ollama:0.12.6",
+               "state": {"waiting": {"reason": "ImagePullBackOff"}}}
+    pods = ({"metadata": {"name": "p"}, "status": {"initContainerStatuses": [waiting]}},)
+    st = compute(HOSTED, status.Observed(deployment(), pods))
+    assert (st["phase"], st["conditions"][0]["reason"]) == ("Failed", "ImagePullFailed")
+    assert "docker.io/ollama/ollama:0.12.6" in st["message"] and "kubectl describe pod" in st["message"]
