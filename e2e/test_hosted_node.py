@@ -150,6 +150,17 @@ async def test_a_hosted_modelapi_pulls_serves_and_answers_through_its_service(
     assert answer["message"]["role"] == "assistant"
     assert 1 <= answer["eval_count"] <= CHAT_OPTIONS["num_predict"]
 
+    # A Proxy ModelAPI in wildcard mode in front of it: real LiteLLM in a pod to real Ollama in a pod.
+    proxy = {"apiVersion": "kaos.tools/v1alpha1", "kind": "ModelAPI", "metadata": {"name": "front"},
+             "spec": {"mode": "Proxy", "proxyConfig": {"apiBase": url}, "podSpec": node.on_real_node({})}}
+    apply(kubectl, namespace, proxy)
+    front = wait_ready(kubectl, namespace, "front")["endpoint"]
+    completion = client_call(kubectl, namespace, f"{front}/v1/chat/completions", {
+        "model": f"ollama_chat/{MODEL}", "max_tokens": CHAT_OPTIONS["num_predict"],
+        "messages": [{"role": "user", "content": "hello through the proxy"}]})
+    assert completion["choices"][0]["message"]["role"] == "assistant"
+    assert completion["usage"]["prompt_tokens"] > 0  # counted by Ollama, passed on by LiteLLM
+
 
 async def test_an_unknown_model_fails_the_pull_the_pod_and_the_status(
     hosted_env: tuple[Kubectl, str, RunningRegistry],
