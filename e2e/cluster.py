@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import os
 import re
@@ -46,6 +45,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a script: python e2e/cluster.py ...
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from e2e.buildcache import build_once
 
 REPO = Path(__file__).resolve().parent.parent
 BINARY_NAME = "kaos-controlplane"
@@ -134,22 +138,13 @@ def build(src: Path | None = None, log: Callable[[str], None] = say) -> Path:
     go = shutil.which("go")
     if go is None:
         raise ClusterError("`go` is not on PATH: install Go 1.26 (the control plane is built from source)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"waiting for another build of {target} ...")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.exists():  # the other build made it
-            return target
-        return _build_locked(go, src, target, log)
+    return build_once(target, lambda tmp: _build_into(go, src, tmp, log), log)
 
 
-def _build_locked(go: str, src: Path, target: Path, log: Callable[[str], None]) -> Path:
+def _build_into(go: str, src: Path, tmp: Path, log: Callable[[str], None]) -> None:
     version = kubernetes_version(src)
     major, minor = version.lstrip("v").split(".")[:2]
-    build_log = target.parent / "build.log"
+    build_log = tmp.parent / "build.log"
     # -p bounds the parallel compiles (each big k8s package takes 1-2 GB); the link is the
     # peak, about 3 GB. -s -w drops the symbol tables: a smaller binary and a faster link.
     ldflags = ["-s", "-w"]
@@ -160,7 +155,6 @@ def _build_locked(go: str, src: Path, target: Path, log: Callable[[str], None]) 
             f"-X {pkg}.gitMinor={minor}",
             f"-X {pkg}.gitTreeState=clean",
         ]
-    tmp = target.with_name(f".{BINARY_NAME}.{os.getpid()}.tmp")
     env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=readonly", "CGO_ENABLED": "0"}
     jobs = os.environ.get("KAOS_BUILD_JOBS", "2")
     steps = [
@@ -175,14 +169,11 @@ def _build_locked(go: str, src: Path, target: Path, log: Callable[[str], None]) 
             out.flush()
             code = subprocess.call(step, cwd=src, env=env, stdout=out, stderr=subprocess.STDOUT)
             if code != 0:
-                tmp.unlink(missing_ok=True)
                 raise ClusterError(
                     f"the control plane did not build ({_first_error(build_log)}): fix the sources in {src} "
                     f"and run `make controlplane` again; full output in {build_log}"
                 )
-    tmp.rename(target)
-    log(f"built {target} in {time.monotonic() - began:.0f} s")
-    return target
+    log(f"built {tmp.parent} in {time.monotonic() - began:.0f} s")
 
 
 def _first_error(build_log: Path) -> str:

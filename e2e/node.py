@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import hashlib
 import json
 import os
@@ -53,7 +52,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: python e2e/node.py ...
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from e2e import cluster
+from e2e import buildcache, cluster
 
 NODE_NAME = "kaos-real-node"
 # Pods opt in with this nodeSelector and a toleration of this taint; all others go to the stand-in.
@@ -229,27 +228,22 @@ def _go_build(src: Path, name: str, log_fn: Callable[[str], None]) -> Path:
     target = root / cluster.source_key(src) / name
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.exists():
-            return target
-        log_fn(f"building {name} from {src.relative_to(cluster.REPO)} ...")
-        began = time.monotonic()
-        tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
-        env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=readonly", "CGO_ENABLED": "0"}
-        build_log = target.parent / "build.log"
-        with open(build_log, "w") as out:
-            code = subprocess.call(
-                ["go", "build", f"-p={os.environ.get('KAOS_BUILD_JOBS', '2')}", "-trimpath", "-buildvcs=false",
-                 "-ldflags", "-s -w", "-o", str(tmp), "."],
-                cwd=src, env=env, stdout=out, stderr=subprocess.STDOUT)
-        if code != 0:
-            tmp.unlink(missing_ok=True)
-            raise NodeError(f"{name} did not build: see {build_log}")
-        tmp.rename(target)
-        log_fn(f"built {target} in {time.monotonic() - began:.0f} s")
-        return target
+    return buildcache.build_once(target, lambda tmp: _go_build_into(src, name, tmp, log_fn), log_fn)
+
+
+def _go_build_into(src: Path, name: str, tmp: Path, log_fn: Callable[[str], None]) -> None:
+    log_fn(f"building {name} from {src.relative_to(cluster.REPO)} ...")
+    began = time.monotonic()
+    env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=readonly", "CGO_ENABLED": "0"}
+    build_log = tmp.parent / "build.log"
+    with open(build_log, "w") as out:
+        code = subprocess.call(
+            ["go", "build", f"-p={os.environ.get('KAOS_BUILD_JOBS', '2')}", "-trimpath", "-buildvcs=false",
+             "-ldflags", "-s -w", "-o", str(tmp), "."],
+            cwd=src, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise NodeError(f"{name} did not build: see {build_log}")
+    log_fn(f"built {tmp.parent} in {time.monotonic() - began:.0f} s")
 
 
 def coredns_binary(log_fn: Callable[[str], None] = cluster.say) -> Path:

@@ -24,7 +24,6 @@ builds wait for one another.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -34,11 +33,14 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+if __package__ in (None, ""):  # run as a script: python e2e/ollama_build.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from e2e.buildcache import build_once, exclusive
 
 ROOT = Path(__file__).resolve().parent.parent
 VERSION_FILE = ROOT / "kaos_modelapi" / "ollama.py"
@@ -119,16 +121,7 @@ def build() -> Path:
         if shutil.which(tool) is None:
             raise BuildError(f"`{tool}` is not on PATH: Ollama builds with Go and Debian's gcc/g++ "
                              "(apt-get install build-essential)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(f"waiting for another build of {target} ...")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.exists():
-            return target
-        return _build_locked(version, PINS[version], target)
+    return build_once(target, lambda tmp: _build_into(version, PINS[version], tmp), say)
 
 
 def _module_source(version: str, pins: Pins, work: Path) -> Path:
@@ -171,15 +164,14 @@ def _vendor_headers(pins: Pins, src: Path, work: Path, out: IO[str]) -> None:
             target.write_bytes(data)
 
 
-def _build_locked(version: str, pins: Pins, target: Path) -> Path:
-    build_log = target.parent / "build.log"
-    tmp_bin = target.with_name(f".ollama.{os.getpid()}.tmp")
-    say(f"building ollama {version} (CPU only) into {target.parent}; a cold build takes several minutes ...")
+def _build_into(version: str, pins: Pins, tmp_bin: Path) -> None:
+    build_log = tmp_bin.parent / "build.log"
+    say(f"building ollama {version} (CPU only) into {tmp_bin.parent}; a cold build takes several minutes ...")
     began = time.monotonic()
     # The sources go to the same folder every time: cgo's compiled C/C++ objects are keyed by it in the Go
     # build cache, so a new cache key (an edit to this file) relinks instead of compiling llama.cpp again.
     src_root = cache_root() / "build" / f"v{version}"
-    with _exclusive(cache_root() / "build.lock"), open(build_log, "w") as out:
+    with exclusive(cache_root() / "build.lock"), open(build_log, "w") as out:
         shutil.rmtree(src_root, ignore_errors=True)
         src_root.mkdir(parents=True)
         try:
@@ -193,22 +185,11 @@ def _build_locked(version: str, pins: Pins, target: Path) -> Path:
             env = {**os.environ, "CGO_ENABLED": "1", "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=readonly"}
             subprocess.run(argv, cwd=src, env=env, check=True, stdout=out, stderr=subprocess.STDOUT)
         except subprocess.CalledProcessError as e:
-            tmp_bin.unlink(missing_ok=True)
             raise BuildError(f"building ollama failed ({' '.join(map(str, e.cmd[:3]))} exited {e.returncode}); "
                              f"full output in {build_log}") from e
         finally:
             shutil.rmtree(src_root, ignore_errors=True)
-    tmp_bin.rename(target)  # atomic: a concurrent reader sees no binary or a whole one
-    say(f"built {target} in {time.monotonic() - began:.0f} s")
-    return target
-
-
-@contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+    say(f"built {tmp_bin.parent} in {time.monotonic() - began:.0f} s")
 
 
 def main() -> int:
