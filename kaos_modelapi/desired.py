@@ -31,6 +31,9 @@ MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"  # every child and pod car
 CONFIG_HASH_ANNOTATION = "kaos.tools/config-hash"
 PRESTOP_SECONDS = 5
 DRAIN_SECONDS = 125  # the HTTPRoute's default request timeout (api.DEFAULT_ROUTE_TIMEOUT) and a margin
+# The unprivileged user Proxy pods run as (the distroless "nonroot" user): the LiteLLM image is root-owned and
+# world-readable, and everything LiteLLM writes goes to the pod's emptyDirs.
+NON_ROOT_UID = 65532
 
 
 class SpecError(Exception):
@@ -161,6 +164,29 @@ def secret_refs(m: ModelAPI) -> tuple[SecretRef, ...]:
     return (*config, *_env_secret_refs(pc.env))
 
 
+# --- security defaults ------------------------------------------------------------------------------------
+# What every generated container tolerates: no privilege escalation, no capabilities, the runtime's default
+# seccomp profile. Proxy pods add a non-root user and a read-only root (the `restricted` Pod Security
+# Standard); Hosted pods run as root, as the Ollama image does (`baseline`; README, "Pod Security").
+# A podSpec override merges over these field by field (or replaces them with `$patch: replace`).
+
+_RUNTIME_DEFAULT_SECCOMP = {"type": "RuntimeDefault"}
+
+
+def _container_security(read_only_root: bool) -> dict[str, Any]:
+    security: dict[str, Any] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    if read_only_root:
+        security["readOnlyRootFilesystem"] = True
+    return security
+
+
+def _pod_security(non_root: bool) -> dict[str, Any]:
+    if not non_root:
+        return {"seccompProfile": dict(_RUNTIME_DEFAULT_SECCOMP)}
+    return {"runAsNonRoot": True, "runAsUser": NON_ROOT_UID, "runAsGroup": NON_ROOT_UID,
+            "seccompProfile": dict(_RUNTIME_DEFAULT_SECCOMP)}
+
+
 # --- Proxy (LiteLLM) ------------------------------------------------------------------------------------
 
 
@@ -255,7 +281,7 @@ def _proxy_pod_spec(m: ModelAPI, s: Settings, plan: _ProxyPlan) -> dict[str, Any
         "volumeMounts": [
             {"name": "litellm-config", "mountPath": litellm.CONFIG_DIR, "readOnly": True},
             {"name": "litellm-runtime", "mountPath": litellm.RUNTIME_DIR},
-            # LiteLLM writes to /tmp at import: with it here, a read-only root filesystem (podSpec) works.
+            # LiteLLM writes to /tmp at import: with it here, the root filesystem can be read-only.
             {"name": "tmp", "mountPath": "/tmp"},
         ],
         # LiteLLM needs several seconds to import on a small node; the startup probe covers slow starts
@@ -266,8 +292,10 @@ def _proxy_pod_spec(m: ModelAPI, s: Settings, plan: _ProxyPlan) -> dict[str, Any
         # A stopping pod keeps serving until the endpoint controllers and kube-proxy have taken it out of the
         # Service; then LiteLLM (uvicorn) gets SIGTERM and finishes the requests in flight.
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
+        "securityContext": _container_security(read_only_root=True),
     }
     return {
+        "securityContext": _pod_security(non_root=True),
         "containers": [container],
         "volumes": [plan.config_volume, {"name": "litellm-runtime", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
         # A stopping pod finishes its requests in flight, up to the HTTPRoute's default timeout (streamed answers
@@ -306,6 +334,7 @@ def _hosted_pod_spec(m: ModelAPI, s: Settings) -> dict[str, Any]:
         # The model name reaches the shell only through the environment, never inside the script text.
         "env": merge_env(user_env, [{"name": ollama.ENV_MODEL, "value": hc.model}]),
         "volumeMounts": data_mount,
+        "securityContext": _container_security(read_only_root=False),
     }
     serve: dict[str, Any] = {
         "name": CONTAINER,
@@ -319,8 +348,11 @@ def _hosted_pod_spec(m: ModelAPI, s: Settings) -> dict[str, Any]:
         "readinessProbe": {"exec": {"command": ["/bin/sh", "-c", ollama.READY_SCRIPT]},
                            "periodSeconds": ollama.READY_PERIOD_SECONDS,
                            "timeoutSeconds": ollama.READY_TIMEOUT_SECONDS},
+        "securityContext": _container_security(read_only_root=False),
     }
     return {
+        # Root, as in the Ollama image: its state root is /root/.ollama (README, "Pod Security").
+        "securityContext": _pod_security(non_root=False),
         "initContainers": [pull],
         "containers": [serve],
         "volumes": [_model_volume(m)],

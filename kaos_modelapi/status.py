@@ -126,6 +126,8 @@ def _deployment_verdict(m: ModelAPI, deployment: dict[str, Any], pods: tuple[dic
         verdict = _pod_verdict(m, pod)
         if verdict is not None:
             return verdict
+    if (refused := _replica_failure(m, deployment)) is not None:
+        return refused
     progressing = _condition(deployment, "Progressing")
     if progressing.get("status") == "False":
         return Verdict("Failed", progressing.get("reason") or "ProgressDeadlineExceeded",
@@ -133,6 +135,17 @@ def _deployment_verdict(m: ModelAPI, deployment: dict[str, Any], pods: tuple[dic
     if m.spec.mode == "Hosted" and m.spec.hostedConfig and any(_loading(p) for p in live):
         return Verdict("Pending", "LoadingModel", f"loading model {m.spec.hostedConfig.model} into memory")
     return Verdict("Pending", "PodsNotReady", f"waiting for pods to become ready ({ready}/{wanted})")
+
+
+def _replica_failure(m: ModelAPI, deployment: dict[str, Any]) -> Verdict | None:
+    """The API server refuses the pods themselves (the namespace's Pod Security level, a quota): there is no
+    pod to look at, only the ReplicaSet's error, which the Deployment copies into this condition."""
+    failure = _condition(deployment, "ReplicaFailure")
+    if failure.get("status") != "True":
+        return None
+    return Verdict("Failed", failure.get("reason") or "FailedCreate",
+                   f"pods cannot be created: {failure.get('message') or 'refused'}; see kubectl describe "
+                   f"replicaset -n {m.metadata.namespace} -l modelapi={m.metadata.name}")
 
 
 def _loading(pod: dict[str, Any]) -> bool:

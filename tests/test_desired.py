@@ -402,3 +402,54 @@ def test_more_than_one_replica_needs_a_shared_store(access: str, replicas: int |
 def test_a_store_size_must_be_a_quantity() -> None:
     with pytest.raises(ValidationError, match="size"):
         modelapi(_with_store(size="twenty gigs"))
+
+
+# --- security defaults (README, "Pod Security") ---------------------------------------------------------
+
+NO_PRIVILEGE = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+RUNTIME_DEFAULT = {"type": "RuntimeDefault"}
+
+
+def pod_of(objs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    pod: dict[str, Any] = objs["Deployment/modelapi-m"]["spec"]["template"]["spec"]
+    return pod
+
+
+@pytest.mark.parametrize("proxy_config", [
+    {"apiBase": "http://b:11434"}, {"apiBase": "http://b:11434", "model": "m"}, {"model": "m"},
+    {"configYaml": {"fromString": "model_list: []\n"}}, {"configYaml": {"fromSecretKeyRef": {"name": "s", "key": "k"}}},
+])
+def test_proxy_pods_meet_the_restricted_standard_as_the_nonroot_user(proxy_config: dict[str, Any]) -> None:
+    pod = pod_of(children(modelapi({"mode": "Proxy", "proxyConfig": proxy_config})))
+    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                                      "seccompProfile": RUNTIME_DEFAULT}
+    (c,) = pod["containers"]
+    assert c["securityContext"] == {**NO_PRIVILEGE, "readOnlyRootFilesystem": True}
+    # What LiteLLM writes goes to emptyDirs; the other volumes are read-only kinds the standard allows.
+    writable = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+    assert {m["mountPath"] for m in c["volumeMounts"] if m["name"] in writable} == {"/tmp", litellm.RUNTIME_DIR}
+    assert all(set(v) - {"name"} <= {"emptyDir", "configMap", "secret"} for v in pod["volumes"])
+
+
+def test_hosted_pods_run_as_root_like_the_ollama_image_with_no_privilege_or_capability() -> None:
+    pod = pod_of(children(modelapi(HOSTED)))
+    assert pod["securityContext"] == {"seccompProfile": RUNTIME_DEFAULT}
+    for c in [*pod["initContainers"], *pod["containers"]]:
+        assert c["securityContext"] == NO_PRIVILEGE, c["name"]
+
+
+def test_a_podspec_security_context_wins_field_by_field_or_replaces_with_a_directive() -> None:
+    spec = copy.deepcopy(PROXY)
+    spec["podSpec"] = {"securityContext": {"runAsUser": 1000, "fsGroup": 1000},
+                       "containers": [{"name": "model-api", "securityContext": {
+                           "readOnlyRootFilesystem": False, "capabilities": {"add": ["NET_BIND_SERVICE"]}}}]}
+    pod = pod_of(children(modelapi(spec)))
+    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 65532, "fsGroup": 1000,
+                                      "seccompProfile": RUNTIME_DEFAULT}
+    assert pod["containers"][0]["securityContext"] == {
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": False,
+        "capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}}
+    # Root again: the whole pod-level context replaced.
+    spec["podSpec"] = {"securityContext": {"$patch": "replace", "runAsUser": 0}}
+    assert pod_of(children(modelapi(spec)))["securityContext"] == {"runAsUser": 0}
+

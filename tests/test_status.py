@@ -105,6 +105,17 @@ def test_progress_deadline_exceeded_is_failed() -> None:
     assert (st["phase"], st["message"]) == ("Failed", "too slow")
 
 
+def test_pods_the_api_server_refuses_are_failed_with_its_message() -> None:
+    """E.g. a Hosted ModelAPI (root) in a namespace that enforces the restricted Pod Security Standard."""
+    refused = deployment(progressing={"status": "True", "reason": "ReplicaSetUpdated", "message": "m"})
+    why = 'pods "modelapi-m-5d9c8" is forbidden: violates PodSecurity "restricted:latest": runAsNonRoot != true'
+    refused["status"]["conditions"].append({"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+                                            "message": why})
+    st = compute(HOSTED, status.Observed(refused))
+    assert (st["phase"], st["conditions"][0]["reason"]) == ("Failed", "FailedCreate")
+    assert why in st["message"] and "kubectl describe replicaset -n ns -l modelapi=m" in st["message"]
+
+
 def test_scaled_to_zero_is_pending() -> None:
     st = compute(MOCK, status.Observed(deployment(replicas=0, updated=0)))
     assert st["phase"] == "Pending" and "scaled to 0" in st["message"]
