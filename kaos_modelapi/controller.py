@@ -12,7 +12,7 @@ import hashlib
 import json
 import secrets
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +35,12 @@ CHILD_RESOURCES: tuple[Resource, ...] = (
     kube.CONFIGMAP, kube.SECRET, kube.PVC, kube.DEPLOYMENT, kube.SERVICE, kube.PDB, kube.HTTPROUTE,
 )
 SECRET_REF_INDEX = "secretRefs"
+# The tail of a pull-model log read for its progress: a few lines (the progress filter prints one a percent,
+# Ollama's server a few while it pulls), bounded in bytes, and quick: a node that does not answer only
+# costs the progress in the message.
+PULL_LOG_LINES = 40
+PULL_LOG_BYTES = 32 * 1024
+PULL_LOG_TIMEOUT = 5.0
 Log = structlog.typing.FilteringBoundLogger
 
 
@@ -168,6 +174,7 @@ class Outcome:
     deleted: list[str] = field(default_factory=list)
     status_written: bool = False
     phase: str = ""
+    reason: str = ""
 
 
 @dataclass
@@ -252,7 +259,8 @@ class Reconciler:
         outcome = ctx.outcome
         if outcome.applied or outcome.deleted or outcome.status_written:
             ctx.log.debug("reconciled", applied=outcome.applied, deleted=outcome.deleted, phase=outcome.phase)
-        return Result()
+        # Nothing in the API changes while a pull goes on: look at its progress again a little later.
+        return Result(requeue_after=status.PULL_POLL_SECONDS) if outcome.reason == status.PULLING else Result()
 
     async def _reconcile(self, ctx: Context) -> None:
         try:
@@ -270,7 +278,7 @@ class Reconciler:
                 await self._delete_stale(ctx, m, built)
             except ChildRefused as e:
                 built = SpecError(e.reason, e.message)
-        observed = self._observe(m, built, warnings)
+        observed = await self._with_pull_progress(ctx, m, built, self._observe(m, built, warnings))
         await self._write_status(ctx, status.compute(m, built, observed, self._now(), ctx.obj.get("status")))
 
     def _now(self) -> str:
@@ -387,8 +395,25 @@ class Reconciler:
             missing = tuple(r for r in built.secret_refs if self._caches.secret_version(ns, r.name) is None)
         return status.Observed(deployment, self._caches.pods_of(ns, name), missing, warnings)
 
+    async def _with_pull_progress(self, ctx: Context, m: ModelAPI, built: Desired | SpecError,
+                                  observed: status.Observed) -> status.Observed:
+        """Add the progress of the pull the status will report, read from the tail of its log (never logged:
+        only the parsed progress is kept)."""
+        pod = status.pulling_pod(m, built, observed)
+        if pod is None:
+            return observed
+        try:
+            tail = await self._client.log_tail(m.metadata.namespace, pod, desired.INIT_CONTAINER, PULL_LOG_LINES,
+                                               PULL_LOG_BYTES, PULL_LOG_TIMEOUT)
+        except ApiError as e:  # no progress this time; the pull itself is unaffected
+            ctx.log.debug("pull progress unread", pod=pod, code=e.status, reason=e.reason)
+            return observed
+        progress = status.parse_progress(tail)
+        return replace(observed, pulls={pod: progress}) if progress is not None else observed
+
     async def _write_status(self, ctx: Context, new: dict[str, Any]) -> None:
         ctx.outcome.phase = new["phase"]
+        ctx.outcome.reason = status.ready_of(new).get("reason", "")
         old = ctx.obj.get("status") or {}
         if new == old:
             return
