@@ -315,6 +315,8 @@ class Reconciler:
             child = diff.metadata_only(child)
         if not diff.needs_apply(child, live):
             return False
+        if (handover := diff.strategy_handover(child, live)) is not None:
+            await self._apply_unless_refused(ctx, handover, live)
         await self._apply_unless_refused(ctx, child, live)
         ctx.log.info("created" if live is None else "updated", child=_ref(child))
         # Events are for what a user acts on (a roll, a state change, an error), not for every child written.

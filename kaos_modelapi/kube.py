@@ -295,7 +295,9 @@ class KubeClient:
         """The last `lines` lines (at most `limit_bytes` bytes) of a container's log (pods/log, get), within
         `seconds` (not the client's usual timeout: the API server asks the node's kubelet)."""
         query = _query(container=container, tailLines=lines, limitBytes=limit_bytes)
-        response = await self._send("GET", POD.path(namespace, pod, "log"), query, "text/plain", None,
+        # The log is plain text, yet the API server negotiates this route as for objects: text/plain is
+        # refused (406 Not Acceptable); kubectl asks for anything too.
+        response = await self._send("GET", POD.path(namespace, pod, "log"), query, "*/*", None,
                                     aiohttp.ClientTimeout(total=seconds))
         try:
             if response.status != 200:

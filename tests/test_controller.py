@@ -318,6 +318,29 @@ async def test_no_log_is_read_unless_a_model_is_pulled(converged: list[Obj]) -> 
     assert client.log_reads == []
 
 
+async def test_a_store_added_to_a_running_hosted_modelapi_moves_its_deployment_to_recreate(
+        converged: list[Obj]) -> None:
+    objects = hosted_pulling(converged)
+    deployment = of_kind(objects, "Deployment")
+    # As the API server defaulted it when the Deployment was made without a strategy.
+    deployment["spec"]["strategy"] = {"type": "RollingUpdate",
+                                      "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}
+    of_kind(objects, "ModelAPI")["spec"]["hostedConfig"]["modelStore"] = {"size": "20Gi"}
+    r, client = reconciler(objects)
+    applied: list[Obj] = []
+    original = client.apply
+
+    async def keep(obj: Obj, field_manager: str, force: bool = False) -> Obj:
+        applied.append(copy.deepcopy(obj))
+        return await original(obj, field_manager, force)
+
+    client.apply = keep  # type: ignore[method-assign]
+    await r.reconcile(key(objects))
+    strategies = [o["spec"].get("strategy") for o in applied if o["kind"] == "Deployment"]
+    assert strategies == [deployment["spec"]["strategy"], {"type": "Recreate"}]
+    assert [o["kind"] for o in applied] == ["PersistentVolumeClaim", "Deployment", "Deployment"]
+
+
 def test_the_secret_cache_keeps_identity_and_never_data() -> None:
     kept = controller.secret_identity(secret_as_listed())
     assert "c2VjcmV0" not in repr(kept) and "secret\"" not in repr(kept)
