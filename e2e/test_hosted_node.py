@@ -278,6 +278,9 @@ async def test_a_restart_and_a_roll_find_the_model_in_the_store(
         pvc = kubectl.get("pvc", claim, namespace)
         assert pvc is not None and pvc["status"]["phase"] == "Bound" and pvc["spec"]["volumeName"] == volume
         assert pvc["metadata"]["ownerReferences"][0]["name"] == "store"
+        # One node's volume: a roll stops the old pod before it starts the new one (which attaches the volume).
+        deployment = kubectl.get("deployment", "modelapi-store", namespace)
+        assert deployment is not None and deployment["spec"]["strategy"] == {"type": "Recreate"}
 
         # A restart: the pod is deleted, its ReplicaSet makes a new one, whose pull finds every blob.
         (first,) = pods(kubectl, namespace, "store")
