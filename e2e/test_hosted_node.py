@@ -167,9 +167,9 @@ async def test_a_slow_pull_shows_its_progress_in_the_status_before_ready(
     hosted_env: tuple[Kubectl, str, RunningRegistry],
 ) -> None:
     kubectl, namespace, registry = hosted_env
-    # The 0.5 MB layer over about a minute, as a large model over a slow link: the operator reads the
+    # The 0.5 MB layer over about half a minute, as a large model over a slow link: the operator reads the
     # progress from the pull-model log every 10 s and puts it in the status message.
-    registry.registry.blob_rate = 10_000
+    registry.registry.blob_rate = 16_000
     shown: list[str] = []
     progress = re.compile(rf"^pulling model {re.escape(MODEL)}: (\d{{1,3}})% \(\d+/\d+ KB\)$")
 
