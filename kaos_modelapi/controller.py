@@ -239,11 +239,15 @@ class Reconciler:
         # namespace -> when the API server said it is being deleted: its older ModelAPIs go with it, so their
         # reconciles would only be refused too (one refusal per namespace, not one per ModelAPI and child).
         self._terminating: dict[str, str] = {}
+        # key -> (when, pod, progress) of the last pull log read: other events (pod, Deployment, status writes)
+        # wake a pulling ModelAPI between the requeues too, and reuse it rather than read the log again.
+        self._pull_reads: dict[str, tuple[datetime, str, status.PullProgress | None]] = {}
 
     async def reconcile(self, key: str) -> Result:
         obj = self._caches.modelapis.get(key)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             self._refused.pop(key, None)
+            self._pull_reads.pop(key, None)
             return Result()  # owner references let the garbage collector remove the children
         namespace = obj["metadata"]["namespace"]
         if obj["metadata"].get("creationTimestamp", "") <= self._terminating.get(namespace, ""):
@@ -399,19 +403,29 @@ class Reconciler:
 
     async def _with_pull_progress(self, ctx: Context, m: ModelAPI, built: Desired | SpecError,
                                   observed: status.Observed) -> status.Observed:
-        """Add the progress of the pull the status will report, read from the tail of its log (never logged:
-        only the parsed progress is kept)."""
+        """Add the progress of the pull the status will report, read from the tail of its log at most once
+        a PULL_POLL_SECONDS (never logged: only the parsed progress is kept)."""
         pod = status.pulling_pod(m, built, observed)
         if pod is None:
+            self._pull_reads.pop(ctx.key, None)
             return observed
+        now, last = self._clock(), self._pull_reads.get(ctx.key)
+        # (a requeue comes back after PULL_POLL_SECONDS, give or take the timer: it always reads)
+        if last is not None and last[1] == pod and (now - last[0]).total_seconds() < 0.9 * status.PULL_POLL_SECONDS:
+            progress = last[2]
+        else:
+            progress = await self._read_pull_progress(ctx, m.metadata.namespace, pod)
+            self._pull_reads[ctx.key] = (now, pod, progress)
+        return replace(observed, pulls={pod: progress}) if progress is not None else observed
+
+    async def _read_pull_progress(self, ctx: Context, namespace: str, pod: str) -> status.PullProgress | None:
         try:
-            tail = await self._client.log_tail(m.metadata.namespace, pod, desired.INIT_CONTAINER, PULL_LOG_LINES,
+            tail = await self._client.log_tail(namespace, pod, desired.INIT_CONTAINER, PULL_LOG_LINES,
                                                PULL_LOG_BYTES, PULL_LOG_TIMEOUT)
         except ApiError as e:  # no progress this time; the pull itself is unaffected
             ctx.log.debug("pull progress unread", pod=pod, code=e.status, reason=e.reason)
-            return observed
-        progress = status.parse_progress(tail)
-        return replace(observed, pulls={pod: progress}) if progress is not None else observed
+            return None
+        return status.parse_progress(tail)
 
     async def _write_status(self, ctx: Context, new: dict[str, Any]) -> None:
         ctx.outcome.phase = new["phase"]

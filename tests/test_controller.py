@@ -5,7 +5,7 @@ those calls is tested in e2e/."""
 from __future__ import annotations
 
 import copy
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -297,6 +297,24 @@ async def test_a_pull_shows_its_progress_and_is_looked_at_again_while_it_runs(co
     (written,) = client.statuses
     assert (written["phase"], written["message"]) == ("Pending", "pulling model smollm2:135m: 42% (57/135 MB)")
     assert client.event_reasons() == ["PullingModel"]
+
+
+async def test_the_log_is_read_at_most_once_a_poll_period_however_often_the_pull_wakes(
+        converged: list[Obj]) -> None:
+    objects = hosted_pulling(converged)
+    client = RecordingClient()
+    client.logs[("modelapi-mock-api-1-x", "pull-model")] = "pull-model: progress 42% 57 MB/135 MB\n"
+    now = [NOW]
+    recorder = Recorder(client, "test", LOG, clock=lambda: now[0])  # type: ignore[arg-type]
+    r = Reconciler(client, stores_of(objects), Settings(), recorder, LOG,  # type: ignore[arg-type]
+                   clock=lambda: now[0])
+    for _ in range(3):  # e.g. a status write and pod events between two requeues
+        await r.reconcile(key(objects))
+    assert len(client.log_reads) == 1
+    assert client.statuses[-1]["message"] == "pulling model smollm2:135m: 42% (57/135 MB)"
+    now[0] += timedelta(seconds=status.PULL_POLL_SECONDS)  # the requeue
+    await r.reconcile(key(objects))
+    assert len(client.log_reads) == 2
 
 
 async def test_a_log_that_cannot_be_read_costs_only_the_progress(converged: list[Obj]) -> None:
