@@ -24,6 +24,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -93,6 +94,9 @@ class Registry:
     requests: list[Request] = field(default_factory=list)
     port: int = 0
     host: str = "127.0.0.1"  # where it listens; the direct blob URLs point there
+    # Bytes a second for blob bodies (None: as fast as the socket goes), so a pull lasts long enough for a
+    # test to watch its progress, as a large model over a slow link would.
+    blob_rate: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, reference: str, model: RegistryModel) -> None:
@@ -150,7 +154,7 @@ class _RegistryHandler(BaseHTTPRequestHandler):
         return self._error(404, "NOT_FOUND", "not found", body)
 
     def _send(self, status: int, data: bytes, content_type: str, body: bool,
-              headers: dict[str, str] | None = None) -> None:
+              headers: dict[str, str] | None = None, rate: int | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
@@ -158,17 +162,30 @@ class _RegistryHandler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         if body:
+            self._write(data, rate)
+
+    def _write(self, data: bytes, rate: int | None) -> None:
+        if rate is None:
             self.wfile.write(data)
+            return
+        # A tenth of a second's worth at a time: a steady trickle (Ollama retries a part that stalls 30 s).
+        step = max(1, rate // 10)
+        for start in range(0, len(data), step):
+            self.wfile.write(data[start : start + step])
+            self.wfile.flush()
+            time.sleep(0.1)
 
     def _send_range(self, data: bytes, body: bool) -> None:
         wanted = RANGE.match(self.headers.get("Range") or "")
         if wanted is None:
-            return self._send(200, data, "application/octet-stream", body, {"Accept-Ranges": "bytes"})
+            return self._send(200, data, "application/octet-stream", body, {"Accept-Ranges": "bytes"},
+                              rate=self.server.registry.blob_rate)
         start = int(wanted[1])
         end = min(int(wanted[2]) if wanted[2] else len(data) - 1, len(data) - 1)
         part = data[start : end + 1]
         self._send(206, part, "application/octet-stream", body,
-                   {"Content-Range": f"bytes {start}-{end}/{len(data)}", "Accept-Ranges": "bytes"})
+                   {"Content-Range": f"bytes {start}-{end}/{len(data)}", "Accept-Ranges": "bytes"},
+                   rate=self.server.registry.blob_rate)
 
     def _redirect(self, location: str) -> None:
         self._send(307, b"", "text/plain", False, {"Location": location})

@@ -330,6 +330,25 @@ async def test_status_reports_model_pull_and_failing_container(kubectl: Kubectl,
     assert "model-api" in st["message"] and "kubectl logs" in st["message"]
 
 
+async def test_a_store_added_later_moves_the_deployment_to_recreate(kubectl: Kubectl, operator: OperatorProcess,
+                                                                    namespace: str) -> None:
+    """A Deployment made without a strategy carries the API server's rollingUpdate defaults, which no field
+    manager owns; the operator still moves it to Recreate when a ReadWriteOnce store is added."""
+    kubectl.apply(modelapi_yaml("later", HOSTED), namespace)
+
+    def strategy() -> dict[str, Any] | None:
+        deployment = kubectl.get("deployment", "modelapi-later", namespace)
+        return deployment["spec"]["strategy"] if deployment else None
+
+    assert wait_until(strategy, 60, "the Deployment")["type"] == "RollingUpdate"
+    with_store = {**HOSTED, "hostedConfig": {**HOSTED["hostedConfig"], "modelStore": {"size": "1Gi"}}}
+    kubectl.apply(modelapi_yaml("later", with_store), namespace)
+    wait_until(lambda: strategy() == {"type": "Recreate"}, 60, "the Recreate strategy")
+    st = kubectl.status("later", namespace)
+    assert st["phase"] != "Failed", st
+    assert not [e for e in events_for(kubectl, "later", namespace) if e["type"] == "Warning"]
+
+
 async def test_invalid_specs_are_refused_at_apply_time_with_the_field_named(kubectl: Kubectl, crd: str,
                                                                             namespace: str) -> None:
     cases = {

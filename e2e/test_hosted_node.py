@@ -15,6 +15,7 @@ override (which also places the pod on the real node).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,38 @@ async def test_a_hosted_modelapi_pulls_serves_and_answers_through_its_service(
     assert completion["usage"]["prompt_tokens"] > 0  # counted by Ollama, passed on by LiteLLM
 
 
+async def test_a_slow_pull_shows_its_progress_in_the_status_before_ready(
+    hosted_env: tuple[Kubectl, str, RunningRegistry],
+) -> None:
+    kubectl, namespace, registry = hosted_env
+    # The 0.5 MB layer over about half a minute, as a large model over a slow link: the operator reads the
+    # progress from the pull-model log every 10 s and puts it in the status message.
+    registry.registry.blob_rate = 16_000
+    shown: list[str] = []
+    progress = re.compile(rf"^pulling model {re.escape(MODEL)}: (\d{{1,3}})% \(\d+/\d+ KB\)$")
+
+    def progress_or_ready() -> Obj | None:
+        st = kubectl.status("slow", namespace)
+        message = st.get("message") or ""
+        if progress.match(message) and message not in shown:
+            shown.append(message)
+        return st if st.get("phase") == "Ready" else None
+
+    try:
+        apply(kubectl, namespace, hosted("slow", MODEL, registry))
+        wait_until(progress_or_ready, READY_TIMEOUT, "ModelAPI slow Ready")
+    finally:
+        registry.registry.blob_rate = None
+    assert shown, "no progress in the status message while the model was pulled"
+    percents = [int(progress.match(m)[1]) for m in shown]  # type: ignore[index]
+    assert percents == sorted(percents), shown
+    # Progress is not news: one Event for the pull, not one for each step.
+    reasons = [e["reason"] for e in kubectl.list("events.events.k8s.io", namespace)
+               if e.get("regarding", {}).get("name") == "slow"]
+    assert reasons.count("PullingModel") == 1, reasons
+    print(f"\nprogress shown in the status: {shown}")
+
+
 async def test_an_unknown_model_fails_the_pull_the_pod_and_the_status(
     hosted_env: tuple[Kubectl, str, RunningRegistry],
 ) -> None:
@@ -245,6 +278,9 @@ async def test_a_restart_and_a_roll_find_the_model_in_the_store(
         pvc = kubectl.get("pvc", claim, namespace)
         assert pvc is not None and pvc["status"]["phase"] == "Bound" and pvc["spec"]["volumeName"] == volume
         assert pvc["metadata"]["ownerReferences"][0]["name"] == "store"
+        # One node's volume: a roll stops the old pod before it starts the new one (which attaches the volume).
+        deployment = kubectl.get("deployment", "modelapi-store", namespace)
+        assert deployment is not None and deployment["spec"]["strategy"] == {"type": "Recreate"}
 
         # A restart: the pod is deleted, its ReplicaSet makes a new one, whose pull finds every blob.
         (first,) = pods(kubectl, namespace, "store")

@@ -146,6 +146,10 @@ async def test_installed_chart_runs_the_operator(kubectl: Kubectl, helm: str, na
         assert can_i(kubectl, kubeconfig, "create", "secrets", "-n", watched)
         assert not can_i(kubectl, kubeconfig, "update", "secrets", "-n", watched)
         assert not can_i(kubectl, kubeconfig, "create", "pods", "-n", watched)
+        # A pull's progress comes from the tail of its log: reading logs, and nothing else of a pod's insides.
+        assert can_i(kubectl, kubeconfig, "get", "pods", "--subresource=log", "-n", watched)
+        assert not can_i(kubectl, kubeconfig, "create", "pods", "--subresource=exec", "-n", watched)
+        assert not can_i(kubectl, kubeconfig, "get", "pods", "-n", watched)
         assert can_i(kubectl, kubeconfig, "list", "modelapis.kaos.tools", "--all-namespaces") == (
             mode == "cluster-wide")
 

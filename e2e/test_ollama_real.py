@@ -31,7 +31,7 @@ from e2e.test_litellm_datapath import keyless_client
 from e2e.test_litellm_datapath import modelapi as proxy_modelapi
 from e2e.test_litellm_datapath import render as render_proxy
 from e2e.tiny_model import registry_model
-from kaos_modelapi import ollama
+from kaos_modelapi import ollama, status
 from kaos_modelapi.api import ModelAPI
 from kaos_modelapi.desired import CONTAINER, INIT_CONTAINER, build
 from kaos_modelapi.settings import Settings
@@ -132,6 +132,12 @@ def test_the_binary_is_the_pinned_release(ollama_bin: Path) -> None:
 
 def test_the_init_container_pulls_the_model_from_the_registry(served: Served, registry: RunningRegistry) -> None:
     assert f"pull-model: pulled {MODEL}" in served.pulled.stdout
+    # Ollama's progress bars (redrawn with terminal escapes) came out as lines the operator reads: the
+    # model's layer in Ollama's units, to 100%, and Ollama's other messages once each.
+    log = served.pulled.stdout
+    assert "\x1b" not in log
+    assert status.parse_progress(log) == status.PullProgress(100, layer_size(), layer_size())
+    assert log.count("pulling manifest") == 1 and log.count("success") == 1
     seen = registry.registry.seen()
     manifests = [r for r in seen if r.path == "/v2/library/kaos-tiny/manifests/random"]
     assert manifests and all(r.user_agent.startswith(f"ollama/{ollama.OLLAMA_VERSION} ") for r in manifests)
@@ -174,6 +180,28 @@ def test_chat_answers(served: Served) -> None:
     # The prompt went through the template and the tokenizer; tokens were generated.
     assert answer["prompt_eval_count"] > 3  # three words, plus the role markers and turn ends
     assert 1 <= answer["eval_count"] <= CHAT_OPTIONS["num_predict"]
+
+
+def layer_size() -> str:
+    """The tiny model's weights layer as Ollama writes its size (hundreds of KB: whole KB, truncated)."""
+    return f"{len(registry_model().blobs[registry_model().model_digest]) // 1000} KB"
+
+
+def test_a_slow_pull_logs_its_progress_percent_by_percent(
+    ollama_bin: Path, registry: RunningRegistry, tmp_path: Path
+) -> None:
+    pod = hosted_pod(ollama_bin, registry, MODEL, tmp_path)
+    registry.registry.blob_rate = 200_000  # the 0.5 MB layer in a few seconds, as a large model on a slow link
+    try:
+        finished = pod.run(INIT_CONTAINER, timeout=PULL_TIMEOUT)
+    finally:
+        registry.registry.blob_rate = None
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    lines = [line for line in finished.stdout.splitlines() if line.startswith(ollama.PROGRESS_PREFIX)]
+    progress = [status.parse_progress(line) for line in lines]
+    percents = [p.percent for p in progress if p is not None]
+    assert len(percents) == len(lines) > 2 and percents == sorted(set(percents)) and percents[-1] == 100
+    assert all(p is not None and p.total == layer_size() for p in progress)
 
 
 # --- an unknown model ------------------------------------------------------------------------------------

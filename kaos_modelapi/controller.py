@@ -12,7 +12,7 @@ import hashlib
 import json
 import secrets
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +35,12 @@ CHILD_RESOURCES: tuple[Resource, ...] = (
     kube.CONFIGMAP, kube.SECRET, kube.PVC, kube.DEPLOYMENT, kube.SERVICE, kube.PDB, kube.HTTPROUTE,
 )
 SECRET_REF_INDEX = "secretRefs"
+# The tail of a pull-model log read for its progress: a few lines (the progress filter prints one a percent,
+# Ollama's server a few while it pulls), bounded in bytes, and quick: a node that does not answer only
+# costs the progress in the message.
+PULL_LOG_LINES = 40
+PULL_LOG_BYTES = 32 * 1024
+PULL_LOG_TIMEOUT = 5.0
 Log = structlog.typing.FilteringBoundLogger
 
 
@@ -168,6 +174,7 @@ class Outcome:
     deleted: list[str] = field(default_factory=list)
     status_written: bool = False
     phase: str = ""
+    reason: str = ""
 
 
 @dataclass
@@ -232,11 +239,15 @@ class Reconciler:
         # namespace -> when the API server said it is being deleted: its older ModelAPIs go with it, so their
         # reconciles would only be refused too (one refusal per namespace, not one per ModelAPI and child).
         self._terminating: dict[str, str] = {}
+        # key -> (when, pod, progress) of the last pull log read: other events (pod, Deployment, status writes)
+        # wake a pulling ModelAPI between the requeues too, and reuse it rather than read the log again.
+        self._pull_reads: dict[str, tuple[datetime, str, status.PullProgress | None]] = {}
 
     async def reconcile(self, key: str) -> Result:
         obj = self._caches.modelapis.get(key)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             self._refused.pop(key, None)
+            self._pull_reads.pop(key, None)
             return Result()  # owner references let the garbage collector remove the children
         namespace = obj["metadata"]["namespace"]
         if obj["metadata"].get("creationTimestamp", "") <= self._terminating.get(namespace, ""):
@@ -252,7 +263,8 @@ class Reconciler:
         outcome = ctx.outcome
         if outcome.applied or outcome.deleted or outcome.status_written:
             ctx.log.debug("reconciled", applied=outcome.applied, deleted=outcome.deleted, phase=outcome.phase)
-        return Result()
+        # Nothing in the API changes while a pull goes on: look at its progress again a little later.
+        return Result(requeue_after=status.PULL_POLL_SECONDS) if outcome.reason == status.PULLING else Result()
 
     async def _reconcile(self, ctx: Context) -> None:
         try:
@@ -270,7 +282,7 @@ class Reconciler:
                 await self._delete_stale(ctx, m, built)
             except ChildRefused as e:
                 built = SpecError(e.reason, e.message)
-        observed = self._observe(m, built, warnings)
+        observed = await self._with_pull_progress(ctx, m, built, self._observe(m, built, warnings))
         await self._write_status(ctx, status.compute(m, built, observed, self._now(), ctx.obj.get("status")))
 
     def _now(self) -> str:
@@ -307,6 +319,8 @@ class Reconciler:
             child = diff.metadata_only(child)
         if not diff.needs_apply(child, live):
             return False
+        if (handover := diff.strategy_handover(child, live)) is not None:
+            await self._apply_unless_refused(ctx, handover, live)
         await self._apply_unless_refused(ctx, child, live)
         ctx.log.info("created" if live is None else "updated", child=_ref(child))
         # Events are for what a user acts on (a roll, a state change, an error), not for every child written.
@@ -387,8 +401,35 @@ class Reconciler:
             missing = tuple(r for r in built.secret_refs if self._caches.secret_version(ns, r.name) is None)
         return status.Observed(deployment, self._caches.pods_of(ns, name), missing, warnings)
 
+    async def _with_pull_progress(self, ctx: Context, m: ModelAPI, built: Desired | SpecError,
+                                  observed: status.Observed) -> status.Observed:
+        """Add the progress of the pull the status will report, read from the tail of its log at most once
+        a PULL_POLL_SECONDS (never logged: only the parsed progress is kept)."""
+        pod = status.pulling_pod(m, built, observed)
+        if pod is None:
+            self._pull_reads.pop(ctx.key, None)
+            return observed
+        now, last = self._clock(), self._pull_reads.get(ctx.key)
+        # (a requeue comes back after PULL_POLL_SECONDS, give or take the timer: it always reads)
+        if last is not None and last[1] == pod and (now - last[0]).total_seconds() < 0.9 * status.PULL_POLL_SECONDS:
+            progress = last[2]
+        else:
+            progress = await self._read_pull_progress(ctx, m.metadata.namespace, pod)
+            self._pull_reads[ctx.key] = (now, pod, progress)
+        return replace(observed, pulls={pod: progress}) if progress is not None else observed
+
+    async def _read_pull_progress(self, ctx: Context, namespace: str, pod: str) -> status.PullProgress | None:
+        try:
+            tail = await self._client.log_tail(namespace, pod, desired.INIT_CONTAINER, PULL_LOG_LINES,
+                                               PULL_LOG_BYTES, PULL_LOG_TIMEOUT)
+        except ApiError as e:  # no progress this time; the pull itself is unaffected
+            ctx.log.debug("pull progress unread", pod=pod, code=e.status, reason=e.reason)
+            return None
+        return status.parse_progress(tail)
+
     async def _write_status(self, ctx: Context, new: dict[str, Any]) -> None:
         ctx.outcome.phase = new["phase"]
+        ctx.outcome.reason = status.ready_of(new).get("reason", "")
         old = ctx.obj.get("status") or {}
         if new == old:
             return

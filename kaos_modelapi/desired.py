@@ -414,10 +414,16 @@ def _deployment(m: ModelAPI, pod_spec: dict[str, Any], config_data: dict[str, st
 
 def _rolling_update(m: ModelAPI) -> dict[str, Any] | None:
     """Proxy pods are cheap: a roll starts each new pod before it stops an old one, so serving capacity never
-    drops. Hosted pods keep the Deployment's default (a surge would need a second GPU, or the model store)."""
-    if m.spec.mode != "Proxy":
-        return None
-    return {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    drops. A Hosted pod on a single-node model store (ReadWriteOnce, ReadWriteOncePod) is replaced by stopping
+    the old pod first: a new pod could not attach the claim the old one holds (on another node, or on any
+    node for ReadWriteOncePod), and the roll would stall. Other Hosted pods keep the Deployment's default (a
+    surge would need a second GPU)."""
+    if m.spec.mode == "Proxy":
+        return {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    store = m.spec.hostedConfig.modelStore if m.spec.hostedConfig else None
+    if store is not None and store.accessMode in api.SINGLE_NODE_ACCESS:
+        return {"type": "Recreate"}
+    return None
 
 
 def _spread(m: ModelAPI, pod_spec: dict[str, Any]) -> dict[str, Any]:

@@ -102,3 +102,20 @@ def overlay(live: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def strategy_handover(desired: dict[str, Any], live: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What to apply first when a Deployment moves to the Recreate strategy while the live one carries
+    `rollingUpdate` parameters that no field manager applied (the API server's defaults, e.g. under an
+    older operator): server-side apply leaves fields it does not own, and Recreate beside them is invalid.
+    Applying the live parameters first as ours makes them ours, so the apply of Recreate then removes them
+    (no roll: the pod template is the desired one both times). None when the apply needs no such step."""
+    if desired.get("kind") != "Deployment" or live is None:
+        return None
+    wanted = desired["spec"].get("strategy") or {}
+    current = (live.get("spec") or {}).get("strategy") or {}
+    if wanted.get("type") != "Recreate" or "rollingUpdate" not in current:
+        return None
+    spec = {**desired["spec"], "strategy": {"type": current.get("type", "RollingUpdate"),
+                                            "rollingUpdate": current["rollingUpdate"]}}
+    return {**desired, "spec": spec}

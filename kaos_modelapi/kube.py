@@ -290,6 +290,26 @@ class KubeClient:
         obj = await self._json("GET", resource.path(namespace, name))
         return with_type(obj, resource)
 
+    async def log_tail(self, namespace: str, pod: str, container: str, lines: int, limit_bytes: int,
+                       seconds: float) -> str:
+        """The last `lines` lines (at most `limit_bytes` bytes) of a container's log (pods/log, get), within
+        `seconds` (not the client's usual timeout: the API server asks the node's kubelet)."""
+        query = _query(container=container, tailLines=lines, limitBytes=limit_bytes)
+        # The log is plain text, yet the API server negotiates this route as for objects: text/plain is
+        # refused (406 Not Acceptable); kubectl asks for anything too.
+        response = await self._send("GET", POD.path(namespace, pod, "log"), query, "*/*", None,
+                                    aiohttp.ClientTimeout(total=seconds))
+        try:
+            if response.status != 200:
+                raise await self._error_from_response(response)
+            try:
+                data = (await response.read())[:limit_bytes]  # the server cuts at limitBytes already
+            except (aiohttp.ClientError, TimeoutError) as err:
+                raise ApiError(0, type(err).__name__, str(err) or repr(err)) from err
+        finally:
+            response.release()
+        return data.decode("utf-8", "replace")
+
     async def check_list(self, resource: Resource, namespace: str | None, label_selector: str | None = None,
                          metadata_only: bool = False) -> None:
         """One page of one object: raises the ApiError a list would (RBAC, a missing API) without reading all."""

@@ -34,10 +34,46 @@ READY_TIMEOUT_SECONDS: Final = 300
 ENV_MODEL: Final = "OLLAMA_MODEL"
 ENV_START_TIMEOUT: Final = "KAOS_OLLAMA_START_TIMEOUT"
 
+# `ollama pull` redraws one progress bar per layer ten times a second with terminal escapes, even when its
+# output is a log: this awk program (mawk and gawk both run it) turns that into lines, each text once and
+# one line per percent of the largest layer (the weights), in the form PROGRESS_PREFIX + "42% 57 MB/135 MB"
+# (Ollama's own percent and sizes). The operator reads the last such line for the status message.
+PROGRESS_PREFIX: Final = "pull-model: progress "
+PROGRESS_AWK: Final = r"""
+BEGIN { RS = "\033" }
+{
+  sub(/^\[[0-9;?]*[A-Za-z]/, "")
+  n = split($0, lines, "\n")
+  for (i = 1; i <= n; i++) show(lines[i])
+}
+function show(s,   f, t, sizes, total) {
+  if (s ~ /^pulling [^ ]+: +[0-9]+% /) {
+    split(s, f, " ")
+    split(s, t, "\342\226\217")
+    if (match(t[2], /[0-9.]+ [KMGT]?B\/[0-9.]+ [KMGT]?B/)) sizes = substr(t[2], RSTART, RLENGTH)
+    else if (match(t[2], /[0-9.]+ [KMGT]?B/)) sizes = substr(t[2], RSTART, RLENGTH) "/" substr(t[2], RSTART, RLENGTH)
+    else return
+    total = sizes; sub(/.*\//, "", total)
+    if (top == "" || bytes(total) > most) { top = f[2]; most = bytes(total) }
+    if (f[2] == top && f[3] != shown) { shown = f[3]; print "pull-model: progress " f[3] " " sizes; fflush() }
+    return
+  }
+  sub(/[ \t]+$/, "", s)
+  sub(/ [^ -~]+$/, "", s)
+  if (s != "" && !(s in seen)) { seen[s] = 1; print s; fflush() }
+}
+function bytes(h,   x) {
+  split(h, x, " ")
+  return x[1] * (x[2] == "KB" ? 1e3 : x[2] == "MB" ? 1e6 : x[2] == "GB" ? 1e9 : x[2] == "TB" ? 1e12 : 1)
+}
+"""
+
 # Run as `/bin/sh -c PULL_SCRIPT` in the init container. The model name arrives only as $OLLAMA_MODEL and
 # is only ever expanded inside double quotes, so no character of it is parsed as shell syntax.
-# Polls the server (1 s apart) until it answers or the deadline passes; the exit status is the pull's.
-PULL_SCRIPT: Final = """\
+# Polls the server (1 s apart) until it answers or the deadline passes; the exit status is the pull's (the
+# shell has no pipefail: it comes back through fd 4 around the pipe into the progress filter, which is
+# plain `cat` in an image without awk).
+_PULL_SCRIPT = """\
 set -u
 : "${OLLAMA_MODEL:?OLLAMA_MODEL is not set}"
 timeout="${KAOS_OLLAMA_START_TIMEOUT:-120}"
@@ -58,10 +94,15 @@ until ollama list >/dev/null 2>&1; do
   fi
   sleep 1
 done
+progress() { if command -v awk >/dev/null 2>&1; then awk '@PROGRESS_AWK@'; else cat; fi; }
 printf 'pull-model: pulling %s\\n' "$OLLAMA_MODEL"
-if ! ollama pull "$OLLAMA_MODEL"; then
+exec 3>&1
+code=$( { { ollama pull "$OLLAMA_MODEL" 2>&1; echo "$?" >&4; } | progress >&3; } 4>&1 )
+if [ "$code" != 0 ]; then
   printf 'pull-model: pulling %s failed\\n' "$OLLAMA_MODEL" >&2
   exit 1
 fi
 printf 'pull-model: pulled %s\\n' "$OLLAMA_MODEL"
 """
+assert "'" not in PROGRESS_AWK  # it is quoted with single quotes in the script
+PULL_SCRIPT: Final = _PULL_SCRIPT.replace("@PROGRESS_AWK@", PROGRESS_AWK)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from . import ollama
 from .api import ModelAPI
 from .desired import CONTAINER, INIT_CONTAINER, Desired, SecretRef, SpecError, selector_labels
 
@@ -18,6 +20,63 @@ _FAILING_WAIT_REASONS = frozenset({
 })
 
 
+# --- pull progress ------------------------------------------------------------------------------------------
+# While a model is pulled the reconciler reads the tail of the pull-model container's log (the lines
+# ollama.PROGRESS_AWK prints) every PULL_POLL_SECONDS; the status message shows the progress, rewritten only
+# when it moved PROGRESS_STEP points, so a long pull costs about ten status writes.
+
+PULL_POLL_SECONDS = 10.0
+PROGRESS_STEP = 10
+PULLING = "PullingModel"
+_SIZE = r"[0-9.]+ [KMGT]?B"
+_PROGRESS_LINE = re.compile(rf"^{re.escape(ollama.PROGRESS_PREFIX)}(\d{{1,3}})% ({_SIZE})/({_SIZE})\s*$")
+# The progress as the status message shows it: "pulling model M: 42% (57/135 MB)".
+_SHOWN = re.compile(r": (\d{1,3})% \(([^()]*)\)")
+
+
+@dataclass(frozen=True)
+class PullProgress:
+    """Ollama's percent of the model's largest layer, and its sizes as Ollama writes them ("57 MB")."""
+
+    percent: int
+    done: str
+    total: str
+
+    def __str__(self) -> str:
+        done, _, unit = self.done.partition(" ")
+        sizes = f"{done}/{self.total}" if self.total.endswith(f" {unit}") else f"{self.done}/{self.total}"
+        return f"{self.percent}% ({sizes})"
+
+
+def parse_progress(log_tail: str) -> PullProgress | None:
+    """The last progress line of a pull-model log's tail, if any."""
+    for line in reversed(log_tail.splitlines()):
+        if (m := _PROGRESS_LINE.match(line)) and int(m[1]) <= 100:
+            return PullProgress(int(m[1]), m[2], m[3])
+    return None
+
+
+def _shown_progress(message: str) -> tuple[int, str] | None:
+    """(percent, its text) of the progress a stored PullingModel message shows."""
+    m = _SHOWN.search(message)
+    return (int(m[1]), m[0]) if m else None
+
+
+def progress_text(previous: tuple[int, str] | None, new: PullProgress | None) -> str:
+    """What the message shows after "pulling model M": the new progress when it moved at least PROGRESS_STEP
+    points (or finished, or went back: a new pod starts again), else what is shown already, so that the
+    status is not rewritten for every percent; nothing before the first progress line."""
+    if new is None:
+        return previous[1] if previous else ""
+    if previous is not None and previous[0] <= new.percent < min(previous[0] + PROGRESS_STEP, 100):
+        return previous[1]
+    return f": {new}"
+
+
+def _without_progress(message: str) -> str:
+    return _SHOWN.sub("", message, count=1)
+
+
 @dataclass(frozen=True)
 class Observed:
     """What the caches say about a ModelAPI's world."""
@@ -27,6 +86,8 @@ class Observed:
     missing_secrets: tuple[SecretRef, ...] = ()
     # Problems the operator detected that do not stop the endpoint from serving (e.g. no HTTPRoute CRD).
     warnings: tuple[str, ...] = ()
+    # Pod name -> the progress its pull-model log shows (read only for the pod `pulling_pod` names).
+    pulls: Mapping[str, PullProgress] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -34,6 +95,7 @@ class Verdict:
     phase: str
     reason: str
     message: str
+    pod: str | None = None  # the pod the verdict is about, when one pod decided it
 
     @property
     def ready(self) -> bool:
@@ -100,7 +162,8 @@ def _pod_verdict(m: ModelAPI, pod: dict[str, Any]) -> Verdict | None:
             return Verdict("Failed", "ContainerFailing",
                            f"init container {init.get('name')} {failure}; see {_logs_hint(m, init.get('name', ''))}")
         if "running" in (init.get("state") or {}) and init.get("name") == INIT_CONTAINER and m.spec.hostedConfig:
-            return Verdict("Pending", "PullingModel", f"pulling model {m.spec.hostedConfig.model}")
+            return Verdict("Pending", PULLING, f"pulling model {m.spec.hostedConfig.model}",
+                           pod.get("metadata", {}).get("name"))
     for container in status.get("containerStatuses") or []:
         failure = _container_failure(container)
         if failure:
@@ -171,6 +234,21 @@ def verdict(m: ModelAPI, built: Desired | SpecError, observed: Observed) -> Verd
     return _deployment_verdict(m, observed.deployment, observed.pods)
 
 
+def pulling_pod(m: ModelAPI, built: Desired | SpecError, observed: Observed) -> str | None:
+    """The pod whose pull-model log to read: the one the status says is pulling the model, if any."""
+    v = verdict(m, built, observed)
+    return v.pod if v.reason == PULLING else None
+
+
+def _with_progress(v: Verdict, observed: Observed, previous: Mapping[str, Any]) -> Verdict:
+    if v.reason != PULLING:
+        return v
+    shown = _shown_progress(str(ready_of(previous).get("message") or "")) if ready_of(previous).get(
+        "reason") == PULLING else None
+    text = progress_text(shown, observed.pulls.get(v.pod or ""))
+    return replace(v, message=v.message + text)
+
+
 def _deployment_mirror(deployment: dict[str, Any] | None) -> dict[str, Any] | None:
     if deployment is None:
         return None
@@ -202,9 +280,11 @@ def ready_condition(previous: Mapping[str, Any], v: Verdict, generation: int | N
 
 def ready_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
     """Whether the Ready condition says something new (what an Event reports)."""
-    keys = ("status", "reason", "message")
     before, after = ready_of(old), ready_of(new)
-    return any(before.get(k) != after.get(k) for k in keys)
+    if any(before.get(k) != after.get(k) for k in ("status", "reason")):
+        return True
+    # A pull's progress is not news (it would be an Event every PROGRESS_STEP points).
+    return _without_progress(str(before.get("message"))) != _without_progress(str(after.get("message")))
 
 
 def _stored(m: ModelAPI) -> dict[str, Any]:
@@ -226,7 +306,8 @@ def compute(m: ModelAPI, built: Desired | SpecError, observed: Observed, now: st
             previous: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The full status to apply. `now` (RFC 3339) is used only for a condition that changes status;
     `previous` is the stored status (default: the model's)."""
-    v = verdict(m, built, observed)
+    stored = previous if previous is not None else _stored(m)
+    v = _with_progress(verdict(m, built, observed), observed, stored)
     notes = (*(built.notes if isinstance(built, Desired) else ()), *observed.warnings)
     message = "; ".join((v.message, *notes))
     v = Verdict(v.phase, v.reason, message)
@@ -237,8 +318,7 @@ def compute(m: ModelAPI, built: Desired | SpecError, observed: Observed, now: st
         "model": built.model if isinstance(built, Desired) else "",
         "message": message,
         "observedGeneration": m.metadata.generation,
-        "conditions": [ready_condition(ready_of(previous if previous is not None else _stored(m)), v,
-                                       m.metadata.generation, now)],
+        "conditions": [ready_condition(ready_of(stored), v, m.metadata.generation, now)],
     }
     status.update(_scale(m, observed.deployment))
     mirror = _deployment_mirror(observed.deployment)

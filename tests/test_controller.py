@@ -5,7 +5,7 @@ those calls is tested in e2e/."""
 from __future__ import annotations
 
 import copy
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,8 @@ import pytest
 import structlog
 import yaml
 
-from kaos_modelapi import controller, kube
+from kaos_modelapi import controller, desired, kube, status
+from kaos_modelapi.api import ModelAPI
 from kaos_modelapi.controller import SECRET_REF_INDEX, Reconciler, secret_ref_keys
 from kaos_modelapi.events import Recorder
 from kaos_modelapi.informer import Change, Store
@@ -36,6 +37,9 @@ class RecordingClient:
         self.calls: list[tuple[str, str, bool]] = []  # (verb, "Kind/name", force)
         self.events: list[Obj] = []
         self.fail: dict[str, list[ApiError]] = {}
+        self.logs: dict[tuple[str, str], str] = {}  # (pod, container) -> what its log's tail reads
+        self.log_reads: list[tuple[str, str, int, int]] = []
+        self.statuses: list[Obj] = []
         self._by_type = {(r.api_version, r.kind): r for r in kube.DEFAULT_RESOURCES}
 
     def resource_for(self, obj: Obj) -> Resource:
@@ -52,6 +56,7 @@ class RecordingClient:
         return self._record("apply", obj, force)
 
     async def apply_status(self, obj: Obj, field_manager: str, force: bool = False) -> Obj:
+        self.statuses.append(obj["status"])
         return self._record("apply_status", obj, force)
 
     async def create(self, obj: Obj, field_manager: str | None = None) -> Obj:
@@ -65,6 +70,14 @@ class RecordingClient:
 
     async def delete(self, resource: Resource, namespace: str | None, name: str, uid: str | None = None) -> None:
         self._record("delete", {"kind": resource.kind, "metadata": {"name": name}})
+
+    async def log_tail(self, namespace: str, pod: str, container: str, lines: int, limit_bytes: int,
+                       seconds: float) -> str:
+        self.log_reads.append((pod, container, lines, limit_bytes))
+        pending = self.fail.get("log_tail") or []
+        if pending:
+            raise pending.pop(0)
+        return self.logs.get((pod, container), "")
 
     def writes(self) -> list[tuple[str, str, bool]]:
         return list(self.calls)
@@ -249,6 +262,101 @@ def secret_as_listed() -> Obj:
                                          "kaos.tools/note": "ours"},
                          "managedFields": [{"manager": "kubectl"}]},
             "data": {"k": "c2VjcmV0"}, "stringData": {"k": "secret"}}
+
+
+# --- a Hosted ModelAPI pulling its model ---------------------------------------------------------------
+
+
+def hosted_pulling(converged: list[Obj]) -> list[Obj]:
+    """The recorded ModelAPI turned Hosted, its Deployment as the builder makes it (not yet available), and
+    a pod whose pull-model init container runs."""
+    m = copy.deepcopy(of_kind(converged, "ModelAPI"))
+    m["spec"] = {"mode": "Hosted", "hostedConfig": {"model": "smollm2:135m"}}
+    m.pop("status", None)
+    built = desired.build(ModelAPI.model_validate(m), Settings())
+    deployment = copy.deepcopy(of_kind(list(built.children), "Deployment"))
+    deployment["metadata"]["uid"] = "00000000-0000-0000-0000-0000000000d1"
+    deployment["status"] = {"replicas": 1, "updatedReplicas": 1, "conditions": [
+        {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable"}]}
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "modelapi-mock-api-1-x", "namespace": m["metadata"]["namespace"],
+                        "labels": desired.labels(m["metadata"]["name"])},
+           "status": {"initContainerStatuses": [{"name": "pull-model", "state": {"running": {}}}]}}
+    return [m, *[c for c in built.children if c["kind"] != "Deployment"], deployment, pod]
+
+
+async def test_a_pull_shows_its_progress_and_is_looked_at_again_while_it_runs(converged: list[Obj]) -> None:
+    objects = hosted_pulling(converged)
+    r, client = reconciler(objects)
+    client.logs[("modelapi-mock-api-1-x", "pull-model")] = "pull-model: pulling smollm2:135m\n" \
+        "pull-model: progress 42% 57 MB/135 MB\n"
+    result = await r.reconcile(key(objects))
+    assert result.requeue_after == status.PULL_POLL_SECONDS
+    assert client.log_reads == [("modelapi-mock-api-1-x", "pull-model", controller.PULL_LOG_LINES,
+                                 controller.PULL_LOG_BYTES)]
+    (written,) = client.statuses
+    assert (written["phase"], written["message"]) == ("Pending", "pulling model smollm2:135m: 42% (57/135 MB)")
+    assert client.event_reasons() == ["PullingModel"]
+
+
+async def test_the_log_is_read_at_most_once_a_poll_period_however_often_the_pull_wakes(
+        converged: list[Obj]) -> None:
+    objects = hosted_pulling(converged)
+    client = RecordingClient()
+    client.logs[("modelapi-mock-api-1-x", "pull-model")] = "pull-model: progress 42% 57 MB/135 MB\n"
+    now = [NOW]
+    recorder = Recorder(client, "test", LOG, clock=lambda: now[0])  # type: ignore[arg-type]
+    r = Reconciler(client, stores_of(objects), Settings(), recorder, LOG,  # type: ignore[arg-type]
+                   clock=lambda: now[0])
+    for _ in range(3):  # e.g. a status write and pod events between two requeues
+        await r.reconcile(key(objects))
+    assert len(client.log_reads) == 1
+    assert client.statuses[-1]["message"] == "pulling model smollm2:135m: 42% (57/135 MB)"
+    now[0] += timedelta(seconds=status.PULL_POLL_SECONDS)  # the requeue
+    await r.reconcile(key(objects))
+    assert len(client.log_reads) == 2
+
+
+async def test_a_log_that_cannot_be_read_costs_only_the_progress(converged: list[Obj]) -> None:
+    objects = hosted_pulling(converged)
+    r, client = reconciler(objects)
+    client.fail["log_tail"] = [ApiError(403, "Forbidden", "pods \"x\" is forbidden")]
+    result = await r.reconcile(key(objects))
+    assert result.requeue_after == status.PULL_POLL_SECONDS
+    assert [s["message"] for s in client.statuses] == ["pulling model smollm2:135m"]
+
+
+async def test_no_log_is_read_unless_a_model_is_pulled(converged: list[Obj]) -> None:
+    r, client = reconciler(converged)
+    assert (await r.reconcile(key(converged))).requeue_after is None
+    objects = hosted_pulling(converged)
+    objects[-1]["status"]["initContainerStatuses"][0]["state"] = {"terminated": {"exitCode": 0}}
+    r, client = reconciler(objects)
+    assert (await r.reconcile(key(objects))).requeue_after is None
+    assert client.log_reads == []
+
+
+async def test_a_store_added_to_a_running_hosted_modelapi_moves_its_deployment_to_recreate(
+        converged: list[Obj]) -> None:
+    objects = hosted_pulling(converged)
+    deployment = of_kind(objects, "Deployment")
+    # As the API server defaulted it when the Deployment was made without a strategy.
+    deployment["spec"]["strategy"] = {"type": "RollingUpdate",
+                                      "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}
+    of_kind(objects, "ModelAPI")["spec"]["hostedConfig"]["modelStore"] = {"size": "20Gi"}
+    r, client = reconciler(objects)
+    applied: list[Obj] = []
+    original = client.apply
+
+    async def keep(obj: Obj, field_manager: str, force: bool = False) -> Obj:
+        applied.append(copy.deepcopy(obj))
+        return await original(obj, field_manager, force)
+
+    client.apply = keep  # type: ignore[method-assign]
+    await r.reconcile(key(objects))
+    strategies = [o["spec"].get("strategy") for o in applied if o["kind"] == "Deployment"]
+    assert strategies == [deployment["spec"]["strategy"], {"type": "Recreate"}]
+    assert [o["kind"] for o in applied] == ["PersistentVolumeClaim", "Deployment", "Deployment"]
 
 
 def test_the_secret_cache_keeps_identity_and_never_data() -> None:

@@ -373,6 +373,24 @@ def test_a_model_store_is_a_claim_the_modelapi_owns_mounted_where_ollama_keeps_m
         assert c["volumeMounts"] == [{"name": "ollama-data", "mountPath": ollama.DATA_DIR}]
 
 
+@pytest.mark.parametrize(("store", "strategy"), [
+    ({"accessMode": "ReadWriteOnce"}, {"type": "Recreate"}),
+    ({}, {"type": "Recreate"}),  # ReadWriteOnce is the default
+    ({"accessMode": "ReadWriteOncePod"}, {"type": "Recreate"}),
+    ({"accessMode": "ReadWriteMany"}, None),
+    (None, None),
+])
+def test_a_single_node_store_is_rolled_by_stopping_the_old_pod_first(store: dict[str, Any] | None,
+                                                                    strategy: dict[str, Any] | None) -> None:
+    """A new pod cannot attach a ReadWriteOnce claim on another node (nor a ReadWriteOncePod claim anywhere)
+    while the old pod holds it: a rolling update would stall, Recreate lets go of the claim first."""
+    spec = HOSTED if store is None else _with_store(**store)
+    deployment = children(modelapi(spec))["Deployment/modelapi-m"]
+    assert deployment["spec"].get("strategy") == strategy
+    proxy = children(modelapi({"mode": "Proxy", "proxyConfig": {"model": "m"}}))["Deployment/modelapi-m"]
+    assert proxy["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+
+
 def test_without_a_store_class_the_claim_leaves_it_to_the_cluster_default() -> None:
     claim = children(modelapi(_with_store(accessMode="ReadWriteMany")))["PersistentVolumeClaim/modelapi-m-models"]
     assert "storageClassName" not in claim["spec"]

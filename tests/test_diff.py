@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from kaos_modelapi.diff import is_subset, metadata_only, needs_apply, quantity
+from kaos_modelapi.diff import is_subset, metadata_only, needs_apply, quantity, strategy_handover
 
 DESIRED: dict[str, Any] = {
     "apiVersion": "apps/v1", "kind": "Deployment",
@@ -74,3 +74,33 @@ def test_metadata_only_never_carries_content() -> None:
               "metadata": {"name": "s", "namespace": "ns", "labels": {"a": "b"}, "uid": "u"}}
     assert metadata_only(secret) == {"apiVersion": "v1", "kind": "Secret",
                                      "metadata": {"name": "s", "namespace": "ns", "labels": {"a": "b"}}}
+
+
+def _deployment(strategy: dict[str, Any] | None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"replicas": 1, "template": {"spec": {"containers": [{"name": "c"}]}}}
+    if strategy is not None:
+        spec["strategy"] = strategy
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}, "spec": spec}
+
+
+DEFAULTED = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}
+
+
+def test_a_move_to_recreate_first_takes_the_defaulted_rolling_update_parameters_as_ours() -> None:
+    """Server-side apply cannot drop parameters no manager applied, and Recreate beside them is invalid
+    (measured on the real API server): they are applied as ours first, so the next apply removes them."""
+    wanted = _deployment({"type": "Recreate"})
+    step = strategy_handover(wanted, _deployment(DEFAULTED))
+    assert step is not None
+    assert step["spec"]["strategy"] == DEFAULTED
+    assert step["spec"]["template"] == wanted["spec"]["template"]  # the same pods: no roll
+    assert wanted["spec"]["strategy"] == {"type": "Recreate"}  # untouched
+
+
+def test_no_handover_when_none_is_needed() -> None:
+    recreate = _deployment({"type": "Recreate"})
+    assert strategy_handover(recreate, None) is None  # created with Recreate: nothing is defaulted
+    assert strategy_handover(recreate, _deployment({"type": "Recreate"})) is None
+    assert strategy_handover(_deployment(DEFAULTED), _deployment(DEFAULTED)) is None
+    assert strategy_handover(_deployment(None), _deployment({"type": "Recreate"})) is None
+    assert strategy_handover({"kind": "Service", "spec": {}}, {"kind": "Service", "spec": {}}) is None

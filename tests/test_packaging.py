@@ -318,11 +318,12 @@ def test_rbac_is_least_privilege(helm: str, source: str) -> None:
     assert {v for g, r, v in manager if (g, r) == ("", "secrets")} <= SECRET_VERBS
     assert {(g, r) for g, r, _ in manager} == {
         ("kaos.tools", "modelapis"), ("kaos.tools", "modelapis/status"), ("kaos.tools", "modelapis/finalizers"),
-        ("apps", "deployments"), ("", "services"), ("", "configmaps"), ("", "secrets"), ("", "pods"),
+        ("apps", "deployments"), ("", "services"), ("", "configmaps"), ("", "secrets"), ("", "pods"), ("", "pods/log"),
         ("gateway.networking.k8s.io", "httproutes"), ("events.k8s.io", "events"),
         ("policy", "poddisruptionbudgets"), ("", "persistentvolumeclaims"),
     }
     assert {v for g, r, v in manager if r == "pods"} == {"list", "watch"}
+    assert {v for g, r, v in manager if r == "pods/log"} == {"get"}  # a pull's progress; never exec, attach
     assert {(g, r) for g, r, _ in lease} == {("coordination.k8s.io", "leases")}
     named = [rule for rule in only(objs, "Role")["rules"] if rule.get("resourceNames")]
     assert named and all(rule["resourceNames"] == ["kaos-modelapi"] for rule in named)

@@ -203,3 +203,91 @@ def test_an_image_that_cannot_be_pulled_is_named_not_blamed_on_the_model() -> No
     st = compute(HOSTED, status.Observed(deployment(), pods))
     assert (st["phase"], st["conditions"][0]["reason"]) == ("Failed", "ImagePullFailed")
     assert "docker.io/ollama/ollama:0.12.6" in st["message"] and "kubectl describe pod" in st["message"]
+
+
+
+# --- pull progress ------------------------------------------------------------------------------------------
+
+PULLING_POD = pod(init=[{"name": "pull-model", "state": {"running": {"startedAt": EARLIER}}}])
+# What ollama.PROGRESS_AWK makes of `ollama pull`'s output, among the lines of Ollama's own server.
+LOG = """pull-model: pulling smollm2:135m
+time=2026-11-27T17:14:21.708Z level=INFO source=download.go:177 msg="downloading 4f659a1e86d7 in 2 part(s)"
+pulling manifest
+pull-model: progress 41% 55 MB/135 MB
+pull-model: progress 42% 57 MB/135 MB
+time=2026-11-27T17:14:29.008Z level=INFO source=download.go:295 msg="4f659a1e86d7 part 1 stalled; retrying"
+"""
+
+
+def pulling(progress: status.PullProgress | None, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    pulls = {"p": progress} if progress is not None else {}
+    observed = status.Observed(deployment(), (PULLING_POD,), pulls=pulls)
+    return status.compute(HOSTED, desired.build(HOSTED, Settings()), observed, NOW, previous)
+
+
+def test_the_last_progress_line_of_the_log_tail_is_the_progress() -> None:
+    assert status.parse_progress(LOG) == status.PullProgress(42, "57 MB", "135 MB")
+    assert status.parse_progress("pull-model: progress 100% 1.2 GB/1.2 GB\nsuccess\n") == status.PullProgress(
+        100, "1.2 GB", "1.2 GB")
+    assert status.parse_progress("pull-model: progress 3% 512 B/4.1 GB") == status.PullProgress(3, "512 B", "4.1 GB")
+
+
+def test_no_or_garbled_progress_lines_give_no_progress() -> None:
+    for tail in ("", "pull-model: pulling x\npulling manifest\n", "pull-model: progress 142% 1 MB/2 MB",
+                 "pull-model: progress 42% 57 MB", "pull-model: progress 42%57 MB/135 MB",
+                 "\x1b[?25lpulling 4f659a1e86d7:  42% \u2595\u2588 \u258f  57 MB/135 MB\x1b[K",
+                 "xpull-model: progress 42% 57 MB/135 MB"):
+        assert status.parse_progress(tail) is None, tail
+
+
+def test_the_pod_to_read_is_the_one_pulling_and_only_while_it_pulls() -> None:
+    built = desired.build(HOSTED, Settings())
+    assert status.pulling_pod(HOSTED, built, status.Observed(deployment(), (PULLING_POD,))) == "p"
+    pulled = pod(init=[{"name": "pull-model", "state": {"terminated": {"exitCode": 0}}}])
+    assert status.pulling_pod(HOSTED, built, status.Observed(deployment(), (pulled,))) is None
+    assert status.pulling_pod(HOSTED, built, status.Observed(deployment(ready=1, available=True),
+                                                             (PULLING_POD,))) is None  # a roll's new pod
+    assert status.pulling_pod(MOCK, desired.build(MOCK, Settings()), status.Observed(deployment(), ())) is None
+
+
+def test_the_message_shows_the_progress_in_ollamas_units() -> None:
+    st = pulling(status.PullProgress(42, "57 MB", "135 MB"))
+    assert (st["phase"], st["conditions"][0]["reason"]) == ("Pending", "PullingModel")
+    assert st["message"] == st["conditions"][0]["message"] == "pulling model smollm2:135m: 42% (57/135 MB)"
+    assert pulling(status.PullProgress(3, "950 KB", "1.2 GB"))["message"] == \
+        "pulling model smollm2:135m: 3% (950 KB/1.2 GB)"
+    assert pulling(None)["message"] == "pulling model smollm2:135m"
+
+
+def test_the_shown_progress_moves_only_in_steps_so_the_status_is_rarely_rewritten() -> None:
+    st = pulling(status.PullProgress(42, "57 MB", "135 MB"))
+    writes, shown = 0, [st["message"]]
+    for percent in range(43, 101):
+        new = pulling(status.PullProgress(percent, f"{percent * 135 // 100} MB", "135 MB"), st)
+        if new != st:
+            writes, st = writes + 1, new
+            shown.append(st["message"])
+    assert shown == ["pulling model smollm2:135m: 42% (57/135 MB)", "pulling model smollm2:135m: 52% (70/135 MB)",
+                     "pulling model smollm2:135m: 62% (83/135 MB)", "pulling model smollm2:135m: 72% (97/135 MB)",
+                     "pulling model smollm2:135m: 82% (110/135 MB)", "pulling model smollm2:135m: 92% (124/135 MB)",
+                     "pulling model smollm2:135m: 100% (135/135 MB)"]
+    assert writes == 6
+
+
+def test_an_unread_progress_keeps_what_is_shown_and_a_restarted_pull_shows_the_truth() -> None:
+    st = pulling(status.PullProgress(42, "57 MB", "135 MB"))
+    assert pulling(None, st) == st  # a log that could not be read this time: no write
+    assert pulling(status.PullProgress(5, "6 MB", "135 MB"), st)["message"] == \
+        "pulling model smollm2:135m: 5% (6/135 MB)"  # a new pod pulls from the start
+
+
+def test_progress_alone_is_no_news_for_an_event() -> None:
+    first = pulling(status.PullProgress(42, "57 MB", "135 MB"), {})
+    later = pulling(status.PullProgress(62, "83 MB", "135 MB"), first)
+    assert later["message"] != first["message"]
+    assert not status.ready_changed(first, later)
+    assert not status.ready_changed(pulling(None, {}), first)
+    loading = compute(HOSTED, status.Observed(deployment(), (pod(
+        init=[{"name": "pull-model", "state": {"terminated": {"exitCode": 0}}}],
+        containers=[{"name": "model-api", "state": {"running": {}}, "ready": False}]),)))
+    assert status.ready_changed(later, loading)

@@ -77,6 +77,10 @@ master key and watches Secrets metadata-only (it never reads Secret data, which 
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
+# The tail of a pull-model init container's log, for the progress of a model pull (only while it runs).
+- apiGroups: [""]
+  resources: ["pods/log"]
+  verbs: ["get"]
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
   verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
