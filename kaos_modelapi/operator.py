@@ -24,10 +24,10 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
-from . import __version__, controller
+from . import __version__, controller, kubeconfig
 from .events import Recorder
 from .informer import Informer, MultiNamespaceInformer, informer_for_namespaces
-from .kube import ApiError, ConfigError, KubeClient, Resource, load_api_client
+from .kube import ApiError, KubeClient, Resource
 from .leader import LeaderElector, LeaseTiming
 from .observability import Metrics, configure_logging, health_app, metrics_app, serve
 from .runtime import CacheSpec, Controller, Stores
@@ -213,7 +213,7 @@ def run_command(options: Options) -> int:
     log = configure_logging(options.log_level, options.log_format)
     try:
         return asyncio.run(run(options, log))
-    except ConfigError as e:
+    except kubeconfig.ConfigError as e:
         raise StartupError(str(e)) from None
 
 
@@ -224,8 +224,8 @@ async def run(options: Options, log: Log) -> int:
         loop.add_signal_handler(sig, stop.set)
     registry = CollectorRegistry()
     metrics = Metrics(registry, controller.NAME)
-    api_client = await load_api_client(options.kubeconfig)
-    client = KubeClient(api_client, on_response=metrics.on_response, qps=options.kube_api_qps,
+    connection = kubeconfig.load(options.kubeconfig)
+    client = KubeClient(connection, on_response=metrics.on_response, qps=options.kube_api_qps,
                         burst=options.kube_api_burst)
     identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
     manager = Manager(client, options.namespaces, log)
@@ -271,7 +271,7 @@ async def run(options: Options, log: Log) -> int:
         for runner in runners:
             if runner is not None:
                 await runner.cleanup()
-        await api_client.close()
+        await connection.close()
     if lost:
         log.error("leadership lost: exiting so that a fresh process can stand for election")
         return 1
