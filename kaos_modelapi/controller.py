@@ -326,16 +326,15 @@ class Reconciler:
     async def _apply_unless_refused(self, ctx: Context, child: Obj, live: Obj | None) -> None:
         """Apply, or raise ChildRefused when the API server refuses the child as invalid (it will again
         until the spec changes, so the same child is not sent twice)."""
-        digest = _digest(child)
-        remembered = self._refused.get(ctx.key)
-        if remembered is not None and remembered[0] == digest:
+        remembered = self._refused.get(ctx.key)  # (the digest only when needed: it serializes the child)
+        if remembered is not None and remembered[0] == _digest(child):
             raise ChildRefused(child, remembered[1])
         try:
             await self._apply(ctx, child, live)
         except ApiError as e:
             if not e.is_invalid():
                 raise
-            self._refused[ctx.key] = (digest, e.message)
+            self._refused[ctx.key] = (_digest(child), e.message)
             raise ChildRefused(child, e.message) from e
 
     async def _apply(self, ctx: Context, child: Obj, live: Obj | None) -> None:

@@ -178,6 +178,9 @@ class Store:
         self._objects: dict[str, Obj] = {}
         self._indexers = dict(indexers or {})
         self._indices: dict[str, dict[str, set[str]]] = {name: {} for name in self._indexers}
+        # key -> the values each index function gave when the object was put: removing or replacing it
+        # need not run them again (one, the ModelAPI's Secret references, validates the whole object).
+        self._indexed: dict[str, list[tuple[str, KeyList]]] = {}
 
     def get(self, key: str) -> Obj | None:
         return self._objects.get(key)
@@ -217,21 +220,21 @@ class Store:
         key = object_key(obj)
         self._unindex(key)
         self._objects[key] = obj
-        for name, index_func in self._indexers.items():
-            for value in index_func(obj):
+        indexed = [(name, list(index_func(obj))) for name, index_func in self._indexers.items()]
+        for name, values in indexed:
+            for value in values:
                 self._indices[name].setdefault(value, set()).add(key)
+        if indexed:
+            self._indexed[key] = indexed
 
     def _remove(self, key: str) -> None:
         self._unindex(key)
         self._objects.pop(key, None)
 
     def _unindex(self, key: str) -> None:
-        old = self._objects.get(key)
-        if old is None:
-            return
-        for name, index_func in self._indexers.items():
+        for name, values in self._indexed.pop(key, ()):
             index = self._indices[name]
-            for value in index_func(old):
+            for value in values:
                 keys = index.get(value)
                 if keys is not None:
                     keys.discard(key)
