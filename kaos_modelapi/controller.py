@@ -47,6 +47,20 @@ def strip_managed(obj: Obj) -> Obj:
     return obj
 
 
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def modelapi_cached(obj: Obj) -> Obj:
+    """A ModelAPI without what the reconciler never reads: managedFields, and the copy of the whole object
+    that `kubectl apply` keeps in an annotation (as large as the spec itself)."""
+    meta = obj["metadata"]
+    meta.pop("managedFields", None)
+    annotations = meta.get("annotations")
+    if annotations and LAST_APPLIED in annotations:
+        meta["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
+    return obj
+
+
 def secret_identity(obj: Obj) -> Obj:
     """Keep a Secret's identity only. Even metadata can carry data (kubectl's last-applied annotation), so
     only the operator's own annotations are kept."""
@@ -87,7 +101,7 @@ def owned(resource: Resource, optional: bool = False) -> CacheSpec:
     return CacheSpec(resource, desired.MANAGED_SELECTOR, strip_managed, optional=optional)
 
 
-MODELAPIS = CacheSpec(kube.MODELAPI, transform=strip_managed, indexers={SECRET_REF_INDEX: secret_ref_keys})
+MODELAPIS = CacheSpec(kube.MODELAPI, transform=modelapi_cached, indexers={SECRET_REF_INDEX: secret_ref_keys})
 # One Secret cache, metadata only, never any data: it answers "does a referenced Secret exist, at which
 # version" and "is our generated key Secret there".
 SECRETS = CacheSpec(kube.SECRET, transform=secret_identity, metadata_only=True)

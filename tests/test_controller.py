@@ -274,6 +274,13 @@ def test_children_are_cached_without_managed_fields() -> None:
     assert controller.strip_managed(obj) == {"metadata": {"name": "x"}}
 
 
+def test_modelapis_are_cached_without_kubectls_copy_of_the_object() -> None:
+    obj = {"metadata": {"name": "x", "managedFields": [{}], "annotations": {
+        controller.LAST_APPLIED: '{"spec": {}}', "team": "a"}}, "spec": {"mode": "Proxy"}}
+    assert controller.MODELAPIS.transform(obj) == {"metadata": {"name": "x", "annotations": {"team": "a"}},
+                                                   "spec": {"mode": "Proxy"}}
+
+
 # --- what wakes a reconcile ------------------------------------------------------------------------------
 
 
