@@ -15,6 +15,7 @@ from typing import Any, Literal, cast
 from urllib.parse import quote
 
 import aiohttp
+import orjson
 
 from kaos_modelapi import __version__
 from kaos_modelapi.kubeconfig import Connection
@@ -213,7 +214,7 @@ def parse_watch_line(line: bytes, resource: Resource, metadata_only: bool) -> Wa
     if not line:
         return None
     try:
-        raw = json.loads(line)
+        raw = orjson.loads(line)  # (the watch streams are most of what the operator parses)
     except ValueError as err:
         raise ApiError(0, "BadWatchEvent", f"not JSON: {line[:200]!r}") from err
     event_type = raw.get("type") if isinstance(raw, dict) else None
@@ -470,7 +471,7 @@ class KubeClient:
         finally:
             response.release()
         try:
-            decoded = json.loads(data) if data else {}
+            decoded = orjson.loads(data) if data else {}
         except ValueError as err:
             raise ApiError(response.status, "BadResponse", f"not JSON: {data[:200]!r}") from err
         if not isinstance(decoded, dict):
@@ -500,7 +501,7 @@ class KubeClient:
                 f"{connection.host}{path}",
                 params=query,
                 headers=headers,
-                data=None if body is None else json.dumps(body),
+                data=None if body is None else orjson.dumps(body),
                 timeout=client_timeout,
                 proxy=connection.proxy,
                 server_hostname=connection.tls_server_name,
