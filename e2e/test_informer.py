@@ -222,10 +222,14 @@ async def proxied(connection: Connection) -> AsyncIterator[tuple[KubeClient, Cut
 # -- informer ------------------------------------------------------------------------------------
 
 
-async def test_list_then_watch_sees_creates_updates_deletes_in_order(client: KubeClient, namespace: str) -> None:
+@pytest.mark.parametrize("watch_list", [False, True], ids=["paged-list", "streaming-list"])
+async def test_list_then_watch_sees_creates_updates_deletes_in_order(
+    client: KubeClient, namespace: str, watch_list: bool
+) -> None:
     selector = {"kaos-e2e": unique("order")}
     await client.apply(configmap(namespace, "before", {"v": "0"}, labels=selector), "e2e")
-    informer = new_informer(client, CONFIGMAP, namespace, label_selector=f"kaos-e2e={selector['kaos-e2e']}")
+    informer = new_informer(client, CONFIGMAP, namespace, label_selector=f"kaos-e2e={selector['kaos-e2e']}",
+                            watch_list=watch_list)
     async with running(informer) as rec:
         assert rec.seen[0][:2] == ("add", "before")
         for value in ("1", "2", "3"):
@@ -408,7 +412,8 @@ async def test_label_selector_filters_and_relabelling_moves_objects_in_and_out(
         assert {o["metadata"]["labels"]["kaos-e2e"] for o in rec.objects} >= {label}
 
 
-async def test_metadata_only_secrets_never_carry_data(client: KubeClient, namespace: str) -> None:
+@pytest.mark.parametrize("watch_list", [False, True], ids=["paged-list", "streaming-list"])
+async def test_metadata_only_secrets_never_carry_data(client: KubeClient, namespace: str, watch_list: bool) -> None:
     label = unique("meta")
     secret = {
         "apiVersion": "v1",
@@ -425,6 +430,7 @@ async def test_metadata_only_secrets_never_carry_data(client: KubeClient, namesp
         label_selector=f"kaos-e2e={label}",
         metadata_only=True,
         transform=lambda o: o,
+        watch_list=watch_list,
     )
     async with running(informer) as rec:
         await client.apply({**secret, "stringData": {"token": "r0tated"}}, "e2e")

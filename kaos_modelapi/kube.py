@@ -351,16 +351,22 @@ class KubeClient:
         label_selector: str | None = None,
         metadata_only: bool = False,
         timeout_seconds: int | None = None,
+        initial_events: bool = False,
     ) -> AsyncGenerator[WatchEvent, None]:
         """Raw watch stream with bookmarks. Ends when the server closes it (timeout_seconds);
         raises ``Gone`` when resource_version is too old and ``ApiError`` on anything else.
-        Use it inside ``contextlib.aclosing`` so an abandoned stream closes its connection."""
+        Use it inside ``contextlib.aclosing`` so an abandoned stream closes its connection.
+
+        With ``initial_events`` (a streaming list, KEP-3157): every existing object first, as ADDED, then
+        a BOOKMARK annotated ``k8s.io/initial-events-end``, then the changes, as any watch."""
         query = _query(
             watch="true",
             allowWatchBookmarks="true",
             resourceVersion=resource_version,
             labelSelector=label_selector,
             timeoutSeconds=timeout_seconds,
+            sendInitialEvents="true" if initial_events else None,
+            resourceVersionMatch="NotOlderThan" if initial_events else None,
         )
         accept = PARTIAL_METADATA if metadata_only else JSON
         # The server ends the stream after timeout_seconds; if it goes silent for much longer the

@@ -114,7 +114,7 @@ class Manager:
         def make(namespace: str | None) -> Informer:
             return Informer(self.client, spec.resource, self.log, namespace=namespace,
                             label_selector=spec.label_selector, metadata_only=spec.metadata_only,
-                            transform=spec.transform, indexers=spec.indexers)
+                            transform=spec.transform, indexers=spec.indexers, watch_list=True)
 
         informer = informer_for_namespaces(self.namespaces, make)
         for ctrl in self.controllers:
