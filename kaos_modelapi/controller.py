@@ -112,6 +112,19 @@ PODS = CacheSpec(kube.POD, desired.MANAGED_SELECTOR, pod_status_only,
 # --- what wakes a reconcile ------------------------------------------------------------------------------
 
 
+def not_only_status(kind: str, old: Obj | None, new: Obj | None) -> bool:
+    """A ModelAPI update wakes its reconcile unless only its status (and so its resourceVersion) changed:
+    each status the reconciler writes comes back as such an update, and would cost a reconcile that can
+    only find everything as it left it. (Labels and annotations do count: they change no generation.)"""
+    if kind != "update" or old is None or new is None:
+        return True
+    return old.get("spec") != new.get("spec") or _identity_meta(old) != _identity_meta(new)
+
+
+def _identity_meta(obj: Obj) -> dict[str, Any]:
+    return {k: v for k, v in obj["metadata"].items() if k not in ("resourceVersion", "managedFields")}
+
+
 def modelapis_using_secret(secret: Obj, stores: Stores) -> Iterable[str]:
     """Existence matters to every ModelAPI that references a Secret, and its version to one mounting its
     config."""
@@ -127,7 +140,7 @@ def watches(settings: Settings) -> Builder:
     """Everything that wakes the reconcile of a ModelAPI, in one place."""
     builder = (
         Builder(NAME)
-        .for_(MODELAPIS)
+        .for_(MODELAPIS, not_only_status)
         .owns(owned(kube.CONFIGMAP))
         .owns(SECRETS)  # the generated master key
         .owns(owned(kube.DEPLOYMENT))
