@@ -206,6 +206,10 @@ class Controller:
             except ShutDown:
                 return
             await self._process(key)
+            # A reconcile that writes nothing never suspends, nor does get() while keys are queued: without
+            # this, a resync of a converged set held the event loop for the whole pass (watch events, and so
+            # readiness, waited behind it, and /metrics and /healthz timed out).
+            await asyncio.sleep(0)
 
     async def _process(self, key: str) -> None:
         started = time.monotonic()
