@@ -1,6 +1,6 @@
 """The async plumbing (kube client + informer) against the real local API server.
 
-Uses the root conftest fixtures `api_client` (a kubernetes_asyncio ApiClient for the test cluster)
+Uses the root conftest fixtures `kubeconfig` (the operator's own connection to the test cluster is made from it)
 and `namespace` (a fresh namespace for the test). No fixed sleeps: everything waits for a
 condition with a deadline.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import itertools
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -19,10 +18,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import structlog
-from kubernetes_asyncio.client import ApiClient
 
 from e2e.operator_process import crd_established
 from kaos_modelapi import kube
+from kaos_modelapi import kubeconfig as kubeconfig_module
 from kaos_modelapi.informer import Backoff, Informer
 from kaos_modelapi.kube import (
     CONFIGMAP,
@@ -35,6 +34,7 @@ from kaos_modelapi.kube import (
     Resource,
     WatchEvent,
 )
+from kaos_modelapi.kubeconfig import Connection
 
 pytestmark = pytest.mark.cluster
 
@@ -123,8 +123,18 @@ def configmap(
 
 
 @pytest.fixture
-def client(api_client: ApiClient) -> KubeClient:
-    return KubeClient(api_client, resources=(*kube.DEFAULT_RESOURCES, CRD, WIDGET))
+async def connection(kubeconfig: str) -> AsyncIterator[Connection]:
+    """The operator's own connection to the test cluster (kaos_modelapi.kubeconfig)."""
+    made = kubeconfig_module.load(kubeconfig)
+    try:
+        yield made
+    finally:
+        await made.close()
+
+
+@pytest.fixture
+def client(connection: Connection) -> KubeClient:
+    return KubeClient(connection, resources=(*kube.DEFAULT_RESOURCES, CRD, WIDGET))
 
 
 # -- a TCP proxy we can cut, to drop the watch connection for real ------------------------------------
@@ -193,17 +203,15 @@ class CuttableProxy:
 
 
 @contextlib.asynccontextmanager
-async def proxied(api_client: ApiClient) -> AsyncIterator[tuple[KubeClient, CuttableProxy]]:
-    url = urlsplit(str(api_client.configuration.host))
+async def proxied(connection: Connection) -> AsyncIterator[tuple[KubeClient, CuttableProxy]]:
+    url = urlsplit(connection.host)
     assert url.hostname is not None
     port = url.port or (443 if url.scheme == "https" else 80)
     proxy = CuttableProxy(url.hostname, port)
     local_port = await proxy.start()
-    configuration = copy.deepcopy(api_client.configuration)
     # Same host name (so TLS verification still matches), our port.
     host = url.hostname if ":" not in url.hostname else f"[{url.hostname}]"
-    configuration.host = urlunsplit((url.scheme, f"{host}:{local_port}", url.path, "", ""))
-    through_proxy = ApiClient(configuration=configuration)
+    through_proxy = connection.moved_to(urlunsplit((url.scheme, f"{host}:{local_port}", url.path, "", "")))
     try:
         yield KubeClient(through_proxy), proxy
     finally:
@@ -214,10 +222,14 @@ async def proxied(api_client: ApiClient) -> AsyncIterator[tuple[KubeClient, Cutt
 # -- informer ------------------------------------------------------------------------------------
 
 
-async def test_list_then_watch_sees_creates_updates_deletes_in_order(client: KubeClient, namespace: str) -> None:
+@pytest.mark.parametrize("watch_list", [False, True], ids=["paged-list", "streaming-list"])
+async def test_list_then_watch_sees_creates_updates_deletes_in_order(
+    client: KubeClient, namespace: str, watch_list: bool
+) -> None:
     selector = {"kaos-e2e": unique("order")}
     await client.apply(configmap(namespace, "before", {"v": "0"}, labels=selector), "e2e")
-    informer = new_informer(client, CONFIGMAP, namespace, label_selector=f"kaos-e2e={selector['kaos-e2e']}")
+    informer = new_informer(client, CONFIGMAP, namespace, label_selector=f"kaos-e2e={selector['kaos-e2e']}",
+                            watch_list=watch_list)
     async with running(informer) as rec:
         assert rec.seen[0][:2] == ("add", "before")
         for value in ("1", "2", "3"):
@@ -253,11 +265,11 @@ async def test_bookmarks_arrive_and_advance_the_resource_version(client: KubeCli
 
 
 async def test_a_dropped_connection_resumes_without_relist_or_lost_events(
-    api_client: ApiClient, client: KubeClient, namespace: str
+    connection: Connection, client: KubeClient, namespace: str
 ) -> None:
     label = unique("drop")
     labels = {"kaos-e2e": label}
-    async with proxied(api_client) as (via_proxy, proxy):
+    async with proxied(connection) as (via_proxy, proxy):
         informer = new_informer(via_proxy, CONFIGMAP, namespace, label_selector=f"kaos-e2e={label}")
         async with running(informer) as rec:
             await client.apply(configmap(namespace, "seen", {"v": "1"}, labels=labels), "e2e")
@@ -349,14 +361,14 @@ async def test_the_server_answers_an_expired_resource_version_with_gone(client: 
 
 
 async def test_an_expired_resource_version_relists_and_emits_the_missed_delete(
-    api_client: ApiClient, client: KubeClient, namespace: str
+    connection: Connection, client: KubeClient, namespace: str
 ) -> None:
     await gone_from_the_beginning(client, namespace)  # so that the armed watch below really expires
     label = unique("expire")
     labels = {"kaos-e2e": label}
     await client.apply(configmap(namespace, "keep", labels=labels), "e2e")
     doomed = await client.apply(configmap(namespace, "doomed", labels=labels), "e2e")
-    async with proxied(api_client) as (via_proxy, proxy):
+    async with proxied(connection) as (via_proxy, proxy):
         expiring = ExpireNextWatch(via_proxy)
         informer = new_informer(expiring, CONFIGMAP, namespace, label_selector=f"kaos-e2e={label}")
         async with running(informer) as rec:
@@ -400,7 +412,8 @@ async def test_label_selector_filters_and_relabelling_moves_objects_in_and_out(
         assert {o["metadata"]["labels"]["kaos-e2e"] for o in rec.objects} >= {label}
 
 
-async def test_metadata_only_secrets_never_carry_data(client: KubeClient, namespace: str) -> None:
+@pytest.mark.parametrize("watch_list", [False, True], ids=["paged-list", "streaming-list"])
+async def test_metadata_only_secrets_never_carry_data(client: KubeClient, namespace: str, watch_list: bool) -> None:
     label = unique("meta")
     secret = {
         "apiVersion": "v1",
@@ -417,6 +430,7 @@ async def test_metadata_only_secrets_never_carry_data(client: KubeClient, namesp
         label_selector=f"kaos-e2e={label}",
         metadata_only=True,
         transform=lambda o: o,
+        watch_list=watch_list,
     )
     async with running(informer) as rec:
         await client.apply({**secret, "stringData": {"token": "r0tated"}}, "e2e")
@@ -569,9 +583,9 @@ async def test_delete_honours_the_uid_precondition_and_404_is_success(client: Ku
     assert missing.value.is_not_found()
 
 
-async def test_create_then_already_exists_and_on_response_counts(api_client: ApiClient, namespace: str) -> None:
+async def test_create_then_already_exists_and_on_response_counts(connection: Connection, namespace: str) -> None:
     calls: list[tuple[str, int]] = []
-    counted = KubeClient(api_client, on_response=lambda method, code: calls.append((method, code)))
+    counted = KubeClient(connection, on_response=lambda method, code: calls.append((method, code)))
     await counted.create(configmap(namespace, "made"), field_manager="e2e")
     with pytest.raises(ApiError) as exists:
         await counted.create(configmap(namespace, "made"))

@@ -41,6 +41,7 @@ SECRET_REF_INDEX = "secretRefs"
 PULL_LOG_LINES = 40
 PULL_LOG_BYTES = 32 * 1024
 PULL_LOG_TIMEOUT = 5.0
+POD_OWNER_INDEX = "modelapi"
 Log = structlog.typing.FilteringBoundLogger
 
 
@@ -49,6 +50,20 @@ Log = structlog.typing.FilteringBoundLogger
 
 def strip_managed(obj: Obj) -> Obj:
     obj["metadata"].pop("managedFields", None)
+    return obj
+
+
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def modelapi_cached(obj: Obj) -> Obj:
+    """A ModelAPI without what the reconciler never reads: managedFields, and the copy of the whole object
+    that `kubectl apply` keeps in an annotation (as large as the spec itself)."""
+    meta = obj["metadata"]
+    meta.pop("managedFields", None)
+    annotations = meta.get("annotations")
+    if annotations and LAST_APPLIED in annotations:
+        meta["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
     return obj
 
 
@@ -81,18 +96,39 @@ def secret_ref_keys(obj: Obj) -> list[str]:
     return sorted({key_for(m.metadata.namespace, ref.name) for ref in desired.secret_refs(m)})
 
 
+def pod_modelapi_keys(obj: Obj) -> list[str]:
+    """Index function: a pod -> the key of the ModelAPI it serves (its label), so a reconcile finds its pods
+    without scanning every pod of the cluster (a scan made a cold converge quadratic in N)."""
+    name = desired.labelled_modelapi(obj)
+    return [] if name is None else [key_for(obj["metadata"].get("namespace"), name)]
+
+
 def owned(resource: Resource, optional: bool = False) -> CacheSpec:
     return CacheSpec(resource, desired.MANAGED_SELECTOR, strip_managed, optional=optional)
 
 
-MODELAPIS = CacheSpec(kube.MODELAPI, transform=strip_managed, indexers={SECRET_REF_INDEX: secret_ref_keys})
+MODELAPIS = CacheSpec(kube.MODELAPI, transform=modelapi_cached, indexers={SECRET_REF_INDEX: secret_ref_keys})
 # One Secret cache, metadata only, never any data: it answers "does a referenced Secret exist, at which
 # version" and "is our generated key Secret there".
 SECRETS = CacheSpec(kube.SECRET, transform=secret_identity, metadata_only=True)
-PODS = CacheSpec(kube.POD, desired.MANAGED_SELECTOR, pod_status_only)
+PODS = CacheSpec(kube.POD, desired.MANAGED_SELECTOR, pod_status_only,
+                 indexers={POD_OWNER_INDEX: pod_modelapi_keys})
 
 
 # --- what wakes a reconcile ------------------------------------------------------------------------------
+
+
+def not_only_status(kind: str, old: Obj | None, new: Obj | None) -> bool:
+    """A ModelAPI update wakes its reconcile unless only its status (and so its resourceVersion) changed:
+    each status the reconciler writes comes back as such an update, and would cost a reconcile that can
+    only find everything as it left it. (Labels and annotations do count: they change no generation.)"""
+    if kind != "update" or old is None or new is None:
+        return True
+    return old.get("spec") != new.get("spec") or _identity_meta(old) != _identity_meta(new)
+
+
+def _identity_meta(obj: Obj) -> dict[str, Any]:
+    return {k: v for k, v in obj["metadata"].items() if k not in ("resourceVersion", "managedFields")}
 
 
 def modelapis_using_secret(secret: Obj, stores: Stores) -> Iterable[str]:
@@ -103,15 +139,14 @@ def modelapis_using_secret(secret: Obj, stores: Stores) -> Iterable[str]:
 
 
 def modelapi_of_pod(pod: Obj, _: Stores) -> Iterable[str]:
-    name = desired.labelled_modelapi(pod)
-    return () if name is None else (key_for(pod["metadata"].get("namespace"), name),)
+    return pod_modelapi_keys(pod)
 
 
 def watches(settings: Settings) -> Builder:
     """Everything that wakes the reconcile of a ModelAPI, in one place."""
     builder = (
         Builder(NAME)
-        .for_(MODELAPIS)
+        .for_(MODELAPIS, not_only_status)
         .owns(owned(kube.CONFIGMAP))
         .owns(SECRETS)  # the generated master key
         .owns(owned(kube.DEPLOYMENT))
@@ -151,7 +186,7 @@ class Caches:
                 if o["metadata"].get("namespace") == namespace and _controller_uid(o) == uid]
 
     def pods_of(self, namespace: str, name: str) -> tuple[Obj, ...]:
-        return tuple(self.stores[kube.POD].select({desired.MODELAPI_LABEL: name}, namespace))
+        return tuple(self.stores[kube.POD].by_index(POD_OWNER_INDEX, key_for(namespace, name)))
 
     def secret_version(self, namespace: str, name: str | None) -> str | None:
         secret = self.stores[kube.SECRET].get(key_for(namespace, name)) if name else None
@@ -332,16 +367,15 @@ class Reconciler:
     async def _apply_unless_refused(self, ctx: Context, child: Obj, live: Obj | None) -> None:
         """Apply, or raise ChildRefused when the API server refuses the child as invalid (it will again
         until the spec changes, so the same child is not sent twice)."""
-        digest = _digest(child)
-        remembered = self._refused.get(ctx.key)
-        if remembered is not None and remembered[0] == digest:
+        remembered = self._refused.get(ctx.key)  # (the digest only when needed: it serializes the child)
+        if remembered is not None and remembered[0] == _digest(child):
             raise ChildRefused(child, remembered[1])
         try:
             await self._apply(ctx, child, live)
         except ApiError as e:
             if not e.is_invalid():
                 raise
-            self._refused[ctx.key] = (digest, e.message)
+            self._refused[ctx.key] = (_digest(child), e.message)
             raise ChildRefused(child, e.message) from e
 
     async def _apply(self, ctx: Context, child: Obj, live: Obj | None) -> None:

@@ -178,6 +178,9 @@ class Store:
         self._objects: dict[str, Obj] = {}
         self._indexers = dict(indexers or {})
         self._indices: dict[str, dict[str, set[str]]] = {name: {} for name in self._indexers}
+        # key -> the values each index function gave when the object was put: removing or replacing it
+        # need not run them again (one, the ModelAPI's Secret references, validates the whole object).
+        self._indexed: dict[str, list[tuple[str, KeyList]]] = {}
 
     def get(self, key: str) -> Obj | None:
         return self._objects.get(key)
@@ -217,21 +220,21 @@ class Store:
         key = object_key(obj)
         self._unindex(key)
         self._objects[key] = obj
-        for name, index_func in self._indexers.items():
-            for value in index_func(obj):
+        indexed = [(name, list(index_func(obj))) for name, index_func in self._indexers.items()]
+        for name, values in indexed:
+            for value in values:
                 self._indices[name].setdefault(value, set()).add(key)
+        if indexed:
+            self._indexed[key] = indexed
 
     def _remove(self, key: str) -> None:
         self._unindex(key)
         self._objects.pop(key, None)
 
     def _unindex(self, key: str) -> None:
-        old = self._objects.get(key)
-        if old is None:
-            return
-        for name, index_func in self._indexers.items():
+        for name, values in self._indexed.pop(key, ()):
             index = self._indices[name]
-            for value in index_func(old):
+            for value in values:
                 keys = index.get(value)
                 if keys is not None:
                     keys.discard(key)
@@ -262,6 +265,7 @@ class ListWatcher(Protocol):
         label_selector: str | None = None,
         metadata_only: bool = False,
         timeout_seconds: int | None = None,
+        initial_events: bool = False,
     ) -> AsyncGenerator[WatchEvent, None]: ...
 
 
@@ -278,6 +282,7 @@ class InformerLike(Protocol):
 
 
 DEFAULT_INDEXERS: Mapping[str, IndexFunc] = {OWNER_UID_INDEX: owner_uids}
+INITIAL_EVENTS_END = "k8s.io/initial-events-end"
 
 
 class Informer:
@@ -295,6 +300,7 @@ class Informer:
         transform: Transform = drop_managed_fields,
         indexers: Mapping[str, IndexFunc] = DEFAULT_INDEXERS,
         watch_timeout: tuple[int, int] = (300, 600),
+        watch_list: bool = False,
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -306,6 +312,10 @@ class Informer:
         self._metadata_only = metadata_only
         self._transform = transform
         self._watch_timeout = watch_timeout
+        # List by a streaming watch (sendInitialEvents) when the server allows it: objects arrive and are
+        # transformed one at a time instead of in pages of 500 full objects (the peak memory of a start),
+        # in one request whatever their number. None once the server refused it: plain lists from then on.
+        self._watch_list: bool | None = watch_list
         self._backoff = backoff or Backoff()
         self._rng = rng or random.Random()
         self._sleep = sleep
@@ -363,25 +373,56 @@ class Informer:
         attempt = 0
         while True:
             try:
-                result = await self._kube.list(
-                    self._resource, self._namespace, self._label_selector, self._metadata_only
-                )
+                items, resource_version = await (self._stream_list() if self._watch_list else self._page_list())
                 break
             except ApiError as err:
+                if self._watch_list and err.status in (400, 422):  # a server without WatchList
+                    self._log.info("streaming lists refused; listing", error=str(err))
+                    self._watch_list = None
+                    continue
                 delay = self._backoff.delay(attempt, self._rng)
                 attempt += 1
                 self._log.warning("list failed", error=str(err), status=err.status, retry_in=round(delay, 3))
                 await self._sleep(delay)
         self.lists += 1
-        items = [self._transform(item) for item in result.items]
         changes = relist_changes(self._store.snapshot(), items)
-        self._resource_version = result.resource_version
+        self._resource_version = resource_version
         self._log.info(
             "listed", reason=reason, objects=len(items), changes=len(changes),
-            resource_version=result.resource_version,
+            resource_version=resource_version, streamed=bool(self._watch_list),
         )  # fmt: skip
         self._dispatch(changes)
         self._synced.set()
+
+    async def _page_list(self) -> tuple[list[Obj], str]:
+        result = await self._kube.list(self._resource, self._namespace, self._label_selector, self._metadata_only)
+        return [self._transform(item) for item in result.items], result.resource_version
+
+    async def _stream_list(self) -> tuple[list[Obj], str]:
+        """Everything there is, by a watch that sends it first; the stream is closed at the bookmark that
+        ends the initial events, and the ordinary watch resumes from its resourceVersion."""
+        self.watches += 1
+        stream = self._kube.watch(
+            self._resource, self._namespace, label_selector=self._label_selector,
+            metadata_only=self._metadata_only, timeout_seconds=self._rng.randint(*self._watch_timeout),
+            initial_events=True,
+        )  # fmt: skip
+        objects: dict[str, Obj] = {}
+        async with contextlib.aclosing(stream) as events:
+            async for event in events:
+                if event.type == "ERROR":
+                    raise error_from_status(int(event.object.get("code") or 500), event.object)
+                if event.type == "BOOKMARK":
+                    annotations = event.object.get("metadata", {}).get("annotations") or {}
+                    if annotations.get(INITIAL_EVENTS_END) == "true":
+                        return list(objects.values()), event.resource_version or ""
+                    continue
+                obj = self._transform(event.object)
+                if event.type == "DELETED":
+                    objects.pop(object_key(obj), None)
+                else:
+                    objects[object_key(obj)] = obj
+        raise ApiError(0, "StreamEnded", "the streaming list ended before its initial events did")
 
     async def _watch_until_expired(self) -> None:
         attempt = 0

@@ -1,26 +1,24 @@
-"""A thin, typed async dynamic client over kubernetes_asyncio's REST client.
+"""A thin, typed async dynamic client over one aiohttp session to the API server.
 
 We speak to the API server with plain JSON dicts and our own paths, headers and content types
-(server-side apply, PartialObjectMetadata, raw watch streams with bookmarks) instead of the
-generated typed APIs, which cannot express most of that. kubernetes_asyncio still does what it is
-good at: kubeconfig/in-cluster loading, TLS and bearer-token refresh.
+(server-side apply, PartialObjectMetadata, raw watch streams with bookmarks) instead of generated typed
+APIs, which cannot express most of that. `kubeconfig` finds the server and the credentials.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 from urllib.parse import quote
 
 import aiohttp
-from kubernetes_asyncio import config as kube_config
-from kubernetes_asyncio.client import ApiClient, Configuration
+import orjson
 
 from kaos_modelapi import __version__
+from kaos_modelapi.kubeconfig import Connection
 from kaos_modelapi.workqueue import BucketRateLimiter
 
 USER_AGENT = f"kaos-modelapi/{__version__}"
@@ -216,7 +214,7 @@ def parse_watch_line(line: bytes, resource: Resource, metadata_only: bool) -> Wa
     if not line:
         return None
     try:
-        raw = json.loads(line)
+        raw = orjson.loads(line)  # (the watch streams are most of what the operator parses)
     except ValueError as err:
         raise ApiError(0, "BadWatchEvent", f"not JSON: {line[:200]!r}") from err
     event_type = raw.get("type") if isinstance(raw, dict) else None
@@ -259,7 +257,7 @@ class KubeClient:
 
     def __init__(
         self,
-        api_client: ApiClient,
+        connection: Connection,
         *,
         on_response: OnResponse | None = None,
         resources: Iterable[Resource] = DEFAULT_RESOURCES,
@@ -268,7 +266,7 @@ class KubeClient:
         qps: float = 0.0,
         burst: int = 1,
     ) -> None:
-        self._api = api_client
+        self._connection = connection
         # Client-side limits, as client-go's: a burst, then `qps` requests a second (a watch counts once).
         # qps <= 0: none (the API server's priority and fairness still apply).
         self._limiter = BucketRateLimiter(qps, burst) if qps > 0 else None
@@ -373,16 +371,22 @@ class KubeClient:
         label_selector: str | None = None,
         metadata_only: bool = False,
         timeout_seconds: int | None = None,
+        initial_events: bool = False,
     ) -> AsyncGenerator[WatchEvent, None]:
         """Raw watch stream with bookmarks. Ends when the server closes it (timeout_seconds);
         raises ``Gone`` when resource_version is too old and ``ApiError`` on anything else.
-        Use it inside ``contextlib.aclosing`` so an abandoned stream closes its connection."""
+        Use it inside ``contextlib.aclosing`` so an abandoned stream closes its connection.
+
+        With ``initial_events`` (a streaming list, KEP-3157): every existing object first, as ADDED, then
+        a BOOKMARK annotated ``k8s.io/initial-events-end``, then the changes, as any watch."""
         query = _query(
             watch="true",
             allowWatchBookmarks="true",
             resourceVersion=resource_version,
             labelSelector=label_selector,
             timeoutSeconds=timeout_seconds,
+            sendInitialEvents="true" if initial_events else None,
+            resourceVersionMatch="NotOlderThan" if initial_events else None,
         )
         accept = PARTIAL_METADATA if metadata_only else JSON
         # The server ends the stream after timeout_seconds; if it goes silent for much longer the
@@ -493,7 +497,7 @@ class KubeClient:
         finally:
             response.release()
         try:
-            decoded = json.loads(data) if data else {}
+            decoded = orjson.loads(data) if data else {}
         except ValueError as err:
             raise ApiError(response.status, "BadResponse", f"not JSON: {data[:200]!r}") from err
         if not isinstance(decoded, dict):
@@ -513,24 +517,26 @@ class KubeClient:
             await asyncio.sleep(delay)
         body, content_type = payload if payload is not None else (None, JSON)
         headers = {"Accept": accept, "Content-Type": content_type, "User-Agent": self._user_agent}
-        # Adds (and, for in-cluster/exec credentials, refreshes) the bearer token.
-        await self._api.update_params_for_auth(headers, query, ["BearerToken"])
-        url = f"{self._api.configuration.host}{path}"
+        connection = self._connection
+        # (an in-cluster token file is re-read as it rotates; an exec plugin runs again once it expires)
+        if (authorization := await connection.credentials.authorization()) is not None:
+            headers["Authorization"] = authorization
         try:
-            response = await self._api.rest_client.request(
+            response = await connection.session().request(
                 method,
-                url,
-                query_params=dict(query),
+                f"{connection.host}{path}",
+                params=query,
                 headers=headers,
-                body=body,
-                _preload_content=False,
-                _request_timeout=client_timeout,
+                data=None if body is None else orjson.dumps(body),
+                timeout=client_timeout,
+                proxy=connection.proxy,
+                server_hostname=connection.tls_server_name,
             )
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
             self._count(method, 0)
             raise ApiError(0, type(err).__name__, str(err) or repr(err)) from err
         self._count(method, response.status)
-        return cast(aiohttp.ClientResponse, response)
+        return response
 
     @staticmethod
     async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
@@ -575,36 +581,3 @@ def _identity(obj: Mapping[str, Any], resource: Resource) -> tuple[str | None, s
 def _is_uid_precondition_failure(err: ApiError) -> bool:
     return err.is_conflict() and "precondition" in err.message.lower() and "uid" in err.message.lower()
 
-
-def _is_file(path: str) -> bool:
-    return os.path.isfile(path)
-
-
-class ConfigError(Exception):
-    """No usable credentials: the kubeconfig is missing or unreadable, or in-cluster config is incomplete."""
-
-
-async def load_api_client(kubeconfig: str | None) -> ApiClient:
-    """An ApiClient from the given kubeconfig file; else in-cluster credentials when running in a
-    pod; else the default kubeconfig ($KUBECONFIG or ~/.kube/config), as kubectl would."""
-    configuration = Configuration()
-    where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
-    hint = "(pass --kubeconfig FILE, set KUBECONFIG, or run in a pod with a ServiceAccount)"
-    try:
-        if kubeconfig is not None and not _is_file(kubeconfig):  # the library would only log it, then fail oddly
-            raise ConfigError(f"cannot load the kubeconfig {kubeconfig}: no such file {hint}")
-        if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-            # untyped upstream; it fills `configuration` and installs a token-file refresh hook
-            kube_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        else:
-            await kube_config.load_kube_config(
-                config_file=kubeconfig, client_configuration=configuration, persist_config=False
-            )
-    except ConfigError:
-        raise
-    except Exception as e:  # the library raises several kinds (ConfigException, OSError, YAML errors, ...)
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise ConfigError(f"cannot load the kubeconfig {where}: {reason} {hint}") from None
-    client = ApiClient(configuration=configuration)
-    client.user_agent = USER_AGENT
-    return client

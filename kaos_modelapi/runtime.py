@@ -87,10 +87,15 @@ MapFunc = Callable[[Obj, Stores], Iterable[str]]
 """An object -> the keys of the primary objects it should wake (controller-runtime's MapFunc)."""
 
 
+Predicate = Callable[[EventKind, Obj | None, Obj | None], bool]
+"""Whether an event (kind, old, new) is worth a reconcile at all (controller-runtime's predicates)."""
+
+
 @dataclass(frozen=True)
 class Watch:
     cache: CacheSpec
     map: MapFunc
+    predicate: Predicate | None = None
 
 
 def _own_key(obj: Obj, _: Stores) -> Iterable[str]:
@@ -115,9 +120,9 @@ class Builder:
         self.primary: CacheSpec | None = None
         self.sources: list[Watch] = []
 
-    def for_(self, cache: CacheSpec) -> Builder:
+    def for_(self, cache: CacheSpec, predicate: Predicate | None = None) -> Builder:
         self.primary = cache
-        self.sources.append(Watch(cache, _own_key))
+        self.sources.append(Watch(cache, _own_key, predicate))
         return self
 
     def owns(self, cache: CacheSpec) -> Builder:
@@ -162,7 +167,7 @@ class Controller:
     def handler(self, watch: Watch, stores: Stores) -> Handler:
         def enqueue(kind: EventKind, old: Obj | None, new: Obj | None) -> None:
             obj = new if new is not None else old
-            if obj is not None:
+            if obj is not None and (watch.predicate is None or watch.predicate(kind, old, new)):
                 for key in watch.map(obj, stores):
                     self.queue.add(key)
 
@@ -201,6 +206,10 @@ class Controller:
             except ShutDown:
                 return
             await self._process(key)
+            # A reconcile that writes nothing never suspends, nor does get() while keys are queued: without
+            # this, a resync of a converged set held the event loop for the whole pass (watch events, and so
+            # readiness, waited behind it, and /metrics and /healthz timed out).
+            await asyncio.sleep(0)
 
     async def _process(self, key: str) -> None:
         started = time.monotonic()

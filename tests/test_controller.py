@@ -382,7 +382,29 @@ def test_children_are_cached_without_managed_fields() -> None:
     assert controller.strip_managed(obj) == {"metadata": {"name": "x"}}
 
 
+def test_modelapis_are_cached_without_kubectls_copy_of_the_object() -> None:
+    obj = {"metadata": {"name": "x", "managedFields": [{}], "annotations": {
+        controller.LAST_APPLIED: '{"spec": {}}', "team": "a"}}, "spec": {"mode": "Proxy"}}
+    assert controller.MODELAPIS.transform(obj) == {"metadata": {"name": "x", "annotations": {"team": "a"}},
+                                                   "spec": {"mode": "Proxy"}}
+
+
 # --- what wakes a reconcile ------------------------------------------------------------------------------
+
+
+def test_a_modelapi_whose_status_alone_changed_wakes_no_reconcile() -> None:
+    old = {"metadata": {"name": "m", "resourceVersion": "1", "labels": {"a": "b"}}, "spec": {"mode": "Proxy"},
+           "status": {"phase": "Pending"}}
+    status_only = {**old, "metadata": {**old["metadata"], "resourceVersion": "2"}, "status": {"phase": "Ready"}}
+    relabelled = {**old, "metadata": {**old["metadata"], "resourceVersion": "3", "labels": {"a": "c"}}}
+    respecced = {**old, "metadata": {**old["metadata"], "resourceVersion": "4"}, "spec": {"mode": "Hosted"}}
+    wake = controller.not_only_status
+    assert not wake("update", old, status_only)
+    assert wake("update", old, relabelled) and wake("update", old, respecced)
+    assert wake("add", None, old) and wake("delete", old, None)
+    primary = controller.watches(Settings()).sources[0]
+    assert primary.cache == controller.MODELAPIS and primary.predicate is controller.not_only_status
+
 
 
 def modelapi(name: str, namespace: str, proxy_config: dict[str, Any]) -> Obj:
