@@ -93,9 +93,7 @@ def add_run_parser(sub: Any) -> None:
                      help="comma-separated namespaces to watch (default: all)")
     add_settings_flags(run)
     run.add_argument("--workers", type=int, default=4, help="concurrent reconciles")
-    # No client-side limit by default, as controller-runtime since v0.21 on SIG API Machinery's advice: the
-    # API server's priority and fairness protects it, and a 100/s limit was what paced a cold converge.
-    run.add_argument("--kube-api-qps", type=float, default=0.0,
+    run.add_argument("--kube-api-qps", type=float, default=100.0,
                      help="requests per second to the API server after a burst (0: no client-side limit)")
     run.add_argument("--kube-api-burst", type=int, default=200, help="requests allowed at once before --kube-api-qps")
     run.add_argument("--resync-period", type=float, default=600.0, help="seconds between full resyncs")

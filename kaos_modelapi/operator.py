@@ -57,7 +57,7 @@ class Options:
     leader_election_id: str
     leader_election_namespace: str
     lease: LeaseTiming
-    kube_api_qps: float = 0.0
+    kube_api_qps: float = 100.0
     kube_api_burst: int = 200
     log_level: str = "info"
     log_format: str = "json"
