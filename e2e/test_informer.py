@@ -1,6 +1,6 @@
 """The async plumbing (kube client + informer) against the real local API server.
 
-Uses the root conftest fixtures `kubeconfig` (the operator's own connection to the test cluster is made from it)
+Uses the root conftest fixtures `api_client` (a kubernetes_asyncio ApiClient for the test cluster)
 and `namespace` (a fresh namespace for the test). No fixed sleeps: everything waits for a
 condition with a deadline.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import itertools
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -18,10 +19,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import structlog
+from kubernetes_asyncio.client import ApiClient
 
 from e2e.operator_process import crd_established
 from kaos_modelapi import kube
-from kaos_modelapi import kubeconfig as kubeconfig_module
 from kaos_modelapi.informer import Backoff, Informer
 from kaos_modelapi.kube import (
     CONFIGMAP,
@@ -34,7 +35,6 @@ from kaos_modelapi.kube import (
     Resource,
     WatchEvent,
 )
-from kaos_modelapi.kubeconfig import Connection
 
 pytestmark = pytest.mark.cluster
 
@@ -123,18 +123,8 @@ def configmap(
 
 
 @pytest.fixture
-async def connection(kubeconfig: str) -> AsyncIterator[Connection]:
-    """The operator's own connection to the test cluster (kaos_modelapi.kubeconfig)."""
-    made = kubeconfig_module.load(kubeconfig)
-    try:
-        yield made
-    finally:
-        await made.close()
-
-
-@pytest.fixture
-def client(connection: Connection) -> KubeClient:
-    return KubeClient(connection, resources=(*kube.DEFAULT_RESOURCES, CRD, WIDGET))
+def client(api_client: ApiClient) -> KubeClient:
+    return KubeClient(api_client, resources=(*kube.DEFAULT_RESOURCES, CRD, WIDGET))
 
 
 # -- a TCP proxy we can cut, to drop the watch connection for real ------------------------------------
@@ -203,15 +193,17 @@ class CuttableProxy:
 
 
 @contextlib.asynccontextmanager
-async def proxied(connection: Connection) -> AsyncIterator[tuple[KubeClient, CuttableProxy]]:
-    url = urlsplit(connection.host)
+async def proxied(api_client: ApiClient) -> AsyncIterator[tuple[KubeClient, CuttableProxy]]:
+    url = urlsplit(str(api_client.configuration.host))
     assert url.hostname is not None
     port = url.port or (443 if url.scheme == "https" else 80)
     proxy = CuttableProxy(url.hostname, port)
     local_port = await proxy.start()
+    configuration = copy.deepcopy(api_client.configuration)
     # Same host name (so TLS verification still matches), our port.
     host = url.hostname if ":" not in url.hostname else f"[{url.hostname}]"
-    through_proxy = connection.moved_to(urlunsplit((url.scheme, f"{host}:{local_port}", url.path, "", "")))
+    configuration.host = urlunsplit((url.scheme, f"{host}:{local_port}", url.path, "", ""))
+    through_proxy = ApiClient(configuration=configuration)
     try:
         yield KubeClient(through_proxy), proxy
     finally:
@@ -265,11 +257,11 @@ async def test_bookmarks_arrive_and_advance_the_resource_version(client: KubeCli
 
 
 async def test_a_dropped_connection_resumes_without_relist_or_lost_events(
-    connection: Connection, client: KubeClient, namespace: str
+    api_client: ApiClient, client: KubeClient, namespace: str
 ) -> None:
     label = unique("drop")
     labels = {"kaos-e2e": label}
-    async with proxied(connection) as (via_proxy, proxy):
+    async with proxied(api_client) as (via_proxy, proxy):
         informer = new_informer(via_proxy, CONFIGMAP, namespace, label_selector=f"kaos-e2e={label}")
         async with running(informer) as rec:
             await client.apply(configmap(namespace, "seen", {"v": "1"}, labels=labels), "e2e")
@@ -361,14 +353,14 @@ async def test_the_server_answers_an_expired_resource_version_with_gone(client: 
 
 
 async def test_an_expired_resource_version_relists_and_emits_the_missed_delete(
-    connection: Connection, client: KubeClient, namespace: str
+    api_client: ApiClient, client: KubeClient, namespace: str
 ) -> None:
     await gone_from_the_beginning(client, namespace)  # so that the armed watch below really expires
     label = unique("expire")
     labels = {"kaos-e2e": label}
     await client.apply(configmap(namespace, "keep", labels=labels), "e2e")
     doomed = await client.apply(configmap(namespace, "doomed", labels=labels), "e2e")
-    async with proxied(connection) as (via_proxy, proxy):
+    async with proxied(api_client) as (via_proxy, proxy):
         expiring = ExpireNextWatch(via_proxy)
         informer = new_informer(expiring, CONFIGMAP, namespace, label_selector=f"kaos-e2e={label}")
         async with running(informer) as rec:
@@ -583,9 +575,9 @@ async def test_delete_honours_the_uid_precondition_and_404_is_success(client: Ku
     assert missing.value.is_not_found()
 
 
-async def test_create_then_already_exists_and_on_response_counts(connection: Connection, namespace: str) -> None:
+async def test_create_then_already_exists_and_on_response_counts(api_client: ApiClient, namespace: str) -> None:
     calls: list[tuple[str, int]] = []
-    counted = KubeClient(connection, on_response=lambda method, code: calls.append((method, code)))
+    counted = KubeClient(api_client, on_response=lambda method, code: calls.append((method, code)))
     await counted.create(configmap(namespace, "made"), field_manager="e2e")
     with pytest.raises(ApiError) as exists:
         await counted.create(configmap(namespace, "made"))

@@ -1,14 +1,16 @@
-"""A thin, typed async dynamic client over one aiohttp session to the API server.
+"""A thin, typed async dynamic client over kubernetes_asyncio's REST client.
 
 We speak to the API server with plain JSON dicts and our own paths, headers and content types
-(server-side apply, PartialObjectMetadata, raw watch streams with bookmarks) instead of generated typed
-APIs, which cannot express most of that. `kubeconfig` finds the server and the credentials.
+(server-side apply, PartialObjectMetadata, raw watch streams with bookmarks) instead of the
+generated typed APIs, which cannot express most of that. kubernetes_asyncio still does what it is
+good at: kubeconfig/in-cluster loading, TLS and bearer-token refresh.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -16,9 +18,10 @@ from urllib.parse import quote
 
 import aiohttp
 import orjson
+from kubernetes_asyncio import config as kube_config
+from kubernetes_asyncio.client import ApiClient, Configuration
 
 from kaos_modelapi import __version__
-from kaos_modelapi.kubeconfig import Connection
 from kaos_modelapi.workqueue import BucketRateLimiter
 
 USER_AGENT = f"kaos-modelapi/{__version__}"
@@ -257,7 +260,7 @@ class KubeClient:
 
     def __init__(
         self,
-        connection: Connection,
+        api_client: ApiClient,
         *,
         on_response: OnResponse | None = None,
         resources: Iterable[Resource] = DEFAULT_RESOURCES,
@@ -266,7 +269,7 @@ class KubeClient:
         qps: float = 0.0,
         burst: int = 1,
     ) -> None:
-        self._connection = connection
+        self._api = api_client
         # Client-side limits, as client-go's: a burst, then `qps` requests a second (a watch counts once).
         # qps <= 0: none (the API server's priority and fairness still apply).
         self._limiter = BucketRateLimiter(qps, burst) if qps > 0 else None
@@ -517,26 +520,24 @@ class KubeClient:
             await asyncio.sleep(delay)
         body, content_type = payload if payload is not None else (None, JSON)
         headers = {"Accept": accept, "Content-Type": content_type, "User-Agent": self._user_agent}
-        connection = self._connection
-        # (an in-cluster token file is re-read as it rotates; an exec plugin runs again once it expires)
-        if (authorization := await connection.credentials.authorization()) is not None:
-            headers["Authorization"] = authorization
+        # Adds (and, for in-cluster/exec credentials, refreshes) the bearer token.
+        await self._api.update_params_for_auth(headers, query, ["BearerToken"])
+        url = f"{self._api.configuration.host}{path}"
         try:
-            response = await connection.session().request(
+            response = await self._api.rest_client.request(
                 method,
-                f"{connection.host}{path}",
-                params=query,
+                url,
+                query_params=dict(query),
                 headers=headers,
-                data=None if body is None else orjson.dumps(body),
-                timeout=client_timeout,
-                proxy=connection.proxy,
-                server_hostname=connection.tls_server_name,
+                body=body,
+                _preload_content=False,
+                _request_timeout=client_timeout,
             )
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
             self._count(method, 0)
             raise ApiError(0, type(err).__name__, str(err) or repr(err)) from err
         self._count(method, response.status)
-        return response
+        return cast(aiohttp.ClientResponse, response)
 
     @staticmethod
     async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
@@ -581,3 +582,36 @@ def _identity(obj: Mapping[str, Any], resource: Resource) -> tuple[str | None, s
 def _is_uid_precondition_failure(err: ApiError) -> bool:
     return err.is_conflict() and "precondition" in err.message.lower() and "uid" in err.message.lower()
 
+
+def _is_file(path: str) -> bool:
+    return os.path.isfile(path)
+
+
+class ConfigError(Exception):
+    """No usable credentials: the kubeconfig is missing or unreadable, or in-cluster config is incomplete."""
+
+
+async def load_api_client(kubeconfig: str | None) -> ApiClient:
+    """An ApiClient from the given kubeconfig file; else in-cluster credentials when running in a
+    pod; else the default kubeconfig ($KUBECONFIG or ~/.kube/config), as kubectl would."""
+    configuration = Configuration()
+    where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+    hint = "(pass --kubeconfig FILE, set KUBECONFIG, or run in a pod with a ServiceAccount)"
+    try:
+        if kubeconfig is not None and not _is_file(kubeconfig):  # the library would only log it, then fail oddly
+            raise ConfigError(f"cannot load the kubeconfig {kubeconfig}: no such file {hint}")
+        if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            # untyped upstream; it fills `configuration` and installs a token-file refresh hook
+            kube_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        else:
+            await kube_config.load_kube_config(
+                config_file=kubeconfig, client_configuration=configuration, persist_config=False
+            )
+    except ConfigError:
+        raise
+    except Exception as e:  # the library raises several kinds (ConfigException, OSError, YAML errors, ...)
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(f"cannot load the kubeconfig {where}: {reason} {hint}") from None
+    client = ApiClient(configuration=configuration)
+    client.user_agent = USER_AGENT
+    return client

@@ -25,10 +25,10 @@ import structlog
 import uvloop
 from prometheus_client import CollectorRegistry
 
-from . import __version__, controller, kubeconfig
+from . import __version__, controller
 from .events import Recorder
 from .informer import Informer, MultiNamespaceInformer, informer_for_namespaces
-from .kube import ApiError, KubeClient, Resource
+from .kube import ApiError, ConfigError, KubeClient, Resource, load_api_client
 from .leader import LeaderElector, LeaseTiming
 from .observability import Metrics, configure_logging, health_app, metrics_app, serve
 from .runtime import CacheSpec, Controller, Stores
@@ -217,7 +217,7 @@ def run_command(options: Options) -> int:
         # goes (requests and watch streams): 15% less CPU per ModelAPI on a cold converge.
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(run(options, log))
-    except kubeconfig.ConfigError as e:
+    except ConfigError as e:
         raise StartupError(str(e)) from None
 
 
@@ -228,8 +228,8 @@ async def run(options: Options, log: Log) -> int:
         loop.add_signal_handler(sig, stop.set)
     registry = CollectorRegistry()
     metrics = Metrics(registry, controller.NAME)
-    connection = kubeconfig.load(options.kubeconfig)
-    client = KubeClient(connection, on_response=metrics.on_response, qps=options.kube_api_qps,
+    api_client = await load_api_client(options.kubeconfig)
+    client = KubeClient(api_client, on_response=metrics.on_response, qps=options.kube_api_qps,
                         burst=options.kube_api_burst)
     identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
     manager = Manager(client, options.namespaces, log)
@@ -275,7 +275,7 @@ async def run(options: Options, log: Log) -> int:
         for runner in runners:
             if runner is not None:
                 await runner.cleanup()
-        await connection.close()
+        await api_client.close()
     if lost:
         log.error("leadership lost: exiting so that a fresh process can stand for election")
         return 1

@@ -25,8 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 LOCAL_UV = Path(sys.prefix) / "bin" / "uv"
-# (kubernetes-asyncio: the tests' typed client only; the operator reads kubeconfigs itself)
-DEV_ONLY = {"pytest", "pytest-asyncio", "mypy", "ruff", "openai", "types-pyyaml", "kubernetes-asyncio"}
+DEV_ONLY = {"pytest", "pytest-asyncio", "mypy", "ruff", "openai", "types-pyyaml"}
 
 
 @dataclass
@@ -223,7 +222,7 @@ def test_the_image_venv_holds_only_locked_runtime_packages(built: Built) -> None
     for name, version in installed.items():
         assert pins.get(name) == version, f"{name}=={version} is not the locked version ({pins.get(name)})"
     assert not DEV_ONLY & installed.keys(), "dev tools leaked into the image"
-    for runtime in ("aiohttp", "orjson", "uvloop", "pydantic", "pyyaml", "prometheus-client", "structlog"):
+    for runtime in ("kubernetes-asyncio", "orjson", "uvloop", "pydantic", "pyyaml", "prometheus-client", "structlog"):
         assert runtime in installed
 
 

@@ -9,14 +9,16 @@ import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from aiohttp import web
+from kubernetes_asyncio.client import ApiClient, Configuration
 from multidict import CIMultiDict
 
-from kaos_modelapi import __version__, kubeconfig
+from kaos_modelapi import __version__
 from kaos_modelapi.kube import (
     CONFIGMAP,
     DEPLOYMENT,
@@ -28,6 +30,7 @@ from kaos_modelapi.kube import (
     KubeClient,
     Resource,
     WatchEvent,
+    load_api_client,
     parse_watch_line,
 )
 
@@ -102,7 +105,10 @@ async def env() -> AsyncIterator[Env]:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    api_client = kubeconfig.Connection(f"http://127.0.0.1:{port}", credentials=kubeconfig.StaticToken("Bearer t0ken"))
+    configuration = Configuration(host=f"http://127.0.0.1:{port}")
+    configuration.api_key = {"BearerToken": "t0ken"}
+    configuration.api_key_prefix = {"BearerToken": "Bearer"}
+    api_client = ApiClient(configuration=configuration)
     responses: list[tuple[str, int]] = []
     client = KubeClient(api_client, on_response=lambda m, c: responses.append((m, c)))
     try:
@@ -280,7 +286,7 @@ async def test_no_server_is_an_api_error_with_status_zero() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     responses: list[tuple[str, int]] = []
-    api_client = kubeconfig.Connection(f"http://127.0.0.1:{port}")
+    api_client = ApiClient(configuration=Configuration(host=f"http://127.0.0.1:{port}"))
     try:
         client = KubeClient(api_client, on_response=lambda m, c: responses.append((m, c)))
         with pytest.raises(ApiError) as err:
@@ -383,3 +389,27 @@ def test_resource_equality_is_by_value() -> None:
     assert len({CONFIGMAP, Resource("", "v1", "configmaps", "ConfigMap")}) == 1
 
 
+# -- config ---------------------------------------------------------------------------------------------
+
+
+async def test_load_api_client_from_a_kubeconfig_file(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:6443"}}],
+                "users": [{"name": "u", "user": {"token": "abc"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    api_client = await load_api_client(str(kubeconfig))
+    try:
+        assert api_client.configuration.host == "https://127.0.0.1:6443"
+        assert api_client.user_agent == f"kaos-modelapi/{__version__}"
+        assert "abc" in api_client.configuration.api_key["BearerToken"]
+    finally:
+        await api_client.close()
