@@ -149,7 +149,7 @@ def static_config(node_ip: str) -> str:
         "entryPoints": {"web": {"address": f"{node_ip}:{PORT}"}},
         # The Gateway's status.addresses: where a client on this machine sends its requests.
         "providers": {"kubernetesGateway": {"statusAddress": {"ip": node_ip}}},
-        "log": {"level": "INFO"},
+        "log": {"level": "INFO", "noColor": True},
     }, indent=1)
 
 
