@@ -861,11 +861,14 @@ def inner_main(state: Path) -> int:
                               f"--root-dir={d}/kubelet", "--v=1"))
         daemons.append(_spawn(net, "kube-proxy", binary, "kube-proxy", f"--config={d}/kube-proxy.yaml", "--v=1"))
         daemons.append(_spawn(net, "coredns", bins["coredns"], "-conf", str(d / "Corefile")))
-        # The Gateway API implementation (e2e/traefik.py): its provider finds the API through KUBECONFIG.
-        daemons.append(_spawn(net, "traefik", bins["traefik"], f"--configFile={d}/traefik.yaml",
-                              env={"KUBECONFIG": str(d / "kubeconfig")}))
+        daemons.append(_spawn_gateway(net, bins["traefik"]))
         while not stopping.is_set():
             dead = [x for x in daemons if x.proc.poll() is not None]
+            for gateway in [x for x in dead if x.name == "traefik"]:
+                # Like a pod's container: restarted, and the node (with its pods) carries on meanwhile.
+                log(f"traefik exited ({gateway.proc.returncode}): starting it again")
+                daemons[daemons.index(gateway)] = _spawn_gateway(net, bins["traefik"], after=1.0)
+            dead = [x for x in dead if x.name != "traefik"]
             if dead:
                 log(f"{dead[0].name} exited ({dead[0].proc.returncode}): stopping the node")
                 break
@@ -873,6 +876,13 @@ def inner_main(state: Path) -> int:
     finally:
         _teardown(net, state, daemons)
     return 0
+
+
+def _spawn_gateway(net: Net, binary: str, after: float = 0.0) -> Daemon:
+    """The Gateway API implementation (e2e/traefik.py); its provider finds the API through KUBECONFIG."""
+    time.sleep(after)  # a restart: not in a tight loop if it fails at once
+    return _spawn(net, "traefik", binary, f"--configFile={net.dir}/traefik.yaml",
+                  env={"KUBECONFIG": str(net.dir / "kubeconfig")})
 
 
 # The values the kubelet insists on (pkg/kubelet/cm setupKernelTunables): it writes them unless it finds
