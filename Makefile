@@ -87,7 +87,7 @@ dev: venv controlplane ## Local control plane + CRD + samples (their pods on the
 	@echo "  kubectl --kubeconfig .cluster/kubeconfig get modelapi -w"
 	@echo
 	@$(VENV)/bin/kaos-modelapi run --kubeconfig $(ROOT)/.cluster/kubeconfig --log-format console \
-	  --gateway-name kaos-gateway --gateway-namespace default \
+	  --gateway-name shared --gateway-namespace gateway-system \
 	  --metrics-bind-address 127.0.0.1:8080 --health-probe-bind-address 127.0.0.1:8081
 
 CRD_FILES := $(ROOT)/config/crd/bases/kaos.tools_modelapis.yaml $(ROOT)/charts/kaos-modelapi/crds/modelapis.kaos.tools.yaml

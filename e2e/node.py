@@ -52,7 +52,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: python e2e/node.py ...
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from e2e import buildcache, cluster
+from e2e import buildcache, cluster, traefik
 
 NODE_NAME = "kaos-real-node"
 # Pods opt in with this nodeSelector and a toleration of this taint; all others go to the stand-in.
@@ -423,7 +423,7 @@ def import_all_images(state: Path, log_fn: Callable[[str], None] = cluster.say) 
 # ------------------------------------------------------------------------------- configuration
 
 
-def _write_config(net: Net, binary: Path, coredns: Path, pause: str) -> None:
+def _write_config(net: Net, binary: Path, coredns: Path, gateway: Path, pause: str) -> None:
     d = net.dir
     state = Path(net.state)
     pki = state / "pki"
@@ -538,7 +538,9 @@ conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeo
     loadbalance
 }}
 """)
-    (d / "binaries.json").write_text(json.dumps({"controlplane": str(binary), "coredns": str(coredns)}))
+    (d / "traefik.yaml").write_text(traefik.static_config(net.node_ip))  # JSON, which is YAML
+    (d / "binaries.json").write_text(json.dumps({"controlplane": str(binary), "coredns": str(coredns),
+                                                 "traefik": str(gateway)}))
 
 
 # ------------------------------------------------------------------------------- start / stop
@@ -552,12 +554,13 @@ def start(state: Path, apiserver_port: int, log_fn: Callable[[str], None] = clus
     sweep()
     binary = cluster.build(log=log_fn)
     coredns = coredns_binary(log_fn)
+    gateway = traefik.binary(log_fn)
     pause, pause_archive = pause_image(log_fn)
     test, test_archive = test_image(log_fn)
     net = Net.derive(state, apiserver_port)
     net.save()  # before anything exists, so that a crash from here on is swept
     try:
-        _write_config(net, binary, coredns, pause)
+        _write_config(net, binary, coredns, gateway, pause)
         _make_network(net)
         _make_cgroup(net)
         (net.dir / "logs").mkdir(exist_ok=True)
@@ -577,6 +580,8 @@ def start(state: Path, apiserver_port: int, log_fn: Callable[[str], None] = clus
         # it does not run here (it would evict the stand-in's pods: the stand-in sends no heartbeats).
         _api(state, "PATCH", f"/api/v1/nodes/{NODE_NAME}", {"spec": {"taints": [
             {"key": NODE_LABEL, "value": "true", "effect": "NoSchedule"}]}})
+        for path, obj in traefik.gateway_objects():  # the Gateway the operator's HTTPRoutes attach to
+            _apply(state, path, obj)
     except BaseException:
         stop(state)
         raise
@@ -798,10 +803,10 @@ class Daemon:
     proc: subprocess.Popen[bytes]
 
 
-def _spawn(net: Net, name: str, *cmd: str) -> Daemon:
+def _spawn(net: Net, name: str, *cmd: str, env: dict[str, str] | None = None) -> Daemon:
     with open(net.dir / "logs" / f"{name}.log", "ab") as out:
         proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=_die_with_parent, env={**os.environ, **(env or {})})
     return Daemon(name, proc)
 
 
@@ -850,8 +855,14 @@ def inner_main(state: Path) -> int:
                               f"--root-dir={d}/kubelet", "--v=1"))
         daemons.append(_spawn(net, "kube-proxy", binary, "kube-proxy", f"--config={d}/kube-proxy.yaml", "--v=1"))
         daemons.append(_spawn(net, "coredns", bins["coredns"], "-conf", str(d / "Corefile")))
+        daemons.append(_spawn_gateway(net, bins["traefik"]))
         while not stopping.is_set():
             dead = [x for x in daemons if x.proc.poll() is not None]
+            for gateway in [x for x in dead if x.name == "traefik"]:
+                # Like a pod's container: restarted, and the node (with its pods) carries on meanwhile.
+                log(f"traefik exited ({gateway.proc.returncode}): starting it again")
+                daemons[daemons.index(gateway)] = _spawn_gateway(net, bins["traefik"], after=1.0)
+            dead = [x for x in dead if x.name != "traefik"]
             if dead:
                 log(f"{dead[0].name} exited ({dead[0].proc.returncode}): stopping the node")
                 break
@@ -859,6 +870,13 @@ def inner_main(state: Path) -> int:
     finally:
         _teardown(net, state, daemons)
     return 0
+
+
+def _spawn_gateway(net: Net, binary: str, after: float = 0.0) -> Daemon:
+    """The Gateway API implementation (e2e/traefik.py); its provider finds the API through KUBECONFIG."""
+    time.sleep(after)  # a restart: not in a tight loop if it fails at once
+    return _spawn(net, "traefik", binary, f"--configFile={net.dir}/traefik.yaml",
+                  env={"KUBECONFIG": str(net.dir / "kubeconfig")})
 
 
 # The values the kubelet insists on (pkg/kubelet/cm setupKernelTunables): it writes them unless it finds
@@ -890,7 +908,7 @@ def _teardown(net: Net, state: Path, daemons: list[Daemon]) -> None:
             deadline = time.monotonic() + 20
             while _tasks(net) and time.monotonic() < deadline:
                 time.sleep(0.2)
-    for name in ("kubelet", "kube-proxy", "coredns"):
+    for name in ("kubelet", "kube-proxy", "coredns", "traefik"):
         if name in by_name:
             _stop(by_name[name].proc)
     # Whatever the kubelet did not stop: kill the tasks through containerd, then the daemon.
@@ -986,6 +1004,7 @@ def main(argv: list[str]) -> int:
         elif command == "build":
             if os.geteuid() == 0 and not missing_packages():
                 coredns_binary()
+                traefik.binary()
                 pause_image()
                 test_image()
         elif command == "sweep":
