@@ -9,6 +9,7 @@ good at: kubeconfig/in-cluster loading, TLS and bearer-token refresh.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
@@ -26,6 +27,7 @@ from kaos_modelapi.workqueue import BucketRateLimiter
 USER_AGENT = f"kaos-modelapi/{__version__}"
 
 JSON = "application/json"
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 APPLY_PATCH = "application/apply-patch+yaml"
 PARTIAL_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 PARTIAL_METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
@@ -276,6 +278,14 @@ class KubeClient:
         self._by_type = {(r.api_version, r.kind): r for r in resources}
         self._timeout = request_timeout
         self._user_agent = user_agent
+        # Leader election sets it: a write is sent only while it returns True (see unfenced()).
+        self.write_fence: Callable[[], bool] | None = None
+
+    def unfenced(self) -> KubeClient:
+        """The same client without the write fence: for the Lease itself, which is what opens it."""
+        twin = copy.copy(self)
+        twin.write_fence = None
+        return twin
 
     def resource_for(self, obj: Mapping[str, Any]) -> Resource:
         key = (obj.get("apiVersion"), obj.get("kind"))
@@ -496,6 +506,10 @@ class KubeClient:
         # Adds (and, for in-cluster/exec credentials, refreshes) the bearer token.
         await self._api.update_params_for_auth(headers, query, ["BearerToken"])
         url = f"{self._api.configuration.host}{path}"
+        # Checked last, after every wait: a process frozen (SIGSTOP, a long GC pause) past its Lease
+        # finds the fence closed when it wakes, and sends nothing another leader may have decided since.
+        if method in WRITE_METHODS and self.write_fence is not None and not self.write_fence():
+            raise ApiError(0, "NotLeader", f"{method} {path} not sent: this process no longer holds the leader Lease")
         try:
             response = await self._api.rest_client.request(
                 method,
