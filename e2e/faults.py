@@ -121,6 +121,7 @@ class TcpProxy:
 
     async def _close(self) -> None:
         await self._cut()
+        self._flowing.set()  # stalled pumps wake up and find their connections closed
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

@@ -256,7 +256,7 @@ async def run(options: Options, log: Log) -> int:
 
             elector = LeaderElector(client.unfenced(), options.leader_election_namespace,
                                     options.leader_election_id, identity, log, options.lease, on_change=on_change)
-            client.write_fence = elector.may_write  # no write unless the Lease is surely ours
+            client.set_write_fence(elector.may_write)  # no write unless the Lease is surely ours
             metrics.leader.labels(options.leader_election_id).set(0)
             result: list[bool] = []
 

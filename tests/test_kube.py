@@ -430,3 +430,15 @@ async def test_a_closed_write_fence_sends_no_write_but_reads_go_on(env: Env) -> 
     env.server.reply(201, cm())
     await env.client.unfenced().create(cm(), field_manager="kaos")  # the Lease's own client
     assert [s.method for s in env.server.seen] == ["POST", "GET", "POST"]
+
+
+async def test_a_fence_that_closes_while_the_write_connects_still_stops_it(env: Env) -> None:
+    answers = iter([True, False])  # open when the write is decided, closed once it has its connection
+    env.client.set_write_fence(lambda: next(answers))
+    with pytest.raises(ApiError) as refused:
+        await env.client.create(cm(), field_manager="kaos")
+    assert refused.value.reason == "NotLeader"
+    assert env.server.seen == []
+    env.server.reply(200, cm())
+    await env.client.get(CONFIGMAP, "ns", "x")  # reads pass: the fence is for writes only
+    assert [s.method for s in env.server.seen] == ["GET"]
