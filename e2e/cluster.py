@@ -210,12 +210,15 @@ def start(
     timeout: float = START_TIMEOUT,
     log: Callable[[str], None] = say,
     real_node: bool = False,
+    restart: bool = False,
 ) -> Cluster:
     """Start a control plane in the background with its state in `state`; return once it is ready.
 
     With exit_with_parent it stops by itself when this process exits (for test sessions). With
     real_node it also gets a real node (e2e/node.py) beside the stand-in, and the real
-    kube-scheduler. On failure nothing is left running and a ClusterError says why.
+    kube-scheduler. With restart it starts again on the etcd data and certificates of a control plane
+    that was stopped or killed in `state` (as after a crash). On failure nothing is left running and a
+    ClusterError says why.
     """
     state = (state or state_dir()).resolve()
     ports = ports or default_ports()
@@ -229,6 +232,8 @@ def start(
     ]
     if exit_with_parent:
         cmd.append("--exit-with-parent")
+    if restart:
+        cmd.append("--restart")
     if real_node:
         from e2e import node
 

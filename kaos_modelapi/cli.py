@@ -97,6 +97,9 @@ def add_run_parser(sub: Any) -> None:
                      help="requests per second to the API server after a burst (0: no client-side limit)")
     run.add_argument("--kube-api-burst", type=int, default=200, help="requests allowed at once before --kube-api-qps")
     run.add_argument("--resync-period", type=float, default=600.0, help="seconds between full resyncs")
+    run.add_argument("--watch-timeout", type=int, default=300,
+                     help="the API server ends each watch after between this many seconds and twice that (a new "
+                          "watch resumes where it ended); a watch silent for this long plus 30 s is dropped")
     run.add_argument("--metrics-bind-address", default=":8080", help='metrics address ("0" disables)')
     run.add_argument("--health-probe-bind-address", default=":8081", help="/healthz and /readyz address")
     run.add_argument("--leader-elect", action="store_true", help="elect a leader on a Lease before writing")
@@ -124,6 +127,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
         raise InputError("--workers must be at least 1")
     if args.kube_api_burst < 1:
         raise InputError("--kube-api-burst must be at least 1")
+    if args.watch_timeout < 1:
+        raise InputError("--watch-timeout must be at least 1 second")
     return Options(
         kubeconfig=args.kubeconfig,
         namespaces=tuple(ns.strip() for ns in args.namespaces.split(",") if ns.strip()),
@@ -138,6 +143,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         lease=lease,
         kube_api_qps=args.kube_api_qps,
         kube_api_burst=args.kube_api_burst,
+        watch_timeout=args.watch_timeout,
         log_level=args.log_level,
         log_format=args.log_format,
     )

@@ -9,9 +9,11 @@ good at: kubeconfig/in-cluster loading, TLS and bearer-token refresh.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 from urllib.parse import quote
@@ -27,6 +29,30 @@ from kaos_modelapi.workqueue import BucketRateLimiter
 USER_AGENT = f"kaos-modelapi/{__version__}"
 
 JSON = "application/json"
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# The write fence of the request being sent, for the connection hook below (the Lease's own requests and
+# reads carry none).
+_request_fence: ContextVar[Callable[[], bool] | None] = ContextVar("kaos_request_fence", default=None)
+
+
+def _not_leader(what: str) -> ApiError:
+    return ApiError(0, "NotLeader", f"{what} not sent: this process no longer holds the leader Lease")
+
+
+async def _check_fence(*_: Any) -> None:
+    fence = _request_fence.get()
+    if fence is not None and not fence():
+        raise _not_leader("write")
+
+
+def _fence_trace() -> aiohttp.TraceConfig:
+    """Checks the fence once the request has its connection, the last step before its bytes leave: a
+    process frozen while connecting (a new TLS handshake takes a while) still sends nothing on waking."""
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(_check_fence)
+    trace.on_connection_reuseconn.append(_check_fence)
+    trace.freeze()
+    return trace
 APPLY_PATCH = "application/apply-patch+yaml"
 PARTIAL_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 PARTIAL_METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
@@ -277,6 +303,20 @@ class KubeClient:
         self._by_type = {(r.api_version, r.kind): r for r in resources}
         self._timeout = request_timeout
         self._user_agent = user_agent
+        # Leader election sets it (set_write_fence): a write is sent only while it returns True.
+        self.write_fence: Callable[[], bool] | None = None
+
+    def set_write_fence(self, fence: Callable[[], bool]) -> None:
+        self.write_fence = fence
+        session = getattr(self._api.rest_client, "pool_manager", None)
+        if isinstance(session, aiohttp.ClientSession):
+            session.trace_configs.append(_fence_trace())
+
+    def unfenced(self) -> KubeClient:
+        """The same client without the write fence: for the Lease itself, which is what opens it."""
+        twin = copy.copy(self)
+        twin.write_fence = None
+        return twin
 
     def resource_for(self, obj: Mapping[str, Any]) -> Resource:
         key = (obj.get("apiVersion"), obj.get("kind"))
@@ -523,6 +563,12 @@ class KubeClient:
         # Adds (and, for in-cluster/exec credentials, refreshes) the bearer token.
         await self._api.update_params_for_auth(headers, query, ["BearerToken"])
         url = f"{self._api.configuration.host}{path}"
+        # Checked last, after every wait: a process frozen (SIGSTOP, a long GC pause) past its Lease
+        # finds the fence closed when it wakes, and sends nothing another leader may have decided since.
+        fence = self.write_fence if method in WRITE_METHODS else None
+        if fence is not None and not fence():
+            raise _not_leader(f"{method} {path}")
+        token = _request_fence.set(fence)
         try:
             response = await self._api.rest_client.request(
                 method,
@@ -536,6 +582,8 @@ class KubeClient:
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
             self._count(method, 0)
             raise ApiError(0, type(err).__name__, str(err) or repr(err)) from err
+        finally:
+            _request_fence.reset(token)
         self._count(method, response.status)
         return cast(aiohttp.ClientResponse, response)
 

@@ -84,6 +84,15 @@ class LeaderElector:
         self._wall = wall
         self._observed: tuple[str, str] | None = None  # (holder, renewTime) last seen
         self._observed_at = 0.0
+        self._leading = False
+        self._renewed_at = 0.0  # when the last successful acquire or renewal was sent
+
+    def may_write(self) -> bool:
+        """Whether this process still holds the Lease for sure: it is leading and its last renewal was sent
+        less than renew_deadline ago. A candidate takes over only a full lease_duration after it saw that
+        renewal, so writes stop before anyone else can lead, even if this process was frozen in between
+        and has not yet noticed (the client's write fence)."""
+        return self._leading and self._monotonic() - self._renewed_at < self._timing.renew_deadline
 
     async def _try_acquire_or_renew(self) -> bool:
         try:
@@ -106,11 +115,15 @@ class LeaderElector:
         return True
 
     async def _attempt(self) -> bool:
+        sent = self._monotonic()
         try:
-            return await asyncio.wait_for(self._try_acquire_or_renew(), self._timing.retry_period)
+            held = await asyncio.wait_for(self._try_acquire_or_renew(), self._timing.retry_period)
         except (ApiError, TimeoutError) as e:
             self._log.warning("lease attempt failed", error=str(e) or type(e).__name__)
             return False
+        if held:
+            self._renewed_at = sent
+        return held
 
     async def acquire(self) -> None:
         """Return once this process holds the Lease."""
@@ -120,6 +133,7 @@ class LeaderElector:
                 break
             await asyncio.sleep(self._timing.retry_period)
         self._log.info("became leader")
+        self._leading = True
         self._on_change(True)
 
     async def hold(self) -> None:
@@ -131,6 +145,7 @@ class LeaderElector:
                 last_renewed = self._monotonic()
             elif self._observed and self._observed[0] not in ("", self.identity):
                 break  # someone else holds it now: stop at once
+        self._leading = False
         self._log.warning("leadership lost")
         self._on_change(False)
 

@@ -59,6 +59,7 @@ class Options:
     lease: LeaseTiming
     kube_api_qps: float = 100.0
     kube_api_burst: int = 200
+    watch_timeout: int = 300  # seconds; each watch lasts a random time between this and twice this
     log_level: str = "info"
     log_format: str = "json"
 
@@ -66,8 +67,9 @@ class Options:
 class Manager:
     """Caches shared by controllers, and the order in which everything starts and stops."""
 
-    def __init__(self, client: KubeClient, namespaces: tuple[str, ...], log: Log) -> None:
+    def __init__(self, client: KubeClient, namespaces: tuple[str, ...], log: Log, watch_timeout: int = 300) -> None:
         self.client = client
+        self.watch_timeout = watch_timeout
         self.namespaces = namespaces
         self.log = log
         self.stores = Stores()
@@ -115,7 +117,8 @@ class Manager:
         def make(namespace: str | None) -> Informer:
             return Informer(self.client, spec.resource, self.log, namespace=namespace,
                             label_selector=spec.label_selector, metadata_only=spec.metadata_only,
-                            transform=spec.transform, indexers=spec.indexers, watch_list=True)
+                            transform=spec.transform, indexers=spec.indexers, watch_list=True,
+                            watch_timeout=(self.watch_timeout, 2 * self.watch_timeout))
 
         informer = informer_for_namespaces(self.namespaces, make)
         for ctrl in self.controllers:
@@ -232,7 +235,7 @@ async def run(options: Options, log: Log) -> int:
     client = KubeClient(api_client, on_response=metrics.on_response, qps=options.kube_api_qps,
                         burst=options.kube_api_burst)
     identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
-    manager = Manager(client, options.namespaces, log)
+    manager = Manager(client, options.namespaces, log, options.watch_timeout)
     reconciler = controller.Reconciler(client, manager.stores, options.settings, Recorder(client, identity, log), log)
     manager.add(controller.watches(options.settings).complete(
         reconciler, workers=options.workers, resync_seconds=options.resync_seconds, metrics=metrics, log=log))
@@ -255,8 +258,9 @@ async def run(options: Options, log: Log) -> int:
                 metrics.leader.labels(options.leader_election_id).set(int(leading))
                 manager.on_leadership(leading)
 
-            elector = LeaderElector(client, options.leader_election_namespace, options.leader_election_id,
-                                    identity, log, options.lease, on_change=on_change)
+            elector = LeaderElector(client.unfenced(), options.leader_election_namespace,
+                                    options.leader_election_id, identity, log, options.lease, on_change=on_change)
+            client.set_write_fence(elector.may_write)  # no write unless the Lease is surely ours
             metrics.leader.labels(options.leader_election_id).set(0)
             result: list[bool] = []
 

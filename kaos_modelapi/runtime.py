@@ -23,7 +23,7 @@ from typing import Protocol
 import structlog
 
 from .informer import DEFAULT_INDEXERS, EventKind, Handler, IndexFunc, StoreReader, Transform, drop_managed_fields
-from .kube import Obj, Resource, controller_ref, key_for, object_key
+from .kube import ApiError, Obj, Resource, controller_ref, key_for, object_key
 from .observability import Metrics
 from .workqueue import ShutDown, WorkQueue
 
@@ -96,6 +96,16 @@ class Watch:
     cache: CacheSpec
     map: MapFunc
     predicate: Predicate | None = None
+
+
+MAX_RETRY_AFTER = 60.0  # a Retry-After longer than this is taken as this
+
+
+def _retry_after(error: Exception) -> float:
+    """How long the API server asked us to wait before trying again (429, or 5xx with Retry-After)."""
+    if isinstance(error, ApiError) and error.retry_after:
+        return min(error.retry_after, MAX_RETRY_AFTER)
+    return 0.0
 
 
 def _own_key(obj: Obj, _: Stores) -> Iterable[str]:
@@ -230,7 +240,7 @@ class Controller:
                 m.reconcile_errors.labels(self.name).inc()
                 self._log.warning("reconcile failed; retrying with backoff", error=str(e) or type(e).__name__,
                                   retries=self.queue.num_requeues(key))
-                self.queue.add_rate_limited(key)
+                self.queue.add_rate_limited(key, at_least=_retry_after(e))
             else:
                 self.queue.forget(key)
                 if result.requeue_after is not None:

@@ -253,12 +253,14 @@ class WorkQueue(Generic[K]):
         heapq.heappush(self._waiting, _Waiting(ready_at, next(self._seq), key))
         self._arm_timer()
 
-    def add_rate_limited(self, key: K) -> None:
+    def add_rate_limited(self, key: K, at_least: float = 0.0) -> None:
+        """Queue `key` again after its rate limiter's delay, or `at_least` seconds if that is longer (the
+        API server's Retry-After: it said when to come back)."""
         if self._shutting_down:
             return
         if self._metrics is not None:
             self._metrics.retried()
-        self.add_after(key, self._limiter.when(key))
+        self.add_after(key, max(self._limiter.when(key), at_least))
 
     def forget(self, key: K) -> None:
         self._limiter.forget(key)

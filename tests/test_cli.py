@@ -112,3 +112,12 @@ def test_the_command_line_sits_on_top_nothing_imports_it() -> None:
     package = REPO / "kaos_modelapi"
     importers = [p.name for p in package.glob("*.py") if p.stem not in ("cli", "__main__") and "cli" in _imports(p)]
     assert importers == []
+
+
+def test_the_watch_timeout_is_a_flag_and_must_be_positive() -> None:
+    from kaos_modelapi.cli import InputError, build_parser, options_from_args
+
+    assert options_from_args(build_parser().parse_args(["run"])).watch_timeout == 300
+    assert options_from_args(build_parser().parse_args(["run", "--watch-timeout", "7"])).watch_timeout == 7
+    with pytest.raises(InputError, match="--watch-timeout must be at least 1 second"):
+        options_from_args(build_parser().parse_args(["run", "--watch-timeout", "0"]))

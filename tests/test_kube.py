@@ -413,3 +413,32 @@ async def test_load_api_client_from_a_kubeconfig_file(tmp_path: Path) -> None:
         assert "abc" in api_client.configuration.api_key["BearerToken"]
     finally:
         await api_client.close()
+
+
+async def test_a_closed_write_fence_sends_no_write_but_reads_go_on(env: Env) -> None:
+    open_ = [True]
+    env.client.write_fence = lambda: open_[0]
+    env.server.reply(201, cm())
+    await env.client.create(cm(), field_manager="kaos")
+    open_[0] = False
+    with pytest.raises(ApiError) as refused:
+        await env.client.create(cm(), field_manager="kaos")
+    assert refused.value.reason == "NotLeader"
+    assert len(env.server.seen) == 1  # the refused write never left the process
+    env.server.reply(200, cm())
+    await env.client.get(CONFIGMAP, "ns", "x")
+    env.server.reply(201, cm())
+    await env.client.unfenced().create(cm(), field_manager="kaos")  # the Lease's own client
+    assert [s.method for s in env.server.seen] == ["POST", "GET", "POST"]
+
+
+async def test_a_fence_that_closes_while_the_write_connects_still_stops_it(env: Env) -> None:
+    answers = iter([True, False])  # open when the write is decided, closed once it has its connection
+    env.client.set_write_fence(lambda: next(answers))
+    with pytest.raises(ApiError) as refused:
+        await env.client.create(cm(), field_manager="kaos")
+    assert refused.value.reason == "NotLeader"
+    assert env.server.seen == []
+    env.server.reply(200, cm())
+    await env.client.get(CONFIGMAP, "ns", "x")  # reads pass: the fence is for writes only
+    assert [s.method for s in env.server.seen] == ["GET"]

@@ -429,3 +429,22 @@ async def test_metrics_hooks_see_depth_adds_latency_duration() -> None:
     q.done(key)
     assert metrics.durations == [3.0]
     assert q.unfinished_work() == (0.0, 0.0)
+
+
+async def test_add_rate_limited_waits_at_least_what_the_server_asked() -> None:
+    q, clock = new_queue()
+    q.add_rate_limited("a", at_least=2.0)  # the backoff alone would be 5 ms
+    clock.advance(1.999)
+    assert len(q) == 0
+    clock.advance(0.001)
+    assert len(q) == 1
+
+
+def test_a_reconcile_error_with_retry_after_sets_the_least_delay() -> None:
+    from kaos_modelapi.kube import ApiError
+    from kaos_modelapi.runtime import MAX_RETRY_AFTER, _retry_after
+
+    assert _retry_after(ApiError(429, "TooManyRequests", "slow down", retry_after=3.0)) == 3.0
+    assert _retry_after(ApiError(500, "InternalError", "later", retry_after=1e9)) == MAX_RETRY_AFTER
+    assert _retry_after(ApiError(500, "InternalError", "no hint")) == 0.0
+    assert _retry_after(RuntimeError("not from the API server")) == 0.0

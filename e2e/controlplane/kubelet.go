@@ -125,10 +125,14 @@ func (k *fakeKubelet) registerNode(ctx context.Context, name, kubeVersion string
 			"kaos.tools/fake-node":   "true",
 		}},
 	}
-	node, err := k.cs.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{})
+	created, err := k.cs.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{})
+	if apierrors.IsAlreadyExists(err) { // a control plane restarted on its etcd data: the node is back
+		created, err = k.cs.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
+	}
 	if err != nil {
 		return err
 	}
+	node = created
 	node.Status = corev1.NodeStatus{
 		Capacity:    capacity,
 		Allocatable: capacity,

@@ -81,6 +81,7 @@ type options struct {
 	nodeName       string
 	exitWithParent bool
 	realNode       bool
+	restart        bool
 }
 
 func main() {
@@ -113,6 +114,8 @@ func main() {
 	flag.BoolVar(&o.exitWithParent, "exit-with-parent", false, "shut down when the parent process exits")
 	flag.BoolVar(&o.realNode, "real-node", false, "a real kubelet will join (e2e/node.py): run kube-scheduler and the "+
 		"EndpointSlice controller, and let the scheduler place pods on the fake node instead of binding them itself")
+	flag.BoolVar(&o.restart, "restart", false, "start again on the etcd data and certificates that a stopped or killed "+
+		"control plane left in the state folder (a control plane restart, as after a crash)")
 	flag.Parse()
 	os.Exit(run(o))
 }
@@ -134,7 +137,7 @@ func run(o options) int {
 	if err != nil {
 		return fail(err)
 	}
-	if err := checkState(dir); err != nil {
+	if err := checkState(dir, o.restart); err != nil {
 		return fail(err)
 	}
 	for _, p := range []struct {
@@ -225,16 +228,23 @@ func run(o options) int {
 }
 
 // checkState refuses a state folder that belongs to a running or a dead control plane: the
-// first is in use, the second holds certificates and etcd data that no longer match anything.
-func checkState(dir string) error {
+// first is in use, the second holds certificates and etcd data that no longer match anything
+// (unless restarting on them is what was asked for).
+func checkState(dir string, restart bool) error {
 	if data, err := os.ReadFile(filepath.Join(dir, "pid")); err == nil {
 		pid, _ := strconv.Atoi(strings.TrimSpace(string(data)))
 		if processAlive(pid) {
 			return fmt.Errorf("a control plane is already running from %s (pid %d): use %s, or stop it with `make cluster-down`",
 				dir, pid, filepath.Join(dir, "kubeconfig"))
 		}
+		if restart {
+			return nil
+		}
 		return fmt.Errorf("%s holds the state of a control plane that is no longer running (pid %d): "+
 			"run `make cluster-down` to remove it, then start again", dir, pid)
+	}
+	if restart {
+		return fmt.Errorf("%s holds no stopped control plane to restart: start one without --restart", dir)
 	}
 	if _, err := os.Stat(filepath.Join(dir, "etcd")); err == nil {
 		return fmt.Errorf("%s holds the etcd data of an earlier control plane: "+
@@ -294,7 +304,11 @@ func (cp *controlPlane) server() string {
 
 func (cp *controlPlane) start(ctx context.Context) error {
 	var err error
-	if cp.pki, err = newPKI(filepath.Join(cp.dir, "pki")); err != nil {
+	newOrLoad := newPKI
+	if cp.o.restart {
+		newOrLoad = loadPKI
+	}
+	if cp.pki, err = newOrLoad(filepath.Join(cp.dir, "pki")); err != nil {
 		return fmt.Errorf("certificates: %w", err)
 	}
 	if err := cp.startEtcd(ctx); err != nil {

@@ -2,7 +2,8 @@ package main
 
 // A throw-away PKI for one control plane: a CA, the apiserver's serving certificate, client
 // certificates for the admin and the controller manager, and the service-account signing key.
-// Everything is generated at each start, so a state folder never outlives its certificates.
+// Everything is generated at each start, so a state folder never outlives its certificates; a
+// restart (--restart) loads them back instead, so that clients keep trusting the API server.
 
 import (
 	"crypto/ecdsa"
@@ -109,6 +110,55 @@ func newPKI(dir string) (*pki, error) {
 		}
 	}
 	return p, nil
+}
+
+// loadPKI reads back what newPKI wrote into dir; the controller manager's certificate, kept in
+// no file, is issued again by the same CA.
+func loadPKI(dir string) (*pki, error) {
+	p := &pki{dir: dir, saKeyPath: filepath.Join(dir, "sa.key"), saPubKey: filepath.Join(dir, "sa.pub")}
+	var err error
+	for _, kp := range []struct {
+		into *keyPair
+		name string
+	}{{&p.ca, "ca"}, {&p.serving, "apiserver"}, {&p.admin, "admin"}} {
+		if *kp.into, err = loadKeyPair(p.path(kp.name+".crt"), p.path(kp.name+".key")); err != nil {
+			return nil, err
+		}
+	}
+	p.kcm, err = issue(&p.ca, x509.Certificate{
+		Subject:     pkix.Name{CommonName: "system:kube-controller-manager", Organization: []string{"system:masters"}},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+func loadKeyPair(certPath, keyPath string) (keyPair, error) {
+	certPEM, err := os.ReadFile(certPath)
+	if err != nil {
+		return keyPair{}, err
+	}
+	keyPEM, err := os.ReadFile(keyPath)
+	if err != nil {
+		return keyPair{}, err
+	}
+	certBlock, _ := pem.Decode(certPEM)
+	keyBlock, _ := pem.Decode(keyPEM)
+	if certBlock == nil || keyBlock == nil {
+		return keyPair{}, fmt.Errorf("%s or %s is not PEM", certPath, keyPath)
+	}
+	cert, err := x509.ParseCertificate(certBlock.Bytes)
+	if err != nil {
+		return keyPair{}, fmt.Errorf("%s: %w", certPath, err)
+	}
+	key, err := x509.ParseECPrivateKey(keyBlock.Bytes)
+	if err != nil {
+		return keyPair{}, fmt.Errorf("%s: %w", keyPath, err)
+	}
+	return keyPair{cert: cert, key: key, certPEM: certPEM, keyPEM: keyPEM}, nil
 }
 
 // issue creates a key pair and a certificate from tmpl, signed by parent (self-signed when nil).
