@@ -9,17 +9,45 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 TICKS = os.sysconf("SC_CLK_TCK")
-WARNING_LINE = re.compile(r"\b(warn|warning|error|fatal|traceback)\b", re.I)
+# A log line at warning level or worse: JSON lines by their level; others as structlog's console, logfmt, klog
+# (W1127 12:00:00...) or plain WARNING/ERROR words write it.
+LEVEL_KEYS = ("level", "severity", "levelname")
+BAD_LEVELS = frozenset({"warn", "warning", "error", "critical", "fatal", "panic"})
+WARNING_TEXT = re.compile(r"(?i:\[\s*(warn|warning|error|critical)\s*\]|\blevel=\"?(warn|warning|error))|"
+                          r"\b(WARN|WARNING|ERROR|FATAL|CRITICAL|Traceback)\b|^[WEF]\d{4} ")
+
+
+def is_warning(line: str) -> bool:
+    if line.startswith("{"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            return any(str(record.get(k, "")).lower() in BAD_LEVELS for k in LEVEL_KEYS)
+    return bool(WARNING_TEXT.search(line))
+
+
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _children(pid: int) -> list[int]:
@@ -70,9 +98,34 @@ class OperatorProcess:
     started_at: float = 0.0
     log_offset: int = field(default=0)
 
+    metrics_url: str = ""
+
     @classmethod
     def from_template(cls, template: str, log_path: Path, **values: str) -> OperatorProcess:
-        return cls([part.format(**values) for part in shlex.split(template)], log_path)
+        port = str(free_port())
+        proc = cls([part.format(metrics_port=port, **values) for part in shlex.split(template)], log_path)
+        if "{metrics_port}" in template:
+            proc.metrics_url = f"http://127.0.0.1:{port}/metrics"
+        return proc
+
+    def refused_writes(self) -> int | None:
+        """Writes the API server refused (4xx), by the operator's own rest_client_requests_total (client-go's and
+        controller-runtime's name, and this operator's); None when it has no such metrics."""
+        if not self.metrics_url:
+            return None
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return None
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("rest_client_requests_total{"):
+                code = re.search(r'code="(\d+)"', line)
+                method = re.search(r'method="([A-Z]+)"', line)
+                if code and method and code.group(1).startswith("4") and method.group(1) in WRITE_METHODS:
+                    total += float(line.rsplit(" ", 1)[1])
+        return int(total)
 
     def start(self) -> float:
         log = self.log_path.open("ab")
@@ -110,7 +163,7 @@ class OperatorProcess:
         with self.log_path.open("rb") as f:
             f.seek(self.log_offset)
             text = f.read().decode(errors="replace")
-        return [line for line in text.splitlines() if WARNING_LINE.search(line)]
+        return [line for line in text.splitlines() if is_warning(line)]
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.proc is None:

@@ -65,8 +65,9 @@ ROWS: list[Row] = [
     ("noise: cold all Ready (s)", lambda r: _get(r, "operator", "noise_cold", "ready_s")),
     ("noise: cold CPU (s)", lambda r: _get(r, "operator", "noise_cold", "cpu_s")),
     ("namespace deletion: operator writes", lambda r: _get(r, "operator", "namespace_deletion", "writes")),
-    ("namespace deletion: refused writes", lambda r: _get(r, "operator", "namespace_deletion",
-                                                          "refused_writes_all_clients")),
+    ("namespace deletion: refused writes", lambda r: _get(r, "operator", "namespace_deletion", "refused_writes")),
+    ("namespace deletion: refused, all clients", lambda r: _get(r, "operator", "namespace_deletion",
+                                                                "refused_writes_all_clients")),
     ("namespace deletion: warning lines", lambda r: _get(r, "operator", "namespace_deletion", "warning_lines")),
 ]
 
@@ -125,7 +126,7 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     constant = len({s for s in startup if None not in s}) == 1 if startup else None
     add("start-up requests: the same LISTs and WATCHes at every N, no GET per object",
         None if len(startup) < 2 else constant and all((s[2] or 0) < 10 for s in startup), startup)
-    dels = [(_get(o, "namespace_deletion", "refused_writes_all_clients"),
+    dels = [(_get(o, "namespace_deletion", "refused_writes"),
              _get(o, "namespace_deletion", "warning_lines")) for o in op]
     add("namespace deletion: no refused write, no warning line",
         _all([d for d in dels if None not in d], lambda d: d == (0, 0)), dels)

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 GATEWAY = GatewayRef("bench-gateway", counting.NAMESPACE)
 DEFAULT_OPERATOR = (
     "{python} -m kaos_modelapi run --kubeconfig {kubeconfig} --resync-period {resync}"
-    " --metrics-bind-address 0 --health-probe-bind-address 0"
+    " --metrics-bind-address 127.0.0.1:{metrics_port} --health-probe-bind-address 0"
     f" --gateway-name {GATEWAY.name} --gateway-namespace {GATEWAY.namespace} --log-format json --log-level info"
 )
 IDLE_RESYNC = 3600  # seconds: no resync during the other scenarios
@@ -322,6 +322,7 @@ class Run:
     async def delete_namespaces(self, namespaces: list[str], n: int) -> dict[str, Any]:
         self.op.mark_log()
         before, refused0 = await self.c.counts(), await refused_writes(self.c.admin)
+        own0 = self.op.refused_writes()
         began = time.monotonic()
         for ns in namespaces:
             await self.c.admin.request("DELETE", f"/api/v1/namespaces/{ns}")
@@ -330,11 +331,12 @@ class Run:
         gone = time.monotonic()
         await self.op.wait_quiet()
         counts = counting.delta(await self.c.counts(), before, "operator")
-        warnings = self.op.warning_lines()
+        warnings, own = self.op.warning_lines(), self.op.refused_writes()
         return {"modelapis": n * len(namespaces), "namespaces_gone_s": round(gone - began, 1),
-                "writes": counting.writes(counts), "refused_writes_all_clients":
-                await refused_writes(self.c.admin) - refused0, "warning_lines": len(warnings),
-                "first_warning": warnings[0][:300] if warnings else ""}
+                "writes": counting.writes(counts), "requests": requests_table(counts),
+                "refused_writes": None if own is None or own0 is None else own - own0,
+                "refused_writes_all_clients": await refused_writes(self.c.admin) - refused0,
+                "warning_lines": len(warnings), "first_warning": warnings[0][:300] if warnings else ""}
 
 
 async def operator_scenarios(c: Cluster, n: int, options: Options) -> dict[str, Any]:
