@@ -143,7 +143,20 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     add("readiness propagation p99 <= 100 ms (idle operator)", _all(p99, lambda v: v <= 100), p99)
     first = [_get(o, "startup_empty", "first_reconcile_s") for o in op]
     add("start-up to first reconcile <= 2 s", _all(first, lambda v: v <= 2), first)
+    failed = failures(results)
+    add("every scenario converged", not failed, failed)
     return out
+
+
+def failures(results: list[dict[str, Any]]) -> list[str]:
+    """Scenarios that did not finish (e.g. a ModelAPI that never converged), as "N=... who.scenario: why"."""
+    found = []
+    for r in results:
+        for who in ("limit", "operator"):
+            for name, value in (r.get(who) or {}).items():
+                if isinstance(value, dict) and "error" in value:
+                    found.append(f"N={r['n']} {who}.{name}: {value['error']}")
+    return found
 
 
 def _cold_write_excess(by_resource: dict[str, float], expected_children: float | None) -> float | None:

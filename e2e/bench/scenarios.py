@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import yaml
 
 from e2e.bench import counting, manifests
-from e2e.bench.client import Api, bounded
+from e2e.bench.client import Api, ApiError, bounded
 from e2e.bench.limit import LimitClient
 from e2e.bench.process import OperatorProcess
 from e2e.bench.tracker import Tracker, is_ready
@@ -152,6 +153,17 @@ async def converge(c: Cluster, actor: str, namespace: str, n: int, revision: int
     docs = manifests.modelapis(n, namespace, revision)
     apply_s = await asyncio.to_thread(kubectl_apply, c.kubeconfig, docs)
     timeout = 120 + n * 0.6
+    try:
+        return await _converged(c, actor, n, revision, tracker, op, began, apply_s, before, cpu0, timeout)
+    except TimeoutError as e:
+        ready = sum(1 for m in tracker.modelapis.values() if is_ready(m))
+        raise TimeoutError(f"{e} ({tracker.count('status')} with a status for their generation, {ready} Ready, "
+                           f"{tracker.count('rolled')} rolled out)") from None
+
+
+async def _converged(c: Cluster, actor: str, n: int, revision: int, tracker: Tracker, op: OperatorProcess | None,
+                     began: float, apply_s: float, before: dict[str, Counter[str]], cpu0: float,
+                     timeout: float) -> dict[str, Any]:
     await tracker.until(lambda: tracker.count("status") >= n and tracker.count("deployment") >= n,
                         timeout, f"{n} ModelAPIs with children and a status")
     written = max(tracker.last("status"), tracker.last("deployment"))
@@ -339,42 +351,61 @@ class Run:
                 "warning_lines": len(warnings), "first_warning": warnings[0][:300] if warnings else ""}
 
 
+async def attempt(out: dict[str, Any], name: str, scenario: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    """Run one scenario; one that times out (a ModelAPI that never converges) is reported, and the next runs."""
+    try:
+        out[name] = await scenario
+    except (TimeoutError, ApiError) as e:
+        out[name] = {"error": str(e)}
+        print(f"scenario {name} failed: {e}", file=sys.stderr, flush=True)
+    result: dict[str, Any] = out[name]
+    return result
+
+
+async def converge_in(c: Cluster, namespace: str, n: int, revisions: list[int],
+                      op: OperatorProcess) -> list[dict[str, Any]]:
+    tracker = await tracked(c, namespace)
+    out: dict[str, Any] = {}
+    try:
+        for revision in revisions:
+            await attempt(out, str(revision), converge(c, "operator", namespace, n, revision, tracker, op))
+    finally:
+        await tracker.stop()
+    return [out[str(r)] for r in revisions]
+
+
 async def operator_scenarios(c: Cluster, n: int, options: Options) -> dict[str, Any]:
     run = await Run.create(c, options)
     out: dict[str, Any] = {}
     try:
-        out["startup_empty"] = await run.start()
-        idle = out["startup_empty"]["rss_mib"]
-        tracker = await tracked(c, options.ns("op"))
-        try:
-            out["cold"] = await converge(c, "operator", options.ns("op"), n, 0, tracker, run.op)
-            out["cold"]["rss_above_idle_kib_per_modelapi"] = round((out["cold"]["rss_mib"] - idle) * 1024 / n, 1)
-            if not options.smoke:
-                out["update"] = await converge(c, "operator", options.ns("op"), n, 1, tracker, run.op)
-        finally:
-            await tracker.stop()
-        if options.full and not options.smoke:
-            out["propagation"] = await run.propagation(options.propagation_samples)
-            out["noise_burst"] = await run.noise(options.ns("noise"))
-            tracker = await tracked(c, options.ns("noisy"))
-            try:
-                out["noise_cold"] = await converge(c, "operator", options.ns("noisy"), n, 0, tracker, run.op)
-            finally:
-                await tracker.stop()
+        idle = (await run.start())
+        out["startup_empty"] = idle
+        results = await converge_in(c, options.ns("op"), n, [0] if options.smoke else [0, 1], run.op)
+        out["cold"] = results[0]
+        if "rss_mib" in out["cold"]:
+            out["cold"]["rss_above_idle_kib_per_modelapi"] = round((out["cold"]["rss_mib"] - idle["rss_mib"])
+                                                                   * 1024 / n, 1)
+        if len(results) > 1:
+            out["update"] = results[1]
         if options.smoke:
             return out
+        if options.full:
+            await attempt(out, "propagation", run.propagation(options.propagation_samples))
+            await attempt(out, "noise_burst", run.noise(options.ns("noise")))
+            out["noise_cold"] = (await converge_in(c, options.ns("noisy"), n, [0], run.op))[0]
         run.op.stop()
-        out["restart"] = await run.start()
+        restart = await attempt(out, "restart", run.start())
         # The resync: a start whose resync period ends once the start's own work is done, then that window.
-        resync = max(options.resync_floor, out["restart"]["until_idle_s"] * 2 + 5)
+        resync = max(options.resync_floor, restart.get("until_idle_s", 30) * 2 + 5)
         run.op.stop()
         await run.start(resync)
-        out["resync"] = await run.idle_window(run.op.started_at + resync + 1)
+        await attempt(out, "resync", run.idle_window(run.op.started_at + resync + 1))
         out["resync"]["period_s"] = round(resync)
         if options.full:
             run.op.stop()
             await run.start()
-            out["namespace_deletion"] = await run.delete_namespaces([options.ns("op"), options.ns("noisy")], n)
+            await attempt(out, "namespace_deletion",
+                          run.delete_namespaces([options.ns("op"), options.ns("noisy")], n))
     finally:
         run.op.stop()
         await run.canary.stop()
