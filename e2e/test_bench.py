@@ -48,7 +48,7 @@ async def test_bench_smoke_reports_every_figure(kubeconfig: str, tmp_path: Path)
     try:
         result: dict[str, Any] = {"n": N, "apply_without_operator_s": 1.0}
         result["limit"] = {"cold": await _limit_cold(c, options)}
-        c.namespace(options.ns("op"))  # before the operator starts watching it
+        await c.namespace(options.ns("op"))  # before the operator starts watching it
         result["operator"] = await scenarios.operator_scenarios(c, N, options)
         for role in ("canary", "op", "limit"):
             await c.admin.request("DELETE", f"/api/v1/namespaces/{options.ns(role)}", missing_ok=True)

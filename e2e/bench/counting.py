@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from e2e.bench.client import Api
+from e2e.bench.client import Api, bounded
 
 NAMESPACE = "kaos-bench"
 VERBS = ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection")
@@ -33,6 +33,7 @@ RESOURCES = (
 OTHER = "other"
 NONRESOURCE = "nonresource"
 PREFIX = "kaosbench"
+MANAGER = "kaos-bench"
 _SERIES = re.compile(r'^apiserver_flowcontrol_dispatched_requests_total\{flow_schema="' + PREFIX
                      + r'-([a-z0-9]+)-([a-z]+)-([a-z0-9.]+)",[^}]*\} (\S+)$', re.M)
 
@@ -74,7 +75,7 @@ def kubectl(kubeconfig: str, *args: str, stdin: str | None = None) -> str:
     return done.stdout
 
 
-def identity(kubeconfig: str, actor: str, folder: Path, canary_namespace: str) -> str:
+async def identity(admin: Api, kubeconfig: str, actor: str, folder: Path, canary_namespace: str) -> str:
     """A kubeconfig for ServiceAccount `actor` (cluster-admin), whose requests are counted apart. Returns its path."""
     docs: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": actor, "namespace": NAMESPACE}},
@@ -82,22 +83,28 @@ def identity(kubeconfig: str, actor: str, folder: Path, canary_namespace: str) -
          "metadata": {"name": f"{PREFIX}-{actor}"},
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
          "subjects": [{"kind": "ServiceAccount", "name": actor, "namespace": NAMESPACE}]},
-        *flow_schemas(actor, canary_namespace),
     ]
-    kubectl(kubeconfig, "apply", "--server-side", "-f", "-", stdin=yaml.safe_dump_all(docs))
-    token = kubectl(kubeconfig, "create", "token", actor, "-n", NAMESPACE, "--duration=24h").strip()
-    config = yaml.safe_load(kubectl(kubeconfig, "config", "view", "--raw", "--minify"))
-    config["users"] = [{"name": actor, "user": {"token": token}}]
-    config["contexts"][0]["context"]["user"] = actor
+    for doc in docs:
+        await admin.apply(doc, MANAGER)
+    await bounded([lambda d=d: admin.apply(d, MANAGER) for d in flow_schemas(actor, canary_namespace)],  # type: ignore[misc]
+                  8)
+    request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 86400}}
+    answer = await admin.request("POST", f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts/{actor}/token", request)
+    config = yaml.safe_load(Path(kubeconfig).read_text())
+    context = next(c for c in config["contexts"] if c["name"] == config.get("current-context")) \
+        if config.get("current-context") else config["contexts"][0]
+    cluster = next(c for c in config["clusters"] if c["name"] == context["context"]["cluster"])
+    mine = {"apiVersion": "v1", "kind": "Config", "clusters": [cluster], "current-context": actor,
+            "contexts": [{"name": actor, "context": {"cluster": cluster["name"], "user": actor}}],
+            "users": [{"name": actor, "user": {"token": answer["status"]["token"]}}]}
     target = folder / f"{actor}.kubeconfig"
-    target.write_text(yaml.safe_dump(config))
+    target.write_text(yaml.safe_dump(mine))
     target.chmod(0o600)
     return str(target)
 
 
-def ensure_namespace(kubeconfig: str) -> None:
-    manifest = yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
-    kubectl(kubeconfig, "apply", "--server-side", "-f", "-", stdin=manifest)
+async def ensure_namespace(admin: Api, name: str = NAMESPACE) -> None:
+    await admin.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}, MANAGER)
 
 
 def parse(text: str) -> dict[str, Counter[str]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -24,6 +23,7 @@ from e2e.bench.client import Api, ApiError, bounded
 from e2e.bench.limit import LimitClient
 from e2e.bench.process import OperatorProcess
 from e2e.bench.tracker import Tracker, is_ready
+from kaos_modelapi import crd as kaos_crd
 from kaos_modelapi.settings import GatewayRef, Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,6 +94,17 @@ async def refused_writes(api: Api) -> int:
     return total
 
 
+async def established(admin: Api, crd: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        obj = await admin.get("CustomResourceDefinition", None, crd)
+        if any(c.get("type") == "Established" and c.get("status") == "True"
+               for c in (obj.get("status") or {}).get("conditions") or []):
+            return
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"CRD {crd} not established after {timeout:.0f} s")
+
+
 @dataclass
 class Cluster:
     """One cluster's setup: the CRD, the measured identities and an admin client."""
@@ -106,21 +117,19 @@ class Cluster:
     @classmethod
     async def setup(cls, kubeconfig: str, options: Options, actors: list[str]) -> Cluster:
         folder = counting.scratch()
-        crd = Path(options.crd).read_text() if options.crd else subprocess.run(
-            [sys.executable, "-m", "kaos_modelapi", "crd"], capture_output=True, text=True, check=True, cwd=REPO).stdout
-        counting.kubectl(kubeconfig, "apply", "-f", "-", stdin=crd)
-        counting.ensure_namespace(kubeconfig)
-        identities = {a: counting.identity(kubeconfig, a, folder, options.ns("canary")) for a in actors}
+        crd = Path(options.crd).read_text() if options.crd else kaos_crd.crd_yaml()  # `kaos-modelapi crd`
+        counting.kubectl(kubeconfig, "apply", "-f", "-", stdin=crd)  # client-side, as a user and the tests do
+        admin = await Api.from_kubeconfig(kubeconfig)
+        await counting.ensure_namespace(admin)
+        identities = {a: await counting.identity(admin, kubeconfig, a, folder, options.ns("canary")) for a in actors}
         names = [doc["metadata"]["name"] for doc in yaml.safe_load_all(crd) if doc and doc.get("kind") ==
                  "CustomResourceDefinition"]
         for name in names:
-            counting.kubectl(kubeconfig, "wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
-        admin = await Api.from_kubeconfig(kubeconfig)
+            await established(admin, name)
         return cls(kubeconfig, folder, admin, identities)
 
-    def namespace(self, name: str) -> None:
-        manifest = yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-        counting.kubectl(self.kubeconfig, "apply", "--server-side", "-f", "-", stdin=manifest)
+    async def namespace(self, name: str) -> None:
+        await counting.ensure_namespace(self.admin, name)
 
     async def counts(self) -> dict[str, Counter[str]]:
         return await counting.snapshot(self.admin)
@@ -211,7 +220,7 @@ def children_per_modelapi(n: int) -> float:
 
 
 async def tracked(c: Cluster, namespace: str) -> Tracker:
-    c.namespace(namespace)
+    await c.namespace(namespace)
     tracker = Tracker(c.admin, namespace)
     await tracker.start()
     return tracker
@@ -238,7 +247,7 @@ async def limit_scenarios(c: Cluster, n: int, options: Options) -> dict[str, Any
 
 async def plain_apply(c: Cluster, n: int, namespace: str) -> float:
     """kubectl apply of N ModelAPIs with no operator running."""
-    c.namespace(namespace)
+    await c.namespace(namespace)
     return round(await asyncio.to_thread(kubectl_apply, c.kubeconfig, manifests.modelapis(n, namespace)), 2)
 
 
@@ -303,7 +312,7 @@ class Run:
 
     async def noise(self, namespace: str) -> dict[str, Any]:
         """A burst of unrelated objects while the operator idles on the converged set."""
-        self.c.namespace(namespace)
+        await self.c.namespace(namespace)
         before, cpu0, rss0 = await self.c.counts(), self.op.cpu(), self.op.rss_mib()
         objs = manifests.noise(namespace, *self.options.noise)
         began = time.monotonic()
