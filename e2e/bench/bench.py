@@ -109,8 +109,12 @@ async def main_async() -> dict[str, Any]:
     def log(message: str) -> None:
         print(f"[{time.monotonic() - began:6.0f} s] {message}", file=sys.stderr, flush=True)
 
-    results = [await measure(n, options, log) for n in sizes]
     out = Path(os.environ.get("BENCH_OUT") or Path(__file__).resolve().parents[2] / ".bench")
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for n in sizes:
+        results.append(await measure(n, options, log))
+        (out / "partial.json").write_text(json.dumps(results, indent=1))  # what is done, should a later N fail
     chart = Path(os.environ.get("BENCH_CHART") or out / "bench.png")
     report.chart(results, chart)
     summary = {
@@ -118,7 +122,6 @@ async def main_async() -> dict[str, Any]:
         "machine": machine(), "operator": options.operator, "chart": str(chart),
         "duration_s": round(time.monotonic() - began), "results": results, "targets": report.targets(results),
     }
-    out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(summary, indent=1))
     return summary
 
