@@ -3,8 +3,8 @@
 No informer caches, no work queue with deduplication or backoff, no diff: a watch on the namespace's ModelAPIs
 and one on its Deployments feed a plain FIFO that `workers` tasks (the operator's --workers) drain. A ModelAPI
 whose generation is new gets every child `kaos_modelapi.desired` builds (server-side apply; the generated
-master-key Secret created once), then its status; a Deployment event writes its ModelAPI's status when the
-phase or the generation it reports changes. What the operator cannot beat is this client's time.
+master-key Secret created once), then its status; a Deployment that has rolled out writes its ModelAPI's status
+when the phase or the generation it reports changes. What the operator cannot beat is this client's time.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from e2e.bench.client import Api, ApiError, Obj, path
+from e2e.bench.tracker import rolled_out
 from kaos_modelapi import desired, status
 from kaos_modelapi.api import ModelAPI
 from kaos_modelapi.settings import Settings
@@ -62,7 +63,10 @@ class LimitClient:
         name = obj["metadata"].get("labels", {}).get("modelapi")
         if kind != "DELETED" and name:
             self.deployments[name] = obj
-            self.queue.put_nowait(("deployment", obj))
+            # Only a rolled-out Deployment changes what the status says (Pending -> Ready); its other events
+            # (replicas created, pods pending) would only be computed and dropped.
+            if rolled_out(obj):
+                self.queue.put_nowait(("deployment", obj))
 
     async def _worker(self) -> None:
         while True:
