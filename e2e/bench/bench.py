@@ -15,6 +15,8 @@ Environment:
     BENCH_QUICK=1    cold, update, restart and resync only (the smoke test)
     BENCH_OUT        folder of the JSON and the chart (default .bench/)
     KUBECONFIG       use this cluster for both phases instead of private ones (namespaces are deleted between)
+
+`python e2e/bench/bench.py report A.json B.json` prints and charts the results of several runs as one.
 """
 
 from __future__ import annotations
@@ -126,8 +128,18 @@ async def main_async() -> dict[str, Any]:
     return summary
 
 
+def merged(paths: list[str]) -> dict[str, Any]:
+    """`bench.py report A.json B.json`: the results of several runs (e.g. one per N) as one summary and chart."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    results = sorted((r for run in runs for r in run["results"]), key=lambda r: r["n"])
+    chart = Path(os.environ.get("BENCH_CHART") or Path(paths[0]).with_name("bench-merged.png"))
+    report.chart(results, chart)
+    return {**runs[-1], "chart": str(chart), "results": results, "targets": report.targets(results),
+            "runs": [{k: run.get(k) for k in ("date", "machine", "duration_s")} for run in runs]}
+
+
 def main() -> int:
-    summary = asyncio.run(main_async())
+    summary = merged(sys.argv[2:]) if sys.argv[1:2] == ["report"] else asyncio.run(main_async())
     print(report.table(summary["results"]))
     print()
     for t in summary["targets"]:
