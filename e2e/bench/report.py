@@ -194,6 +194,7 @@ def chart(results: list[dict[str, Any]], target: Path) -> Path | None:
     left.set(xlabel="ModelAPIs (N)", ylabel="seconds", title="Converge time")
     right.set(xlabel="ModelAPIs (N)", ylabel="writes per ModelAPI", title="Writes to converge (API server count)")
     for ax in (left, right):
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
