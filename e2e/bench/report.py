@@ -38,6 +38,8 @@ ROWS: list[Row] = [
     ("cold: children+status, limit (s)", lambda r: _get(r, "limit", "cold", "children_and_status_s")),
     ("cold: all Ready, operator (s)", lambda r: _get(r, "operator", "cold", "ready_s")),
     ("cold: all Ready, limit (s)", lambda r: _get(r, "limit", "cold", "ready_s")),
+    ("cold: Ready after apply returned, operator (s)", lambda r: _get(r, "operator", "cold", "ready_after_apply_s")),
+    ("cold: Ready after apply returned, limit (s)", lambda r: _get(r, "limit", "cold", "ready_after_apply_s")),
     ("cold: efficiency (limit/operator)", lambda r: efficiency(r)),
     ("cold: operator CPU (s)", lambda r: _get(r, "operator", "cold", "cpu_s")),
     ("cold: CPU per ModelAPI (ms)", lambda r: _get(r, "operator", "cold", "cpu_ms_per_modelapi")),
