@@ -67,9 +67,9 @@ def flow_schemas(actor: str, canary_namespace: str) -> list[dict[str, Any]]:
     return schemas
 
 
-def kubectl(kubeconfig: str, *args: str, stdin: str | None = None) -> str:
+def kubectl(kubeconfig: str, *args: str, stdin: str | None = None, timeout: float = 300) -> str:
     done = subprocess.run(["kubectl", "--kubeconfig", kubeconfig, *args], input=stdin, text=True,
-                          capture_output=True, timeout=300)
+                          capture_output=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"kubectl {' '.join(args)}: {done.stderr.strip()}")
     return done.stdout
