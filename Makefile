@@ -103,5 +103,5 @@ helm: ## Build helm (pinned in hack/helm/go.mod) unless cached in ~/.cache/kaos-
 	@$(ROOT)/hack/helm/build.sh
 
 .PHONY: bench
-bench: deps ## Benchmarks (e2e/bench): print convergence time, memory and API requests; BENCH_N=100
-	cd $(ROOT) && $(VENV)/bin/python e2e/bench/bench_operator.py
+bench: venv controlplane ## Benchmark against the limit (e2e/bench): table, targets, JSON, .bench/bench.png; N=100,1000 (or BENCH_N)
+	cd $(ROOT) && $(if $(N),BENCH_N=$(N) ,)$(VENV)/bin/python e2e/bench/bench.py

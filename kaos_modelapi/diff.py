@@ -10,7 +10,7 @@ the desired object is a *subset* of the live one, with Kubernetes' list semantic
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 # Merge keys of the lists the operator writes, in order of preference.
@@ -30,7 +30,7 @@ def quantity(value: Any) -> Decimal | None:
         return None
     try:
         return Decimal(match.group(1)) * Decimal(_SUFFIXES[match.group(2) or ""])
-    except InvalidOperation:
+    except ArithmeticError:  # InvalidOperation, or Overflow: a hex hash such as "09e1560928115242" parses
         return None
 
 

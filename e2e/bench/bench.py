@@ -1,0 +1,153 @@
+"""Benchmark of the operator against the limit (issue 14): `make bench`, `make bench N=100,1000,3000`.
+
+For each N: a fresh local control plane (stand-in node: pods turn Ready without running) where a minimal
+client (e2e/bench/limit.py) converges N ModelAPIs, after timing a plain `kubectl apply` of them; then another
+fresh one where the operator runs the scenarios (e2e/bench/scenarios.py). Prints a table, the targets met or
+not, and a JSON summary as the last line; draws a chart (BENCH_CHART, default .bench/bench.png).
+
+Environment:
+    BENCH_N          comma-separated sizes (default 100,1000; `make bench N=...` sets it)
+    BENCH_OPERATOR   the operator's command line (default: `kaos-modelapi run ...`); placeholders {python},
+                     {kubeconfig} (its own credentials: use them), {resync} (seconds between resyncs)
+    BENCH_CRD        a CRD file for that operator (default: `kaos-modelapi crd`)
+    BENCH_WORKERS    the limit client's concurrency (default 4, the operator's --workers default)
+    BENCH_NOISE      ConfigMaps,Deployments,Secrets of the noise scenario (default 5000,1000,2000)
+    BENCH_QUICK=1    cold, update, restart and resync only (the smoke test)
+    BENCH_OUT        folder of the JSON and the chart (default .bench/)
+    KUBECONFIG       use this cluster for both phases instead of private ones (namespaces are deleted between)
+
+`python e2e/bench/bench.py report A.json B.json` prints and charts the results of several runs as one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from e2e import cluster
+from e2e.bench import report, scenarios
+
+
+@contextlib.asynccontextmanager
+async def fresh_cluster() -> AsyncIterator[str]:
+    external = os.environ.get("KUBECONFIG", "")
+    if external and Path(external).is_file():
+        yield external
+        return
+    state = Path(tempfile.mkdtemp(prefix="kaos-bench-cluster-"))
+    started = await asyncio.to_thread(cluster.start, state, cluster.free_ports(), exit_with_parent=True)
+    try:
+        yield str(started.kubeconfig)
+    finally:
+        await asyncio.to_thread(cluster.stop, cluster=started)
+
+
+async def measure(n: int, options: scenarios.Options, log: Any) -> dict[str, Any]:
+    result: dict[str, Any] = {"n": n}
+    async with fresh_cluster() as kubeconfig:
+        c = await scenarios.Cluster.setup(kubeconfig, options, ["limit"])
+        try:
+            log(f"N={n}: kubectl apply without an operator")
+            result["apply_without_operator_s"] = await scenarios.plain_apply(c, n, options.ns("plain"))
+            log(f"N={n}: the limit client")
+            result["limit"] = await scenarios.limit_scenarios(c, n, options)
+            if os.environ.get("KUBECONFIG"):
+                for ns in (options.ns("plain"), options.ns("limit")):
+                    await c.admin.request("DELETE", f"/api/v1/namespaces/{ns}")
+                    await c.gone(ns, 300 + n)
+        finally:
+            await c.admin.close()
+    async with fresh_cluster() as kubeconfig:
+        c = await scenarios.Cluster.setup(kubeconfig, options, ["operator"])
+        try:
+            log(f"N={n}: the operator")
+            result["operator"] = await scenarios.operator_scenarios(c, n, options)
+        finally:
+            await c.admin.close()
+    return result
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = Path("/proc/meminfo").read_text().split()[1]
+    return {"cpu": model, "cores": os.cpu_count(), "memory_gib": round(int(mem) / 2**20, 1),
+            "load_average": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version()}
+
+
+def options_from_env() -> scenarios.Options:
+    options = scenarios.Options()
+    options.operator = os.environ.get("BENCH_OPERATOR") or options.operator
+    options.crd = os.environ.get("BENCH_CRD", "")
+    options.workers = int(os.environ.get("BENCH_WORKERS", options.workers))
+    if noise := os.environ.get("BENCH_NOISE"):
+        a, b, c = (int(x) for x in noise.split(","))
+        options.noise = (a, b, c)
+    options.full = os.environ.get("BENCH_QUICK", "") not in ("1", "true")
+    return options
+
+
+async def main_async() -> dict[str, Any]:
+    sizes = [int(x) for x in os.environ.get("BENCH_N", "100,1000").replace(" ", "").split(",") if x]
+    options = options_from_env()
+    began = time.monotonic()
+
+    def log(message: str) -> None:
+        print(f"[{time.monotonic() - began:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+    out = Path(os.environ.get("BENCH_OUT") or Path(__file__).resolve().parents[2] / ".bench")
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for n in sizes:
+        results.append(await measure(n, options, log))
+        (out / "partial.json").write_text(json.dumps(results, indent=1))  # what is done, should a later N fail
+    chart = Path(os.environ.get("BENCH_CHART") or out / "bench.png")
+    report.chart(results, chart)
+    summary = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine(), "operator": options.operator, "chart": str(chart),
+        "duration_s": round(time.monotonic() - began), "results": results, "targets": report.targets(results),
+    }
+    (out / "bench.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def merged(paths: list[str]) -> dict[str, Any]:
+    """`bench.py report A.json B.json`: the results of several runs (e.g. one per N) as one summary and chart."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    results = sorted((r for run in runs for r in run["results"]), key=lambda r: r["n"])
+    chart = Path(os.environ.get("BENCH_CHART") or Path(paths[0]).with_name("bench-merged.png"))
+    report.chart(results, chart)
+    return {**runs[-1], "chart": str(chart), "results": results, "targets": report.targets(results),
+            "runs": [{k: run.get(k) for k in ("date", "machine", "duration_s")} for run in runs]}
+
+
+def main() -> int:
+    summary = merged(sys.argv[2:]) if sys.argv[1:2] == ["report"] else asyncio.run(main_async())
+    print(report.table(summary["results"]))
+    print()
+    for t in summary["targets"]:
+        print(f"  {t['status']:8} {t['target']}: {json.dumps(t['figures'])}")
+    print(f"\nchart: {summary['chart']}")
+    print(json.dumps(summary, separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

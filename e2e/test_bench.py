@@ -1,0 +1,78 @@
+"""Smoke test of the benchmark harness (e2e/bench), so that `make bench` does not rot between runs.
+
+Five ModelAPIs on the session's cluster: the limit client's cold converge, the operator's start-up and cold
+converge, then the report (table, targets, JSON, chart). It checks that every figure is there and that the
+requests were counted at the API server; it never asserts on a timing.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from e2e.bench import counting, report, scenarios
+from e2e.bench.client import Api
+from e2e.bench.limit import LimitClient
+from kaos_modelapi.settings import Settings
+
+N = 5
+
+
+async def _limit_cold(c: scenarios.Cluster, options: scenarios.Options) -> dict[str, Any]:
+    namespace = options.ns("limit")
+    tracker = await scenarios.tracked(c, namespace)
+    api = await Api.from_kubeconfig(c.identities["limit"])
+    client = LimitClient(api, namespace, Settings(gateway=scenarios.GATEWAY), workers=options.workers)
+    await client.start()
+    try:
+        return await scenarios.converge(c, "limit", namespace, N, 0, tracker, None)
+    finally:
+        await client.stop()
+        await api.close()
+        await tracker.stop()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+async def test_bench_smoke_reports_every_figure(kubeconfig: str, tmp_path: Path) -> None:
+    options = scenarios.Options(smoke=True, prefix=f"smoke-{secrets.token_hex(3)}")
+    # Confined to the test's namespaces: the session's cluster holds other tests' ModelAPIs.
+    namespaces = ",".join(options.ns(r) for r in ("canary", "op"))
+    options.operator = scenarios.DEFAULT_OPERATOR + f" --namespaces {namespaces}"
+    c = await scenarios.Cluster.setup(kubeconfig, options, ["limit", "operator"])
+    try:
+        result: dict[str, Any] = {"n": N, "apply_without_operator_s": 1.0}
+        result["limit"] = {"cold": await _limit_cold(c, options)}
+        await c.namespace(options.ns("op"))  # before the operator starts watching it
+        result["operator"] = await scenarios.operator_scenarios(c, N, options)
+        for role in ("canary", "op", "limit"):
+            await c.admin.request("DELETE", f"/api/v1/namespaces/{options.ns(role)}", missing_ok=True)
+    finally:
+        await c.admin.close()
+
+    for who in ("limit", "operator"):
+        cold = result[who]["cold"]
+        assert cold["ready_s"] > 0 and cold["children_and_status_s"] > 0, cold
+        # Every ModelAPI's children and statuses were written by this client, and counted as such.
+        assert cold["writes_per_modelapi"] >= cold["children_per_modelapi"], cold
+        assert cold["requests"].get("patch modelapis/status", 0) >= N, cold["requests"]
+    cold = result["operator"]["cold"]
+    assert {"cpu_s", "cpu_ms_per_modelapi", "peak_rss_mib", "events", "propagation_ms"} <= cold.keys()
+    startup = result["operator"]["startup_empty"]
+    assert startup["first_reconcile_s"] > 0 and startup["lists"] > 0 and startup["watches"] > 0, startup
+    assert startup["requests"].get("any canary", 0) > 0, "the canary's requests are counted apart"
+
+    table = report.table([result])
+    assert "cold: all Ready, operator (s)" in table and "N=5" in table
+    targets = report.targets([result])
+    assert {t["status"] for t in targets} <= {"met", "NOT met", "n/a"}
+    assert any(t["status"] != "n/a" for t in targets)
+    chart = report.chart([result], tmp_path / "bench.png")
+    assert chart is not None and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(json.dumps({"results": [result], "targets": targets}))["results"][0]["n"] == N
+    assert counting.writes(Counter(cold["requests"])) == cold["writes"]
