@@ -24,7 +24,7 @@ from .api import ModelAPI, describe_validation_error
 from .desired import Desired, SpecError
 from .events import NORMAL, WARNING, Event, Recorder
 from .informer import OWNER_UID_INDEX, StoreReader
-from .kube import ApiError, KubeClient, Obj, Resource, key_for, object_key
+from .kube import ApiError, KubeClient, Obj, Resource, TerminatingNamespaces, key_for, object_key
 from .runtime import Builder, CacheSpec, Result, Stores, TerminalError
 from .settings import Settings
 
@@ -271,9 +271,7 @@ class Reconciler:
         self._clock = clock
         # key -> (digest of a child the API server refused, its message): not sent again until it changes.
         self._refused: dict[str, tuple[str, str]] = {}
-        # namespace -> when the API server said it is being deleted: its older ModelAPIs go with it, so their
-        # reconciles would only be refused too (one refusal per namespace, not one per ModelAPI and child).
-        self._terminating: dict[str, str] = {}
+        self._terminating = TerminatingNamespaces()
         # key -> (when, pod, progress) of the last pull log read: other events (pod, Deployment, status writes)
         # wake a pulling ModelAPI between the requeues too, and reuse it rather than read the log again.
         self._pull_reads: dict[str, tuple[datetime, str, status.PullProgress | None]] = {}
@@ -285,14 +283,14 @@ class Reconciler:
             self._pull_reads.pop(key, None)
             return Result()  # owner references let the garbage collector remove the children
         namespace = obj["metadata"]["namespace"]
-        if obj["metadata"].get("creationTimestamp", "") <= self._terminating.get(namespace, ""):
-            return Result()  # (a namespace of the same name made since then is a new one)
+        if self._terminating.holds(obj):
+            return Result()
         ctx = Context(obj, self._log.bind(generation=obj["metadata"].get("generation")))
         try:
             await self._reconcile(ctx)
         except ApiError as e:
             if e.is_namespace_terminating():  # the ModelAPI goes with its namespace: nothing left to do
-                self._terminating[namespace] = self._now()
+                self._terminating.mark(namespace, self._now())
                 raise TerminalError(f"namespace {namespace} is being terminated") from e
             raise
         outcome = ctx.outcome

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from .kube import ApiError
+from .kube import ApiError, TerminatingNamespaces
 
 NORMAL = "Normal"
 WARNING = "Warning"
@@ -74,6 +74,7 @@ class Recorder:
         self._dedup_seconds = dedup_seconds
         self._dedup_size = dedup_size
         self._recent: OrderedDict[tuple[str, str, str], datetime] = OrderedDict()
+        self._terminating = TerminatingNamespaces()
 
     def _is_duplicate(self, key: tuple[str, str, str], now: datetime) -> bool:
         last = self._recent.get(key)
@@ -88,6 +89,8 @@ class Recorder:
     async def emit(self, regarding: dict[str, Any], event: Event) -> None:
         """Best effort: an Event that cannot be written is logged, never fails a reconcile."""
         now = self._clock()
+        if self._terminating.holds(regarding):
+            return
         if self._is_duplicate((str(regarding["metadata"].get("uid")), event.reason, event.note), now):
             return
         try:
@@ -95,5 +98,6 @@ class Recorder:
         except ApiError as e:
             if e.is_namespace_terminating():  # the object goes with its namespace: nothing to tell
                 self._log.debug("event not recorded: namespace terminating", reason=event.reason)
+                self._terminating.mark(regarding["metadata"]["namespace"], now.strftime("%Y-%m-%dT%H:%M:%SZ"))
                 return
             self._log.warning("event not recorded", reason=event.reason, error=str(e))

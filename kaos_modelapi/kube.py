@@ -627,6 +627,23 @@ def _identity(obj: Mapping[str, Any], resource: Resource) -> tuple[str | None, s
     return namespace, str(name)
 
 
+class TerminatingNamespaces:
+    """Namespaces the API server said are being deleted, and since when: their older objects go with them, so
+    a write about any of them would only be refused too (one refusal per namespace, not one per object).
+    A namespace of the same name made later is a new one, and so are the objects in it."""
+
+    def __init__(self) -> None:
+        self._since: dict[str, str] = {}
+
+    def mark(self, namespace: str, now: str) -> None:
+        self._since[namespace] = now
+
+    def holds(self, obj: Mapping[str, Any]) -> bool:
+        meta = obj["metadata"]
+        since = self._since.get(meta.get("namespace", ""))
+        return since is not None and meta.get("creationTimestamp", "") <= since
+
+
 def _is_uid_precondition_failure(err: ApiError) -> bool:
     return err.is_conflict() and "precondition" in err.message.lower() and "uid" in err.message.lower()
 

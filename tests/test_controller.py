@@ -16,7 +16,7 @@ import yaml
 from kaos_modelapi import controller, desired, kube, status
 from kaos_modelapi.api import ModelAPI
 from kaos_modelapi.controller import SECRET_REF_INDEX, Reconciler, secret_ref_keys
-from kaos_modelapi.events import Recorder
+from kaos_modelapi.events import WARNING, Event, Recorder
 from kaos_modelapi.informer import Change, Store
 from kaos_modelapi.kube import ApiError, Obj, Resource, object_key
 from kaos_modelapi.runtime import Stores, TerminalError
@@ -243,6 +243,38 @@ async def test_a_namespace_being_terminated_is_a_terminal_error_and_its_modelapi
     client.calls.clear()
     await r.reconcile("default/sibling")  # it goes with the namespace: no write the server would refuse
     assert client.writes() == []
+
+
+class TerminatingNamespace:
+    """An Event writer for a namespace being deleted: every create is refused, as the API server does."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.created: list[Obj] = []
+
+    async def create(self, obj: Obj, field_manager: str | None = None) -> Obj:
+        if obj["metadata"]["namespace"] == "default" and obj["regarding"]["uid"] != "new":
+            self.attempts += 1
+            raise ApiError(403, "Forbidden", "events is forbidden: unable to create new content in namespace "
+                           "default because it is being terminated", causes=("NamespaceTerminating",))
+        self.created.append(obj)
+        return obj
+
+
+async def test_events_about_a_terminating_namespace_are_refused_once_not_once_per_modelapi(
+        converged: list[Obj]) -> None:
+    writer = TerminatingNamespace()
+    recorder = Recorder(writer, "test", LOG, clock=lambda: NOW)
+    gone = Event(WARNING, "NotReady", "Reconcile", "its Deployment went away")
+    for i in range(3):
+        m = copy.deepcopy(of_kind(converged, "ModelAPI"))
+        m["metadata"].update(name=f"m{i}", uid=f"u{i}")
+        await recorder.emit(m, gone)
+    assert writer.attempts == 1
+    newer = copy.deepcopy(of_kind(converged, "ModelAPI"))  # a namespace of the same name made later is a new one
+    newer["metadata"].update(uid="new", creationTimestamp="2999-01-01T00:00:00Z")
+    await recorder.emit(newer, gone)
+    assert len(writer.created) == 1
 
 
 async def test_a_deleted_modelapi_is_left_to_the_garbage_collector(converged: list[Obj]) -> None:
