@@ -4,7 +4,8 @@ e2e/test_roll.py: `python3 -c <this file's text>` with URL and MODEL in the envi
 Two workers send requests back to back, each on a fresh connection (what a client sees of a roll, without
 the question of how a pool reuses connections to a pod that is going away). A third keeps one keep-alive
 connection, as a pooled client (the openai SDK, httpx) does, and like those retries a request once on a new
-connection when the kept one was closed before any answer came (counted in `retries`). The Service's name is resolved
+connection when the kept one was closed before any answer came; a fresh connection that fails to open is
+opened once more, as those clients do (both counted in `retries`). The Service's name is resolved
 once: the ClusterIP never changes, and a DNS hiccup on a loaded machine is not what this measures.
 Progress (ok/failed counts) is rewritten to /tmp/progress after every request; after /tmp/stop appears,
 the workers finish their request in flight and /tmp/result.json holds every failure and the latencies.
@@ -50,12 +51,30 @@ def send(conn: http.client.HTTPConnection) -> tuple[int, str]:
     return resp.status, ("" if resp.status == 200 and "pong" in text else text[:300])
 
 
+def opened(fresh: http.client.HTTPConnection) -> http.client.HTTPConnection:
+    """The fresh connection, opened; if opening it failed, nothing was sent, and a client (the openai SDK,
+    httpx) opens another once: so does this one (counted in `retries`; a second failure is a failure)."""
+    global retries
+    try:
+        fresh.connect()
+        return fresh
+    except OSError:
+        fresh.close()
+        with lock:
+            retries += 1
+        again = http.client.HTTPConnection(address, port, timeout=TIMEOUT)
+        again.connect()
+        return again
+
+
 def one(conn: http.client.HTTPConnection | None) -> None:
     global retries
     began = time.monotonic()
     fresh = conn or http.client.HTTPConnection(address, port, timeout=TIMEOUT)
     try:
         try:
+            if conn is None:
+                fresh = opened(fresh)
             status, error = send(fresh)
         except CLOSED:
             if conn is None:
