@@ -9,7 +9,8 @@ not collide and clean-up is the removal of a few named things:
   host by a veth pair `kh-<id>`/`kn-<id>` on 10.<o>.255.0/30 (o derived from id). The node's
   address is 10.<o>.255.2; pods get 10.<o>.0.0/24 on the bridge `cni0` inside the namespace. The
   namespace has no route out: an image that is not imported fails to pull at once, naming it.
-  kube-proxy's and the kubelet's iptables chains, the bridge, the pod netns and conntrack
+  The Service range is routed into a port-less bridge there (_route_services).
+  kube-proxy's and the kubelet's iptables chains, the bridges, the pod netns and conntrack
   entries are all inside it and vanish with it.
 - a private mount namespace for containerd, the kubelet and the shims, with tmpfs over /run and
   /var/lib/cni: volume mounts, container rootfs mounts and the pods' netns files vanish with it.
@@ -58,6 +59,8 @@ NODE_NAME = "kaos-real-node"
 # Pods opt in with this nodeSelector and a toleration of this taint; all others go to the stand-in.
 NODE_LABEL = "kaos.tools/real-node"
 CLUSTER_DNS = "10.96.0.10"
+SERVICE_CIDR = "10.96.0.0/16"  # the apiserver's --service-cluster-ip-range (e2e/controlplane/main.go)
+SERVICE_SINK = "kaos-svc"  # a port-less bridge in the node's namespace (see _route_services)
 CLUSTER_DOMAIN = "cluster.local"
 RECORDS = Path("/run/kaos-node")
 CGROUPS = Path("/sys/fs/cgroup")
@@ -618,6 +621,21 @@ def _make_network(net: Net) -> None:
     for key in ("net.ipv4.ip_forward=1", "net.bridge.bridge-nf-call-iptables=1",
                 "net.bridge.bridge-nf-call-ip6tables=1"):
         run(*inside, "sysctl", "-qw", key)
+    _route_services(inside)
+
+
+def _route_services(inside: list[str]) -> None:
+    """Route the Service range inside the node's namespace, into a sink, as a real node routes it (its default
+    route): a packet to a ClusterIP that kube-proxy does not DNAT (a Service without endpoints, or rules not yet
+    written) must reach the FORWARD chain, where kube-proxy REJECTs it (a client sees ECONNREFUSED) or, between
+    kube-proxy's filter and nat commits, goes on and is lost (the client's TCP sends its SYN again). Without a
+    route the lookup fails first: the node answers ICMP net-unreachable and a client's connect() fails with
+    ENETUNREACH at once, where a real node's client would be refused or retransmit. The sink is a bridge with no
+    ports and no ARP: what reaches it is dropped, so nothing leaves the namespace (the Service range is never
+    routed to the host)."""
+    run(*inside, "ip", "link", "add", SERVICE_SINK, "type", "bridge")
+    run(*inside, "ip", "link", "set", SERVICE_SINK, "arp", "off", "up")
+    run(*inside, "ip", "route", "add", SERVICE_CIDR, "dev", SERVICE_SINK)
 
 
 def _cgroup_dirs(net: Net) -> list[Path]:

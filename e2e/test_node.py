@@ -145,6 +145,27 @@ async def test_service_by_dns_name_from_another_pod(kubectl: Kubectl, namespace:
     assert wait_until(answered, 60, f"GET {url} from the client pod") == "hello from backend\n"
 
 
+async def test_service_without_endpoints_refuses_connections(kubectl: Kubectl, namespace: str,
+                                                             real_node: Net) -> None:
+    """A Service whose selector matches no ready pod refuses a connection at once (kube-proxy's REJECT), as on
+    any node: the client sees "connection refused", never "network is unreachable" (what the node's routing
+    answered before it routed the Service range), which no pooled client treats as a refusal to retry."""
+    apply(kubectl, namespace,
+          {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "nobody"},
+           "spec": {"selector": {"app": "nobody"}, "ports": [{"port": 80, "targetPort": 8080}]}},
+          pod("client", {"containers": [{"name": "main", "image": tool_image(), "args": ["sleep"]}]}))
+    wait_ready(kubectl, namespace, "client")
+    url = f"http://nobody.{namespace}.svc.cluster.local/"
+
+    def refused() -> str | None:
+        done = kubectl.run("exec", "-n", namespace, "client", "--", "/testbin", "get", url, check=False)
+        # Until kube-proxy has written the Service's rules the SYN is lost and `get` times out (10 s): not yet.
+        return done.stderr if done.returncode != 0 and "connect:" in done.stderr else None
+
+    error = wait_until(refused, 60, f"GET {url} answered by the node")
+    assert "connection refused" in error, error
+
+
 async def test_port_forward(kubectl: Kubectl, namespace: str, real_node: Net) -> None:
     apply(kubectl, namespace, pod("pf", {"containers": [server()]}))
     wait_ready(kubectl, namespace, "pf")
