@@ -3,9 +3,11 @@ e2e/test_roll.py: `python3 -c <this file's text>` with URL and MODEL in the envi
 
 Two workers send requests back to back, each on a fresh connection (what a client sees of a roll, without
 the question of how a pool reuses connections to a pod that is going away). A third keeps one keep-alive
-connection, as a pooled client (the openai SDK, httpx) does, and like those retries a request once on a new
-connection when the kept one was closed before any answer came; a fresh connection that fails to open is
-opened once more, as those clients do (both counted in `retries`). The Service's name is resolved
+connection, as a pooled client (the openai SDK, httpx) does. Like those clients, this one sends again only
+what provably never reached a server, once, on a new connection (counted in `retries`): a request whose
+connection failed to open (fresh, or the kept one being opened again after the server closed it: nothing
+was sent), and a request on the kept connection that the server had closed before any answer came. A
+request that was sent and then failed, or a second failure, is a failure. The Service's name is resolved
 once: the ClusterIP never changes, and a DNS hiccup on a loaded machine is not what this measures.
 Progress (ok/failed counts) is rewritten to /tmp/progress after every request; after /tmp/stop appears,
 the workers finish their request in flight and /tmp/result.json holds every failure and the latencies.
@@ -51,44 +53,43 @@ def send(conn: http.client.HTTPConnection) -> tuple[int, str]:
     return resp.status, ("" if resp.status == 200 and "pong" in text else text[:300])
 
 
-def opened(fresh: http.client.HTTPConnection) -> http.client.HTTPConnection:
-    """The fresh connection, opened; if opening it failed, nothing was sent, and a client (the openai SDK,
-    httpx) opens another once: so does this one (counted in `retries`; a second failure is a failure)."""
+def opened(conn: http.client.HTTPConnection) -> http.client.HTTPConnection:
+    """conn with its socket open: a new connection, or the kept one after the server closed it (http.client
+    would open it inside `request`, where a failure to connect looks like any other error). A connect that
+    fails sent nothing, so it is made once more."""
     global retries
+    if conn.sock is not None:
+        return conn
     try:
-        fresh.connect()
-        return fresh
+        conn.connect()
     except OSError:
-        fresh.close()
+        conn.close()
         with lock:
             retries += 1
-        again = http.client.HTTPConnection(address, port, timeout=TIMEOUT)
-        again.connect()
-        return again
+        conn.connect()
+    return conn
 
 
 def one(conn: http.client.HTTPConnection | None) -> None:
     global retries
     began = time.monotonic()
-    fresh = conn or http.client.HTTPConnection(address, port, timeout=TIMEOUT)
+    used = conn or http.client.HTTPConnection(address, port, timeout=TIMEOUT)
     try:
         try:
-            if conn is None:
-                fresh = opened(fresh)
-            status, error = send(fresh)
+            status, error = send(opened(used))
         except CLOSED:
             if conn is None:
                 raise
             conn.close()
             with lock:
                 retries += 1
-            status, error = send(conn)
+            status, error = send(opened(conn))
     except Exception as err:  # every failure is a result, not a crash
         status, error = 0, repr(err)
-        fresh.close()
+        used.close()
     finally:
         if conn is None:
-            fresh.close()
+            used.close()
     took = time.monotonic() - began
     with lock:
         if error:
