@@ -1,6 +1,7 @@
 """Zero-downtime rolls in Proxy mode, on the real node: a client pod sends a steady stream of chat
 requests through the ModelAPI's Service (its status.endpoint, by DNS name) while the config changes (the
-Deployment rolls its pod) and while the ModelAPI is scaled 1 -> 3 -> 1. Every request must get a 200.
+Deployment rolls its pod) and while the ModelAPI is scaled 1 -> 3 -> 1. Every request must get a 200, from
+the Service's first answer on (the client waits for it: see e2e/roll_client.py).
 
 The LiteLLM image and the client image are built by e2e/images.py and imported by `node_images`; the
 client is e2e/roll_client.py. The test prints the request count and latencies (never asserts on them).
@@ -110,7 +111,8 @@ async def test_roll_and_scale_drop_no_request(kubectl: Kubectl, namespace: str, 
     kubectl.run("exec", "-n", namespace, "client", "--", "touch", "/tmp/stop")
     result = wait_until(lambda: client_file(kubectl, namespace, "/tmp/result.json"), 120, "the client's result")
     print(f"\n{result['ok'] + len(result['failures'])} requests, {len(result['failures'])} failed, "
-          f"{result['retries']} sent again on a new connection (kept one closed); latency "
+          f"{result['retries']} sent again on a new connection (kept one closed), "
+          f"{result['before_first_answer']} refused before the Service first answered; latency "
           f"p50 {result['p50'] * 1000:.0f} ms, p99 {result['p99'] * 1000:.0f} ms, max {result['max'] * 1000:.0f} ms")
     failures = result["failures"]
     assert not failures, f"{len(failures)} requests failed, e.g. " + "; ".join(
