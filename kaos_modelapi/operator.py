@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 from . import __version__, controller
 from .events import Recorder
 from .informer import Informer, MultiNamespaceInformer, informer_for_namespaces
-from .kube import ApiError, ConfigError, KubeClient, Resource, load_api_client
+from .kube import NAMESPACE, ApiError, ConfigError, KubeClient, Obj, Resource, TerminatingNamespaces, load_api_client
 from .leader import LeaderElector, LeaseTiming
 from .observability import Metrics, configure_logging, health_app, metrics_app, serve
 from .runtime import CacheSpec, Controller, Stores
@@ -104,8 +104,16 @@ class Manager:
             raise StartupError(f"the API server did not answer within {PREFLIGHT_TIMEOUT_SECONDS:.0f} s "
                                "(check the kubeconfig's server and the network)") from None
 
+    def _namespaces_of(self, resource: Resource) -> tuple[str, ...]:
+        return self.namespaces if resource.namespaced else ()  # a cluster-scoped resource: one cache
+
+    def namespace(self, name: str) -> Obj | None:
+        """The cached Namespace (None without a Namespace cache: an operator limited to some namespaces)."""
+        store = self.stores.get(NAMESPACE)
+        return None if store is None else store.get(name)
+
     async def _check(self, spec: CacheSpec) -> None:
-        for namespace in self.namespaces or (None,):
+        for namespace in self._namespaces_of(spec.resource) or (None,):
             try:
                 await self.client.check_list(spec.resource, namespace, spec.label_selector, spec.metadata_only)
             except ApiError as e:
@@ -120,7 +128,7 @@ class Manager:
                             transform=spec.transform, indexers=spec.indexers, watch_list=True,
                             watch_timeout=(self.watch_timeout, 2 * self.watch_timeout))
 
-        informer = informer_for_namespaces(self.namespaces, make)
+        informer = informer_for_namespaces(self._namespaces_of(spec.resource), make)
         for ctrl in self.controllers:
             for watch in ctrl.watches:
                 if watch.cache.resource == spec.resource:
@@ -236,8 +244,12 @@ async def run(options: Options, log: Log) -> int:
                         burst=options.kube_api_burst)
     identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
     manager = Manager(client, options.namespaces, log, options.watch_timeout)
-    reconciler = controller.Reconciler(client, manager.stores, options.settings, Recorder(client, identity, log), log)
-    manager.add(controller.watches(options.settings).complete(
+    # One view of the namespaces being deleted, for the reconciler's writes and the recorder's Events.
+    terminating = TerminatingNamespaces(manager.namespace)
+    recorder = Recorder(client, identity, log, terminating=terminating)
+    reconciler = controller.Reconciler(client, manager.stores, options.settings, recorder, log,
+                                       terminating=terminating)
+    manager.add(controller.watches(options.settings, cluster_wide=not options.namespaces).complete(
         reconciler, workers=options.workers, resync_seconds=options.resync_seconds, metrics=metrics, log=log))
     metrics.count_modelapis(lambda: manager.stores.objects(controller.MODELAPIS.resource))
     runners: list[Any] = []
