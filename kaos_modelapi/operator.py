@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -98,8 +100,13 @@ class Manager:
         a StartupError instead."""
         try:
             async with asyncio.timeout(PREFLIGHT_TIMEOUT_SECONDS):
-                for spec in self._specs.values():
-                    await self._check(spec)
+                # At once, not one after another: each is a round trip before the first reconcile.
+                checks = [asyncio.ensure_future(self._check(spec)) for spec in self._specs.values()]
+                try:
+                    await asyncio.gather(*checks)
+                finally:
+                    for check in checks:
+                        check.cancel()
         except TimeoutError:
             raise StartupError(f"the API server did not answer within {PREFLIGHT_TIMEOUT_SECONDS:.0f} s "
                                "(check the kubeconfig's server and the network)") from None
@@ -140,12 +147,15 @@ class Manager:
     async def start_caches(self) -> None:
         """Start every cache whose API is served and wait until all have listed, so the first reconciles
         already see every child (an optional one included)."""
+        optional = [s for s in self._specs.values() if s.optional]
+        served = await asyncio.gather(*(self.client.serves(s.resource) for s in optional))
         for spec in self._specs.values():
-            if not spec.optional or await self.client.serves(spec.resource):
+            if not spec.optional or served[optional.index(spec)]:
                 self.stores.add(spec.resource, self._start_informer(spec).store)
         await asyncio.gather(*(i.synced.wait() for i in self._informers.values()))
         self._synced = True
-        self.log.info("caches synced", objects={r.plural: len(i.store) for r, i in self._informers.items()})
+        self.log.info("caches synced", objects={r.plural: len(i.store) for r, i in self._informers.items()},
+                      since_start_s=since_process_start())
 
     async def _await_optional_api(self, spec: CacheSpec) -> None:
         """Without the API, reconciles say so; once it is installed, start its cache and catch up."""
@@ -198,6 +208,16 @@ def _startup_problem(resource: Resource, namespace: str | None, e: ApiError) -> 
         return ("the ModelAPI CRD (modelapis.kaos.tools) is not installed: "
                 "kubectl apply -f config/crd/bases/ (or install the Helm chart)")
     return f"cannot list {what} {where}: {e}"
+
+
+def since_process_start() -> float | None:
+    """Seconds since this process started (its start-up phases in the log: imports, config, caches)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None  # not Linux
+    return round(uptime - ticks / os.sysconf("SC_CLK_TCK"), 2)
 
 
 async def _serve(app: Any, address: str, flag: str) -> Any:
@@ -260,7 +280,7 @@ async def run(options: Options, log: Log) -> int:
         runners.append(await _serve(health_app(manager.synced), options.health_address,
                                     "--health-probe-bind-address"))
         log.info("starting", version=__version__, namespaces=list(options.namespaces) or "all",
-                 leader_elect=options.leader_elect, identity=identity)
+                 leader_elect=options.leader_elect, identity=identity, since_start_s=since_process_start())
         if await _until_signalled(stop, manager.preflight()):
             return 0
         if await _until_signalled(stop, manager.start_caches()):
