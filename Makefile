@@ -30,10 +30,13 @@ KUBECTL := kubectl --kubeconfig $(ROOT)/.cluster/kubeconfig
 .PHONY: venv
 venv: $(VENV)/.installed ## Install the pinned Python environment (.venv) from requirements.lock
 
-$(VENV)/.installed: $(ROOT)/requirements.lock $(ROOT)/pyproject.toml
+# Bytecode compiled at install, as the image does (UV_COMPILE_BYTECODE): with PYTHONDONTWRITEBYTECODE set (as
+# on this machine) nothing is cached at import, and every operator start compiled kubernetes_asyncio's ~1,000
+# modules again (3.7 s of CPU before the first reconcile instead of 0.7 s).
+$(VENV)/.installed: $(ROOT)/requirements.lock $(ROOT)/pyproject.toml $(ROOT)/Makefile
 	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	@$(VENV)/bin/pip install -q uv==$(UV_VERSION)
-	@$(VENV)/bin/uv pip sync -q --python $(VENV)/bin/python $(ROOT)/requirements.lock
+	@$(VENV)/bin/uv pip sync -q --compile-bytecode --python $(VENV)/bin/python $(ROOT)/requirements.lock
 	@$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python --no-deps -e $(ROOT)
 	@touch $@
 
@@ -104,4 +107,5 @@ helm: ## Build helm (pinned in hack/helm/go.mod) unless cached in ~/.cache/kaos-
 
 .PHONY: bench
 bench: venv controlplane ## Benchmark against the limit (e2e/bench): table, targets, JSON, .bench/bench.png; N=100,1000 (or BENCH_N)
+	@$(VENV)/bin/python -m compileall -q $(ROOT)/kaos_modelapi >/dev/null  # the operator's own, as in the image
 	cd $(ROOT) && $(if $(N),BENCH_N=$(N) ,)$(VENV)/bin/python e2e/bench/bench.py

@@ -397,6 +397,27 @@ async def test_a_converged_cluster_gets_no_writes_after_a_restart(kubectl: Kubec
         assert metric_value(metrics, "rest_client_requests_total", method=method) == 0, method
 
 
+def refused_writes(operator: OperatorProcess) -> float:
+    metrics = operator.metrics()
+    return sum(metric_value(metrics, "rest_client_requests_total", method=m, code=str(code))
+               for m in ("POST", "PUT", "PATCH", "DELETE") for code in (403, 404, 409, 422))
+
+
+async def test_deleting_a_namespace_gets_no_refused_write(kubectl: Kubectl, operator: OperatorProcess,
+                                                         namespace: str) -> None:
+    """The namespace controller deletes the children before the ModelAPIs: the reconciles that wakes must not
+    re-create them (or post Events) in the namespace being deleted, which the API server refuses."""
+    names = [f"doomed-{i}" for i in range(4)]
+    for name in names:
+        kubectl.apply(modelapi_yaml(name, mock()), namespace)
+    for name in names:
+        kubectl.wait_phase(name, namespace, "Ready")
+    before = refused_writes(operator)
+    kubectl.run("delete", "namespace", namespace, "--wait=false")
+    wait_until(lambda: kubectl.get("namespace", namespace, "default") is None, 120, f"namespace {namespace} gone")
+    assert refused_writes(operator) - before == 0
+
+
 async def test_gateway_without_httproute_crd_is_reported_and_the_rest_reconciles(
     kubectl: Kubectl, operator: OperatorProcess, namespace: str, tmp_path: Path
 ) -> None:

@@ -115,6 +115,22 @@ PODS = CacheSpec(kube.POD, desired.MANAGED_SELECTOR, pod_status_only,
                  indexers={POD_OWNER_INDEX: pod_modelapi_keys})
 
 
+def namespace_lifecycle(obj: Obj) -> Obj:
+    meta = obj["metadata"]
+    keep = ("name", "uid", "resourceVersion", "creationTimestamp", "deletionTimestamp")
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {k: meta[k] for k in keep if k in meta}}
+
+
+# Namespaces, metadata only: a namespace being deleted is seen (its deletionTimestamp) before the namespace
+# controller deletes the children in it, whose deletion would otherwise wake reconciles that write there and
+# are refused (kube.TerminatingNamespaces).
+NAMESPACES = CacheSpec(kube.NAMESPACE, transform=namespace_lifecycle, metadata_only=True, indexers={})
+
+
+def nothing_to_wake(_: Obj, __: Stores) -> tuple[str, ...]:
+    return ()  # a namespace's deletion wakes nothing: the reconciles its objects' deletion wakes read the cache
+
+
 # --- what wakes a reconcile ------------------------------------------------------------------------------
 
 
@@ -142,8 +158,9 @@ def modelapi_of_pod(pod: Obj, _: Stores) -> Iterable[str]:
     return pod_modelapi_keys(pod)
 
 
-def watches(settings: Settings) -> Builder:
-    """Everything that wakes the reconcile of a ModelAPI, in one place."""
+def watches(settings: Settings, cluster_wide: bool = True) -> Builder:
+    """Everything that wakes the reconcile of a ModelAPI, in one place (and the Namespace cache, which wakes
+    nothing: only an operator that watches every namespace may list them)."""
     builder = (
         Builder(NAME)
         .for_(MODELAPIS, not_only_status)
@@ -158,6 +175,8 @@ def watches(settings: Settings) -> Builder:
     )
     if settings.gateway is not None:  # routes only when a Gateway is configured, once the CRD is installed
         builder.owns(owned(kube.HTTPROUTE, optional=True))
+    if cluster_wide:
+        builder.watches(NAMESPACES, nothing_to_wake)
     return builder
 
 
@@ -262,6 +281,7 @@ class Reconciler:
         recorder: Recorder,
         log: Log,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        terminating: TerminatingNamespaces | None = None,
     ) -> None:
         self._client = client
         self._caches = Caches(stores)
@@ -271,7 +291,7 @@ class Reconciler:
         self._clock = clock
         # key -> (digest of a child the API server refused, its message): not sent again until it changes.
         self._refused: dict[str, tuple[str, str]] = {}
-        self._terminating = TerminatingNamespaces()
+        self._terminating = terminating or TerminatingNamespaces()
         # key -> (when, pod, progress) of the last pull log read: other events (pod, Deployment, status writes)
         # wake a pulling ModelAPI between the requeues too, and reuse it rather than read the log again.
         self._pull_reads: dict[str, tuple[datetime, str, status.PullProgress | None]] = {}

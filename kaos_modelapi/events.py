@@ -66,6 +66,7 @@ class Recorder:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         dedup_seconds: float = 600.0,
         dedup_size: int = 4096,
+        terminating: TerminatingNamespaces | None = None,
     ) -> None:
         self._writer = writer
         self._instance = instance
@@ -74,7 +75,7 @@ class Recorder:
         self._dedup_seconds = dedup_seconds
         self._dedup_size = dedup_size
         self._recent: OrderedDict[tuple[str, str, str], datetime] = OrderedDict()
-        self._terminating = TerminatingNamespaces()
+        self._terminating = terminating or TerminatingNamespaces()
 
     def _is_duplicate(self, key: tuple[str, str, str], now: datetime) -> bool:
         last = self._recent.get(key)

@@ -628,19 +628,28 @@ def _identity(obj: Mapping[str, Any], resource: Resource) -> tuple[str | None, s
 
 
 class TerminatingNamespaces:
-    """Namespaces the API server said are being deleted, and since when: their older objects go with them, so
-    a write about any of them would only be refused too (one refusal per namespace, not one per object).
-    A namespace of the same name made later is a new one, and so are the objects in it."""
+    """Namespaces being deleted, and since when: their older objects go with them, so a write about any of them
+    would only be refused (403 NamespaceTerminating). Known from the Namespace cache when there is one (its
+    deletionTimestamp, seen before the namespace controller deletes the first object in it, so no write is
+    refused), else from the API server's first refusal (one per namespace, not one per object). A namespace of
+    the same name made later is a new one, and so are the objects in it."""
 
-    def __init__(self) -> None:
+    def __init__(self, namespaces: Callable[[str], Mapping[str, Any] | None] | None = None) -> None:
         self._since: dict[str, str] = {}
+        self._namespaces = namespaces  # name -> the cached Namespace, if the operator may watch them
 
     def mark(self, namespace: str, now: str) -> None:
         self._since[namespace] = now
 
+    def since(self, namespace: str) -> str | None:
+        since = self._since.get(namespace)
+        if since is None and self._namespaces is not None and (ns := self._namespaces(namespace)) is not None:
+            since = (ns.get("metadata") or {}).get("deletionTimestamp")
+        return since
+
     def holds(self, obj: Mapping[str, Any]) -> bool:
         meta = obj["metadata"]
-        since = self._since.get(meta.get("namespace", ""))
+        since = self.since(meta.get("namespace", ""))
         return since is not None and meta.get("creationTimestamp", "") <= since
 
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -28,7 +30,7 @@ from prometheus_client import CollectorRegistry
 from . import __version__, controller
 from .events import Recorder
 from .informer import Informer, MultiNamespaceInformer, informer_for_namespaces
-from .kube import ApiError, ConfigError, KubeClient, Resource, load_api_client
+from .kube import NAMESPACE, ApiError, ConfigError, KubeClient, Obj, Resource, TerminatingNamespaces, load_api_client
 from .leader import LeaderElector, LeaseTiming
 from .observability import Metrics, configure_logging, health_app, metrics_app, serve
 from .runtime import CacheSpec, Controller, Stores
@@ -98,14 +100,27 @@ class Manager:
         a StartupError instead."""
         try:
             async with asyncio.timeout(PREFLIGHT_TIMEOUT_SECONDS):
-                for spec in self._specs.values():
-                    await self._check(spec)
+                # At once, not one after another: each is a round trip before the first reconcile.
+                checks = [asyncio.ensure_future(self._check(spec)) for spec in self._specs.values()]
+                try:
+                    await asyncio.gather(*checks)
+                finally:
+                    for check in checks:
+                        check.cancel()
         except TimeoutError:
             raise StartupError(f"the API server did not answer within {PREFLIGHT_TIMEOUT_SECONDS:.0f} s "
                                "(check the kubeconfig's server and the network)") from None
 
+    def _namespaces_of(self, resource: Resource) -> tuple[str, ...]:
+        return self.namespaces if resource.namespaced else ()  # a cluster-scoped resource: one cache
+
+    def namespace(self, name: str) -> Obj | None:
+        """The cached Namespace (None without a Namespace cache: an operator limited to some namespaces)."""
+        store = self.stores.get(NAMESPACE)
+        return None if store is None else store.get(name)
+
     async def _check(self, spec: CacheSpec) -> None:
-        for namespace in self.namespaces or (None,):
+        for namespace in self._namespaces_of(spec.resource) or (None,):
             try:
                 await self.client.check_list(spec.resource, namespace, spec.label_selector, spec.metadata_only)
             except ApiError as e:
@@ -120,7 +135,7 @@ class Manager:
                             transform=spec.transform, indexers=spec.indexers, watch_list=True,
                             watch_timeout=(self.watch_timeout, 2 * self.watch_timeout))
 
-        informer = informer_for_namespaces(self.namespaces, make)
+        informer = informer_for_namespaces(self._namespaces_of(spec.resource), make)
         for ctrl in self.controllers:
             for watch in ctrl.watches:
                 if watch.cache.resource == spec.resource:
@@ -132,12 +147,15 @@ class Manager:
     async def start_caches(self) -> None:
         """Start every cache whose API is served and wait until all have listed, so the first reconciles
         already see every child (an optional one included)."""
+        optional = [s for s in self._specs.values() if s.optional]
+        served = await asyncio.gather(*(self.client.serves(s.resource) for s in optional))
         for spec in self._specs.values():
-            if not spec.optional or await self.client.serves(spec.resource):
+            if not spec.optional or served[optional.index(spec)]:
                 self.stores.add(spec.resource, self._start_informer(spec).store)
         await asyncio.gather(*(i.synced.wait() for i in self._informers.values()))
         self._synced = True
-        self.log.info("caches synced", objects={r.plural: len(i.store) for r, i in self._informers.items()})
+        self.log.info("caches synced", objects={r.plural: len(i.store) for r, i in self._informers.items()},
+                      since_start_s=since_process_start())
 
     async def _await_optional_api(self, spec: CacheSpec) -> None:
         """Without the API, reconciles say so; once it is installed, start its cache and catch up."""
@@ -192,6 +210,16 @@ def _startup_problem(resource: Resource, namespace: str | None, e: ApiError) -> 
     return f"cannot list {what} {where}: {e}"
 
 
+def since_process_start() -> float | None:
+    """Seconds since this process started (its start-up phases in the log: imports, config, caches)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None  # not Linux
+    return round(uptime - ticks / os.sysconf("SC_CLK_TCK"), 2)
+
+
 async def _serve(app: Any, address: str, flag: str) -> Any:
     try:
         return await serve(app, address)
@@ -236,8 +264,12 @@ async def run(options: Options, log: Log) -> int:
                         burst=options.kube_api_burst)
     identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
     manager = Manager(client, options.namespaces, log, options.watch_timeout)
-    reconciler = controller.Reconciler(client, manager.stores, options.settings, Recorder(client, identity, log), log)
-    manager.add(controller.watches(options.settings).complete(
+    # One view of the namespaces being deleted, for the reconciler's writes and the recorder's Events.
+    terminating = TerminatingNamespaces(manager.namespace)
+    recorder = Recorder(client, identity, log, terminating=terminating)
+    reconciler = controller.Reconciler(client, manager.stores, options.settings, recorder, log,
+                                       terminating=terminating)
+    manager.add(controller.watches(options.settings, cluster_wide=not options.namespaces).complete(
         reconciler, workers=options.workers, resync_seconds=options.resync_seconds, metrics=metrics, log=log))
     metrics.count_modelapis(lambda: manager.stores.objects(controller.MODELAPIS.resource))
     runners: list[Any] = []
@@ -248,7 +280,7 @@ async def run(options: Options, log: Log) -> int:
         runners.append(await _serve(health_app(manager.synced), options.health_address,
                                     "--health-probe-bind-address"))
         log.info("starting", version=__version__, namespaces=list(options.namespaces) or "all",
-                 leader_elect=options.leader_elect, identity=identity)
+                 leader_elect=options.leader_elect, identity=identity, since_start_s=since_process_start())
         if await _until_signalled(stop, manager.preflight()):
             return 0
         if await _until_signalled(stop, manager.start_caches()):

@@ -26,6 +26,7 @@ from .informer import DEFAULT_INDEXERS, EventKind, Handler, IndexFunc, StoreRead
 from .kube import ApiError, Obj, Resource, controller_ref, key_for, object_key
 from .observability import Metrics
 from .workqueue import ShutDown, WorkQueue
+from .yielding import BurstYield
 
 Log = structlog.typing.FilteringBoundLogger
 SHUTDOWN_GRACE_SECONDS = 20.0
@@ -98,6 +99,7 @@ class Watch:
     predicate: Predicate | None = None
 
 
+YIELD_RECHECK_SECONDS = 0.25  # a worker set aside during a user's burst looks again this often
 MAX_RETRY_AFTER = 60.0  # a Retry-After longer than this is taken as this
 
 
@@ -168,6 +170,9 @@ class Controller:
         self._metrics = metrics
         self._log = log
         self.writes_allowed = True
+        # While a user creates ModelAPIs in a burst, fewer workers: their requests are not kept waiting.
+        self.yielding = BurstYield(workers)
+        self._running = False
         metrics.track_unfinished_work(self.queue.unfinished_work)
         metrics.max_concurrent.labels(name).set(workers)
 
@@ -177,6 +182,8 @@ class Controller:
     def handler(self, watch: Watch, stores: Stores) -> Handler:
         def enqueue(kind: EventKind, old: Obj | None, new: Obj | None) -> None:
             obj = new if new is not None else old
+            if kind == "add" and self._running and watch.cache == self.primary:
+                self.yielding.created()  # (the initial list's adds come before run(): not a user's burst)
             if obj is not None and (watch.predicate is None or watch.predicate(kind, old, new)):
                 for key in watch.map(obj, stores):
                     self.queue.add(key)
@@ -191,7 +198,8 @@ class Controller:
         """Reconcile until cancelled. On a shutdown, in-flight reconciles finish first; after a lost
         leadership (`writes_allowed` False) they are cancelled at once, since another process may write."""
         self.enqueue_all(stores)
-        workers = [asyncio.create_task(self._worker()) for _ in range(self._workers)]
+        self._running = True
+        workers = [asyncio.create_task(self._worker(i)) for i in range(self._workers)]
         resync = asyncio.create_task(self._resync(stores))
         try:
             await asyncio.wait(workers)  # not gather: a cancellation here must not cancel the workers
@@ -209,8 +217,10 @@ class Controller:
             await asyncio.sleep(self._resync_seconds)
             self.enqueue_all(stores)
 
-    async def _worker(self) -> None:
+    async def _worker(self, index: int) -> None:
         while True:
+            while index >= self.yielding.allowed():
+                await asyncio.sleep(min(self.yielding.holding_for(), YIELD_RECHECK_SECONDS))
             try:
                 key = await self.queue.get()
             except ShutDown:

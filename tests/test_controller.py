@@ -277,6 +277,41 @@ async def test_events_about_a_terminating_namespace_are_refused_once_not_once_pe
     assert len(writer.created) == 1
 
 
+async def test_a_namespace_seen_being_deleted_gets_no_write_at_all(converged: list[Obj]) -> None:
+    """The namespace controller deletes the children first (here the Deployment is gone): the reconcile that
+    wakes would re-create it and write the status, and be refused. The Namespace cache already shows the
+    namespace's deletionTimestamp, so nothing is sent: not the child, not the status, not an Event."""
+    namespaces = {"default": {"metadata": {"name": "default", "deletionTimestamp": "2999-01-01T00:00:00Z"}}}
+    terminating = kube.TerminatingNamespaces(namespaces.get)
+    client = RecordingClient()
+    recorder = Recorder(client, "test", LOG, clock=lambda: NOW, terminating=terminating)  # type: ignore[arg-type]
+    r = Reconciler(client, stores_of(without(converged, "Deployment")), Settings(), recorder, LOG,  # type: ignore[arg-type]
+                   clock=lambda: NOW, terminating=terminating)
+    await r.reconcile(key(converged))
+    await recorder.emit(of_kind(converged, "ModelAPI"), Event(WARNING, "NotReady", "Reconcile", "gone"))
+    assert client.writes() == []
+    assert client.events == []
+
+
+def test_a_namespace_made_again_after_its_deletion_is_a_new_one() -> None:
+    namespaces = {"a": {"metadata": {"name": "a", "deletionTimestamp": "2026-01-01T00:00:00Z"}},
+                  "b": {"metadata": {"name": "b"}}}
+    terminating = kube.TerminatingNamespaces(namespaces.get)
+    assert terminating.holds({"metadata": {"namespace": "a", "creationTimestamp": "2025-12-31T00:00:00Z"}})
+    assert not terminating.holds({"metadata": {"namespace": "a", "creationTimestamp": "2026-01-02T00:00:00Z"}})
+    assert not terminating.holds({"metadata": {"namespace": "b", "creationTimestamp": "2025-12-31T00:00:00Z"}})
+    assert not terminating.holds({"metadata": {"namespace": "c", "creationTimestamp": "2025-12-31T00:00:00Z"}})
+
+
+def test_only_an_operator_watching_every_namespace_caches_namespaces() -> None:
+    def cached(cluster_wide: bool) -> bool:
+        builder = controller.watches(Settings(), cluster_wide=cluster_wide)
+        return any(w.cache.resource == kube.NAMESPACE for w in builder.sources)
+
+    assert cached(True)
+    assert not cached(False)  # a Role cannot grant listing namespaces
+
+
 async def test_a_deleted_modelapi_is_left_to_the_garbage_collector(converged: list[Obj]) -> None:
     r, client = reconciler(converged)
     await r.reconcile("default/gone")

@@ -9,7 +9,8 @@ from prometheus_client import CollectorRegistry
 
 from kaos_modelapi import kube
 from kaos_modelapi.observability import Metrics
-from kaos_modelapi.runtime import Builder, CacheSpec, Result, Stores
+from kaos_modelapi.runtime import YIELD_RECHECK_SECONDS, Builder, CacheSpec, Result, Stores
+from kaos_modelapi.yielding import BurstYield
 
 
 class Instant:
@@ -43,3 +44,51 @@ async def test_a_pass_of_reconciles_that_write_nothing_lets_other_tasks_run() ->
     await asyncio.gather(runner, return_exceptions=True)
     assert len(reconciler.done) == 200
     assert any(0 < t < 200 for t in ticks), "the other task only ran before or after the whole pass"
+
+
+class Slow:
+    """A reconciler that writes (suspends a while), counting how many run at once."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.most = 0
+        self.done: list[str] = []
+
+    async def reconcile(self, key: str) -> Result:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        await asyncio.sleep(0.005)
+        self.running -= 1
+        self.done.append(key)
+        return Result()
+
+    async def until(self, count: int) -> None:
+        while len(self.done) < count:
+            await asyncio.sleep(0.001)
+
+
+async def test_a_users_burst_of_creations_is_reconciled_by_one_worker_then_all() -> None:
+    reconciler = Slow()
+    now = [100.0]
+    ctrl = Builder("t").for_(CacheSpec(kube.MODELAPI)).complete(
+        reconciler, workers=4, resync_seconds=3600, metrics=Metrics(CollectorRegistry(), "t"),
+        log=structlog.get_logger("test"))
+    ctrl.yielding = BurstYield(4, clock=lambda: now[0])
+    (watch,) = ctrl.watches
+    enqueue = ctrl.handler(watch, Stores())
+    runner = asyncio.create_task(ctrl.run(Stores()))
+    await asyncio.sleep(0)
+    for i in range(60):  # kubectl apply -f of 60 ModelAPIs: each a watch event "add", all at once
+        enqueue("add", None, {"metadata": {"namespace": "ns", "name": f"m{i}"}})
+    await asyncio.wait_for(reconciler.until(30), 10)
+    assert reconciler.most == 1  # the user's requests are not kept waiting behind four workers
+    now[0] += 10  # the burst is over
+    await asyncio.wait_for(reconciler.until(60), 10)
+    await asyncio.sleep(2 * YIELD_RECHECK_SECONDS)
+    reconciler.most = 0
+    for i in range(100):  # changes, not creations: every worker
+        enqueue("update", None, {"metadata": {"namespace": "ns", "name": f"m{i}"}})
+    await asyncio.wait_for(reconciler.until(160), 10)
+    runner.cancel()
+    await asyncio.gather(runner, return_exceptions=True)
+    assert reconciler.most > 1
