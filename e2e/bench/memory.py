@@ -57,7 +57,7 @@ def top_lines(folder: Path) -> str:
 
 async def run(n: int, trace: bool) -> dict[str, Any]:
     options = scenarios.Options()
-    folder = Path(tempfile.mkdtemp(prefix="kaos-memtrace-"))
+    folder = Path(tempfile.mkdtemp(prefix="kaos-memtrace-")) if trace else Path()
     if trace:
         script = Path(__file__).with_name("memtrace.py")
         options.operator = options.operator.replace("{python} -m kaos_modelapi", f"{{python}} {script}")
