@@ -48,8 +48,20 @@ Log = structlog.typing.FilteringBoundLogger
 # --- what the caches keep: only what the reconciler reads -------------------------------------------------
 
 
+# Set by the API server on every child, never by `desired.build` and never read: the diff compares only what
+# desired sets, so a field it never sets can be left out of the cache (tests/test_controller.py checks that
+# every child the builder makes survives the transform). Each is a value of its own (a time, an IP), which
+# sharing equal parts (informer.Interner) cannot fold.
+SERVER_ASSIGNED = {"Service": ("clusterIP", "clusterIPs")}
+
+
 def strip_managed(obj: Obj) -> Obj:
-    obj["metadata"].pop("managedFields", None)
+    meta = obj["metadata"]
+    meta.pop("managedFields", None)
+    meta.pop("creationTimestamp", None)
+    spec = obj.get("spec") or {}
+    for key in SERVER_ASSIGNED.get(obj.get("kind", ""), ()):
+        spec.pop(key, None)
     return obj
 
 
@@ -80,10 +92,34 @@ def secret_identity(obj: Obj) -> Obj:
 
 
 def pod_status_only(obj: Obj) -> Obj:
+    """What the status builder reads of a pod (status.py): its phase, its conditions, and each container's name,
+    image, readiness and state (the reason, message and exit code of each); not the IPs, times, container IDs
+    and restart counts that make every pod's status one of a kind."""
     meta = obj["metadata"]
     keep = ("name", "namespace", "uid", "resourceVersion", "labels", "deletionTimestamp")
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {k: meta[k] for k in keep if k in meta},
-            "status": obj.get("status") or {}}
+    status = obj.get("status") or {}
+    kept: dict[str, Any] = {k: status[k] for k in ("phase", "reason", "message") if k in status}
+    if "conditions" in status:
+        kept["conditions"] = [_only(c, ("type", "status", "reason", "message")) for c in status["conditions"]]
+    for key in ("initContainerStatuses", "containerStatuses"):
+        if key in status:
+            kept[key] = [_container_status(c) for c in status[key]]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {k: meta[k] for k in keep if k in meta}, "status": kept}
+
+
+def _only(obj: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: obj[k] for k in keys if k in obj}
+
+
+_STATE_KEYS = ("reason", "message", "exitCode")
+
+
+def _container_status(status: Mapping[str, Any]) -> dict[str, Any]:
+    kept = _only(status, ("name", "image", "ready"))
+    for key in ("state", "lastState"):
+        if key in status:
+            kept[key] = {k: _only(v or {}, _STATE_KEYS) for k, v in (status[key] or {}).items()}
+    return kept
 
 
 def secret_ref_keys(obj: Obj) -> list[str]:

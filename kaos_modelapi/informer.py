@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import sys
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -97,6 +98,114 @@ def label_index(label: str) -> IndexFunc:
 def matches_labels(obj: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
     have = (obj.get("metadata") or {}).get("labels") or {}
     return all(have.get(k) == v for k, v in labels.items())
+
+
+class Interner:
+    """Shares equal parts of cached objects (hash-consing), so N similar objects cost little more than one.
+
+    The cached children of N ModelAPIs differ in a few names, UIDs and timestamps; the rest (a pod template's
+    containers, probes and scripts, the owner references all children of one ModelAPI carry, conditions,
+    server defaults) is the same, value for value, in many objects. Each dict, list and string of an object
+    put in a cache is replaced by an equal one already held, if any: strings by `sys.intern`, dicts and lists
+    by a table keyed by a hash of their parts (parts first, so equal parents have identical parts). Sound
+    because cached objects are read-only (`StoreReader`); values stay plain dicts and lists, so every reader
+    and the diff see exactly what the server sent. Table entries nothing else holds any more are dropped
+    whenever the table has grown by a quarter since the last sweep."""
+
+    def __init__(self, min_sweep: int = 2048) -> None:
+        self._table: dict[int, Any] = {}
+        self._min_sweep = min_sweep
+        self._sweep_at = min_sweep
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def __call__(self, obj: Obj, previous: Obj | None = None) -> Obj:
+        """`obj`, its parts replaced in place by shared equal ones (the object itself is not shared). A part
+        equal to the same part of `previous` (the cached version it replaces) is taken from there: an update
+        of a status costs only the status."""
+        for key, value in obj.items():
+            if previous is not None and (held := previous.get(key)) is not None and held == value:
+                obj[key] = held
+            elif key == "metadata" and type(value) is dict:
+                self._share_parts(value)  # (its name, UID and resourceVersion make it one of a kind)
+            else:
+                shared = self._share(value)
+                if shared is not value:
+                    obj[key] = shared
+        if len(self._table) >= self._sweep_at:
+            self.sweep()
+        return obj
+
+    def _share(self, value: Any) -> Any:
+        kind = type(value)
+        if kind is str:
+            return sys.intern(value)
+        if kind is dict:
+            return self._share_dict(value)
+        if kind is list:
+            return self._share_list(value)
+        return value
+
+    def _share_dict(self, value: dict[str, Any]) -> Any:
+        self._share_parts(value)
+        return self._lookup(value, hash((0, *value, *map(_part_id, value.values()))))
+
+    def _share_parts(self, value: dict[str, Any]) -> None:
+        for key, item in value.items():
+            kind = type(item)
+            if kind is str:
+                shared = sys.intern(item)
+            elif kind is dict:
+                shared = self._share_dict(item)
+            elif kind is list:
+                shared = self._share_list(item)
+            else:
+                continue
+            if shared is not item:
+                value[key] = shared  # (replacing a value while iterating is allowed: the keys do not change)
+
+    def _share_list(self, value: list[Any]) -> Any:
+        for i, item in enumerate(value):
+            shared = self._share(item)
+            if shared is not item:
+                value[i] = shared
+        return self._lookup(value, hash((1, *map(_part_id, value))))
+
+    def _lookup(self, value: Any, digest: int) -> Any:
+        held = self._table.get(digest)
+        if held is None:
+            self._table[digest] = value
+            return value
+        return held if _same_parts(held, value) else value  # (a hash collision: not shared)
+
+    def sweep(self) -> None:
+        """Drop the entries only the table holds. Newest first: an entry was put after its parts, so a dropped
+        parent releases its parts before they are looked at."""
+        table = self._table
+        for digest in reversed(list(table)):
+            if sys.getrefcount(table[digest]) <= 2:  # the table's reference and the argument's
+                del table[digest]
+        # Dead entries hold whole parts: sweep again once a quarter more has been added (amortized O(1) a part).
+        self._sweep_at = len(table) + max(self._min_sweep, len(table) // 4)
+
+
+def _part_id(part: Any) -> Any:
+    """What identifies a part already shared: numbers by value (equal ints are distinct objects), the rest
+    (shared strings, dicts and lists; True, False, None) by identity."""
+    return part if type(part) is int or type(part) is float else id(part)
+
+
+def _same_part(a: Any, b: Any) -> bool:
+    return a is b or (type(a) is type(b) and (type(a) is int or type(a) is float) and a == b)
+
+
+def _same_parts(a: Any, b: Any) -> bool:
+    if type(a) is not type(b) or len(a) != len(b):
+        return False
+    if type(a) is dict:
+        return list(a) == list(b) and all(_same_part(a[k], b[k]) for k in a)
+    return all(_same_part(x, y) for x, y in zip(a, b, strict=True))
 
 
 @dataclass(frozen=True)
@@ -282,6 +391,9 @@ class InformerLike(Protocol):
 
 
 DEFAULT_INDEXERS: Mapping[str, IndexFunc] = {OWNER_UID_INDEX: owner_uids}
+SHARED = Interner()
+"""The informers' default Interner: one for all caches, as children of one ModelAPI share its owner reference
+and labels across kinds."""
 INITIAL_EVENTS_END = "k8s.io/initial-events-end"
 
 
@@ -299,6 +411,7 @@ class Informer:
         metadata_only: bool = False,
         transform: Transform = drop_managed_fields,
         indexers: Mapping[str, IndexFunc] = DEFAULT_INDEXERS,
+        interner: Interner | None = SHARED,
         watch_timeout: tuple[int, int] = (300, 600),
         watch_list: bool = False,
         backoff: Backoff | None = None,
@@ -311,6 +424,7 @@ class Informer:
         self._label_selector = label_selector
         self._metadata_only = metadata_only
         self._transform = transform
+        self._interner = interner
         self._watch_timeout = watch_timeout
         # List by a streaming watch (sendInitialEvents) when the server allows it: objects arrive and are
         # transformed one at a time instead of in pages of 500 full objects (the peak memory of a start),
@@ -396,7 +510,7 @@ class Informer:
 
     async def _page_list(self) -> tuple[list[Obj], str]:
         result = await self._kube.list(self._resource, self._namespace, self._label_selector, self._metadata_only)
-        return [self._transform(item) for item in result.items], result.resource_version
+        return [self._cached(item) for item in result.items], result.resource_version
 
     async def _stream_list(self) -> tuple[list[Obj], str]:
         """Everything there is, by a watch that sends it first; the stream is closed at the bookmark that
@@ -417,7 +531,7 @@ class Informer:
                     if annotations.get(INITIAL_EVENTS_END) == "true":
                         return list(objects.values()), event.resource_version or ""
                     continue
-                obj = self._transform(event.object)
+                obj = self._cached(event.object)
                 if event.type == "DELETED":
                     objects.pop(object_key(obj), None)
                 else:
@@ -474,10 +588,18 @@ class Informer:
                 self._resource_version = event.resource_version
             return
         obj = self._transform(event.object)
-        changes = watch_changes(self._store.get(object_key(obj)), event.type, obj)
+        old = self._store.get(object_key(obj))
+        if event.type != "DELETED" and self._interner is not None:  # (a deleted object is not kept)
+            obj = self._interner(obj, old)
+        changes = watch_changes(old, event.type, obj)
         if event.resource_version:
             self._resource_version = event.resource_version
         self._dispatch(changes)
+
+    def _cached(self, obj: Obj) -> Obj:
+        """An object as the store keeps it: transformed, then its parts shared with the other cached objects."""
+        obj = self._transform(obj)
+        return obj if self._interner is None else self._interner(obj, self._store.get(object_key(obj)))
 
     def _dispatch(self, changes: Sequence[Change]) -> None:
         for change in changes:

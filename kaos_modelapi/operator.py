@@ -32,6 +32,7 @@ from .events import Recorder
 from .informer import Informer, MultiNamespaceInformer, informer_for_namespaces
 from .kube import NAMESPACE, ApiError, ConfigError, KubeClient, Obj, Resource, TerminatingNamespaces, load_api_client
 from .leader import LeaderElector, LeaseTiming
+from .memory import release_periodically
 from .observability import Metrics, configure_logging, health_app, metrics_app, serve
 from .runtime import CacheSpec, Controller, Stores
 from .settings import Settings
@@ -275,6 +276,7 @@ async def run(options: Options, log: Log) -> int:
     runners: list[Any] = []
     elector = None
     lost = False
+    trimmer: asyncio.Task[None] | None = None
     try:
         runners.append(await _serve(metrics_app(registry), options.metrics_address, "--metrics-bind-address"))
         runners.append(await _serve(health_app(manager.synced), options.health_address,
@@ -285,6 +287,7 @@ async def run(options: Options, log: Log) -> int:
             return 0
         if await _until_signalled(stop, manager.start_caches()):
             return 0
+        trimmer = asyncio.create_task(release_periodically())  # what the imports and the first lists freed
         if options.leader_elect:
             def on_change(leading: bool) -> None:
                 metrics.leader.labels(options.leader_election_id).set(int(leading))
@@ -305,6 +308,8 @@ async def run(options: Options, log: Log) -> int:
             await _until_signalled(stop, manager.run_controllers())
     finally:
         log.info("shutting down")
+        if trimmer is not None:
+            trimmer.cancel()
         await manager.stop_caches()
         if elector is not None and not lost:
             await elector.release()

@@ -13,14 +13,14 @@ import pytest
 import structlog
 import yaml
 
-from kaos_modelapi import controller, desired, kube, status
+from kaos_modelapi import controller, desired, diff, kube, status
 from kaos_modelapi.api import ModelAPI
 from kaos_modelapi.controller import SECRET_REF_INDEX, Reconciler, secret_ref_keys
 from kaos_modelapi.events import WARNING, Event, Recorder
-from kaos_modelapi.informer import Change, Store
+from kaos_modelapi.informer import Change, Interner, Store
 from kaos_modelapi.kube import ApiError, Obj, Resource, object_key
 from kaos_modelapi.runtime import Stores, TerminalError
-from kaos_modelapi.settings import Settings
+from kaos_modelapi.settings import GatewayRef, Settings
 
 RECORDED = Path(__file__).parent / "recorded"
 LOG = structlog.get_logger("test")
@@ -96,12 +96,13 @@ def stores_of(objects: list[Obj]) -> Stores:
     client = RecordingClient()
     for obj in objects:
         by_resource.setdefault(client.resource_for(obj), []).append(obj)
+    shared = Interner()  # as the informers keep them: transformed, equal parts shared
     for spec in controller.watches(Settings()).sources:
         if spec.cache.resource in stores:
             continue
         store = Store(spec.cache.indexers)
         for obj in by_resource.get(spec.cache.resource, []):
-            store.apply(Change("add", None, spec.cache.transform(copy.deepcopy(obj))))
+            store.apply(Change("add", None, shared(spec.cache.transform(copy.deepcopy(obj)))))
         stores.add(spec.cache.resource, store)
     return stores
 
@@ -435,18 +436,55 @@ def test_the_secret_cache_keeps_identity_and_never_data() -> None:
 
 
 def test_the_pod_cache_keeps_status_and_identity_only() -> None:
+    waiting = {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off"}}
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "a", "labels": {"modelapi": "m"},
                                                            "managedFields": [{}], "annotations": {"big": "x"}},
            "spec": {"containers": [{"name": "c", "env": [{"name": "K", "value": "v"}]}]},
-           "status": {"phase": "Running"}}
+           "status": {"phase": "Running", "podIP": "10.0.0.1", "startTime": "t", "qosClass": "BestEffort",
+                      "conditions": [{"type": "Ready", "status": "False", "reason": "r", "lastTransitionTime": "t"}],
+                      "containerStatuses": [{"name": "c", "image": "i", "imageID": "sha", "containerID": "id",
+                                             "ready": False, "restartCount": 3, "started": False, "state": waiting,
+                                             "lastState": {"terminated": {"exitCode": 1, "startedAt": "t"}}}]}}
     assert controller.pod_status_only(pod) == {
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "a", "labels": {"modelapi": "m"}},
-        "status": {"phase": "Running"}}
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "False", "reason": "r"}],
+                   "containerStatuses": [{"name": "c", "image": "i", "ready": False, "state": waiting,
+                                          "lastState": {"terminated": {"exitCode": 1}}}]}}
 
 
 def test_children_are_cached_without_managed_fields() -> None:
-    obj = {"metadata": {"name": "x", "managedFields": [{"manager": "m"}]}}
+    obj = {"metadata": {"name": "x", "managedFields": [{"manager": "m"}], "creationTimestamp": "t"}}
     assert controller.strip_managed(obj) == {"metadata": {"name": "x"}}
+    service = {"kind": "Service", "metadata": {"name": "x"}, "spec": {"clusterIP": "10.96.0.1", "type": "ClusterIP",
+                                                                     "clusterIPs": ["10.96.0.1"]}}
+    assert controller.strip_managed(service)["spec"] == {"type": "ClusterIP"}
+
+
+BUILDER_VARIANTS = [
+    {"mode": "Proxy", "proxyConfig": {"apiBase": "http://b:1"}, "replicas": 2},
+    {"mode": "Proxy", "proxyConfig": {"model": "m", "env": [{"name": "A", "value": "1"}]},
+     "gatewayRoute": {"timeout": "30s"},
+     "podSpec": {"containers": [{"name": "model-api", "imagePullPolicy": "Always", "terminationMessagePath": "/t",
+                                 "resources": {"requests": {"cpu": "50m"}}}],
+                 "securityContext": {"runAsUser": 1000}, "tolerations": [{"operator": "Exists"}]}},
+    {"mode": "Proxy", "proxyConfig": {"configYaml": {"fromSecretKeyRef": {"name": "s", "key": "k"}}}},
+    {"mode": "Hosted", "hostedConfig": {"model": "smollm2:135m", "modelStore": {"size": "1Gi"}}},
+]
+
+
+@pytest.mark.parametrize("spec", BUILDER_VARIANTS)
+def test_every_field_the_builder_sets_survives_the_child_cache(spec: dict[str, Any]) -> None:
+    """The diff compares the cached child with what the builder wants: the cache must keep every field the
+    builder sets, or the operator would write it again and again (and miss a change someone makes to it)."""
+    m = ModelAPI.model_validate({"apiVersion": "kaos.tools/v1alpha1", "kind": "ModelAPI",
+                                 "metadata": {"name": "m", "namespace": "ns", "uid": "u"}, "spec": spec})
+    built = desired.build(m, Settings(gateway=GatewayRef("gw", "gw-ns")), "1")
+    assert {c["kind"] for c in built.children} >= {"Deployment", "Service", "HTTPRoute"}
+    for child in built.children:
+        live = copy.deepcopy(child)
+        live["metadata"].update(uid="x", resourceVersion="1", creationTimestamp="t", managedFields=[{}])
+        cached = Interner()(controller.strip_managed(live))
+        assert not diff.needs_apply(child, cached), child["kind"]
 
 
 def test_modelapis_are_cached_without_kubectls_copy_of_the_object() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
@@ -17,6 +18,7 @@ from kaos_modelapi.informer import (
     Backoff,
     Change,
     Informer,
+    Interner,
     MultiNamespaceInformer,
     Store,
     chain,
@@ -405,3 +407,59 @@ def test_informer_for_no_namespaces_is_cluster_wide_and_one_is_plain() -> None:
     assert isinstance(informer_for_namespaces(None, make), Informer)
     assert isinstance(informer_for_namespaces(["only"], make), Informer)
     assert made == [None, "only"]
+
+
+def template(image: str = "img:1", port: Any = 8080) -> dict[str, Any]:
+    return {"containers": [{"name": "c", "image": image, "ports": [{"containerPort": port}],
+                            "securityContext": {"allowPrivilegeEscalation": False}, "resources": {}}]}
+
+
+def test_interner_shares_equal_parts_and_keeps_every_value() -> None:
+    interner = Interner()
+    a = {**obj("a", "1"), "spec": template()}
+    b = {**obj("b", "1"), "spec": template()}
+    before = copy.deepcopy([a, b])
+    shared = [interner(copy.deepcopy(a)), interner(copy.deepcopy(b))]
+    assert shared == before
+    assert shared[0]["spec"] is shared[1]["spec"], "equal parts are one object"
+    assert shared[0]["metadata"] is not shared[1]["metadata"]
+    assert shared[0]["metadata"]["namespace"] is shared[1]["metadata"]["namespace"], "strings are interned"
+
+
+@pytest.mark.parametrize("other", [True, 8080.0, "8080", None])
+def test_interner_never_confuses_a_number_with_a_bool_float_or_string(other: Any) -> None:
+    interner = Interner()
+    number = interner({"spec": template(port=8080)})
+    different = interner({"spec": template(port=other)})
+    assert number["spec"] is not different["spec"]
+    assert different["spec"]["containers"][0]["ports"][0]["containerPort"] == other
+    assert type(different["spec"]["containers"][0]["ports"][0]["containerPort"]) is type(other)
+
+
+def test_interner_sweep_drops_what_no_cached_object_holds() -> None:
+    interner = Interner(min_sweep=10**9)
+    kept = interner({"spec": template("img:kept")})
+    for i in range(50):
+        interner({"spec": template(f"img:{i}")})
+    grown = len(interner)
+    interner.sweep()
+    assert len(interner) < grown / 10
+    again = interner({"spec": template("img:kept")})
+    assert again["spec"] is kept["spec"], "what a cached object holds stays shared"
+
+
+async def test_cached_objects_share_parts_and_an_update_changes_only_its_object() -> None:
+    """A change anyone makes to a shared part reaches the cache (and the diff) of that object alone."""
+    a, b = {**obj("a", "1"), "spec": template()}, {**obj("b", "1"), "spec": template()}
+    kube = FakeKube(lists=deque([ListResult([a, b], "5")]))
+    h = await start(kube, interner=Interner())
+    await asyncio.wait_for(h.informer.synced.wait(), 5)
+    cached_a, cached_b = h.informer.store.get("ns/a"), h.informer.store.get("ns/b")
+    assert cached_a is not None and cached_b is not None and cached_a["spec"] is cached_b["spec"]
+    await wait_until(lambda: len(kube.streams) == 1)
+    kube.stream().put_nowait(WatchEvent("MODIFIED", {**obj("a", "6"), "spec": template("img:2")}))
+    await wait_until(lambda: h.informer.resource_version == "6")
+    new_a, still_b = h.informer.store.get("ns/a"), h.informer.store.get("ns/b")
+    assert new_a is not None and new_a["spec"] == template("img:2")
+    assert still_b is cached_b and still_b["spec"] == template("img:1")
+    await h.stop()

@@ -1,0 +1,36 @@
+"""Giving freed memory back to the system (kaos_modelapi/memory.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import pytest
+
+from kaos_modelapi import memory
+
+
+def rss_kib() -> int:
+    match = re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text())
+    assert match is not None
+    return int(match.group(1))
+
+
+def test_freed_heap_goes_back_to_the_system() -> None:
+    memory.release_free_memory()
+    blocks = [bytearray(8000) for _ in range(10000)]  # ~80 MB in malloc's heap (not pymalloc: > 512 bytes)
+    del blocks[:-10]  # freed, but the last blocks pin the heap's top: free() alone returns nothing
+    before = rss_kib()
+    assert memory.release_free_memory()
+    assert rss_kib() < before - 40_000
+    assert blocks
+
+
+async def test_release_periodically_runs_until_cancelled() -> None:
+    task = asyncio.create_task(memory.release_periodically(0.01))
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
