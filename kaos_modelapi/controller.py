@@ -25,7 +25,7 @@ from .desired import Desired, SpecError
 from .events import NORMAL, WARNING, Event, Recorder
 from .informer import OWNER_UID_INDEX, StoreReader
 from .kube import ApiError, KubeClient, Obj, Resource, TerminatingNamespaces, key_for, object_key
-from .runtime import Builder, CacheSpec, Result, Stores, TerminalError
+from .runtime import Builder, CacheSpec, Result, Stores, TerminalError, changed_beyond_version
 from .settings import Settings
 
 NAME = "modelapi"
@@ -200,17 +200,21 @@ def watches(settings: Settings, cluster_wide: bool = True) -> Builder:
     builder = (
         Builder(NAME)
         .for_(MODELAPIS, not_only_status)
-        .owns(owned(kube.CONFIGMAP))
+        # (A child's update wakes its owner only if more than its version changed: e.g. not one that changed
+        # only managedFields, which the cache drops.)
+        .owns(owned(kube.CONFIGMAP), changed_beyond_version)
         .owns(SECRETS)  # the generated master key
-        .owns(owned(kube.DEPLOYMENT))
-        .owns(owned(kube.SERVICE))
-        .owns(owned(kube.PDB))  # only with more than one replica
-        .owns(owned(kube.PVC))  # Hosted with a model store only
+        .owns(owned(kube.DEPLOYMENT), changed_beyond_version)
+        .owns(owned(kube.SERVICE), changed_beyond_version)
+        .owns(owned(kube.PDB), changed_beyond_version)  # only with more than one replica
+        .owns(owned(kube.PVC), changed_beyond_version)  # Hosted with a model store only
         .watches(SECRETS, modelapis_using_secret)  # the user's Secrets it mounts or reads env from
-        .watches(PODS, modelapi_of_pod)  # pod states feed the status; pods are the ReplicaSet's, found by label
+        # Pod states feed the status; pods are the ReplicaSet's, found by label. The scheduler's binding (spec)
+        # and metadata edits change nothing the cache keeps but the version: no reconcile.
+        .watches(PODS, modelapi_of_pod, changed_beyond_version)
     )
     if settings.gateway is not None:  # routes only when a Gateway is configured, once the CRD is installed
-        builder.owns(owned(kube.HTTPROUTE, optional=True))
+        builder.owns(owned(kube.HTTPROUTE, optional=True), changed_beyond_version)
     if cluster_wide:
         builder.watches(NAMESPACES, nothing_to_wake)
     return builder

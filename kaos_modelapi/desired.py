@@ -201,6 +201,13 @@ class _ProxyPlan:
     notes: tuple[str, ...]
 
 
+@functools.lru_cache(maxsize=256)
+def _user_config_models(text: str) -> str:
+    """The models of the user's LiteLLM config. Parsing YAML is slow (the pure-Python parser: milliseconds
+    for a config), and every reconcile of a ModelAPI reads the same text. (A SpecError is not cached.)"""
+    return _model_names(_parse_user_config(text))
+
+
 def _parse_user_config(text: str) -> dict[str, Any]:
     try:
         config = yaml.safe_load(text)
@@ -233,8 +240,7 @@ def _proxy_plan(m: ModelAPI) -> _ProxyPlan:
                 "secretName": ref.name, "items": [{"key": ref.key, "path": litellm.CONFIG_FILE}]}}
             return _ProxyPlan(None, volume, litellm.AUTH_OPEN, f"(Secret {ref.name})", notes)
         text = pc.configYaml.fromString or ""
-        config = _parse_user_config(text)
-        return _ProxyPlan(text, cm_volume, litellm.AUTH_OPEN, _model_names(config), notes)
+        return _ProxyPlan(text, cm_volume, litellm.AUTH_OPEN, _user_config_models(text), notes)
     if pc.apiBase is not None and pc.model is not None:
         generated, model, auth = litellm.single_model_config(pc.apiBase, pc.model), pc.model, litellm.AUTH_OPEN
     elif pc.apiBase is not None:

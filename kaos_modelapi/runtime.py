@@ -84,6 +84,19 @@ class Stores:
         self._stores[resource] = store
 
 
+def changed_beyond_version(kind: EventKind, old: Obj | None, new: Obj | None) -> bool:
+    """A predicate: an update wakes only if the cached object changed in more than its resourceVersion (what
+    the cache's transform keeps is what the reconcile reads; a change to the rest is a new version of the
+    same projection). Not for an object whose version is itself read (a Secret's, for a config roll)."""
+    if kind != "update" or old is None or new is None:
+        return True
+    return _without_version(old) != _without_version(new)
+
+
+def _without_version(obj: Obj) -> Obj:
+    return {**obj, "metadata": {k: v for k, v in obj["metadata"].items() if k != "resourceVersion"}}
+
+
 MapFunc = Callable[[Obj, Stores], Iterable[str]]
 """An object -> the keys of the primary objects it should wake (controller-runtime's MapFunc)."""
 
@@ -137,14 +150,14 @@ class Builder:
         self.sources.append(Watch(cache, _own_key, predicate))
         return self
 
-    def owns(self, cache: CacheSpec) -> Builder:
+    def owns(self, cache: CacheSpec, predicate: Predicate | None = None) -> Builder:
         if self.primary is None:
             raise ValueError("call for_() before owns()")
-        self.sources.append(Watch(cache, owner_keys(self.primary.resource)))
+        self.sources.append(Watch(cache, owner_keys(self.primary.resource), predicate))
         return self
 
-    def watches(self, cache: CacheSpec, map_fn: MapFunc) -> Builder:
-        self.sources.append(Watch(cache, map_fn))
+    def watches(self, cache: CacheSpec, map_fn: MapFunc, predicate: Predicate | None = None) -> Builder:
+        self.sources.append(Watch(cache, map_fn, predicate))
         return self
 
     def complete(self, reconciler: Reconciler, *, workers: int, resync_seconds: float, metrics: Metrics,

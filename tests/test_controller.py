@@ -13,7 +13,7 @@ import pytest
 import structlog
 import yaml
 
-from kaos_modelapi import controller, desired, diff, kube, status
+from kaos_modelapi import controller, desired, diff, kube, runtime, status
 from kaos_modelapi.api import ModelAPI
 from kaos_modelapi.controller import SECRET_REF_INDEX, Reconciler, secret_ref_keys
 from kaos_modelapi.events import WARNING, Event, Recorder
@@ -510,6 +510,22 @@ def test_a_modelapi_whose_status_alone_changed_wakes_no_reconcile() -> None:
     primary = controller.watches(Settings()).sources[0]
     assert primary.cache == controller.MODELAPIS and primary.predicate is controller.not_only_status
 
+
+
+def test_a_pod_or_child_update_wakes_only_when_more_than_its_version_changed() -> None:
+    pod = controller.PODS.transform({"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": "p", "namespace": "ns", "uid": "u", "resourceVersion": "1", "labels": {"modelapi": "m"}},
+        "spec": {"nodeName": ""}, "status": {"phase": "Pending"}})
+    bound = controller.PODS.transform({**pod, "metadata": {**pod["metadata"], "resourceVersion": "2"},
+                                       "spec": {"nodeName": "node-1"}})  # the scheduler's binding
+    running = {**bound, "metadata": {**bound["metadata"], "resourceVersion": "3"}, "status": {"phase": "Running"}}
+    wake = runtime.changed_beyond_version
+    assert not wake("update", pod, bound)
+    assert wake("update", bound, running) and wake("add", None, pod) and wake("delete", pod, None)
+    predicates = {(w.cache.resource.kind, w.cache.metadata_only): w.predicate
+                  for w in controller.watches(Settings()).sources}
+    assert predicates[("Pod", False)] is wake and predicates[("Deployment", False)] is wake
+    assert predicates[("Secret", True)] is None  # a Secret's version is read: a changed config rolls the pods
 
 
 def modelapi(name: str, namespace: str, proxy_config: dict[str, Any]) -> Obj:

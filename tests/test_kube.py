@@ -89,6 +89,7 @@ class Env:
     server: FakeApiServer
     client: KubeClient
     responses: list[tuple[str, int]]
+    port: int = 0
 
     @property
     def last(self) -> Seen:
@@ -112,7 +113,7 @@ async def env() -> AsyncIterator[Env]:
     responses: list[tuple[str, int]] = []
     client = KubeClient(api_client, on_response=lambda m, c: responses.append((m, c)))
     try:
-        yield Env(fake, client, responses)
+        yield Env(fake, client, responses, port)
     finally:
         await api_client.close()
         await runner.cleanup()
@@ -154,6 +155,47 @@ async def test_get_sends_our_user_agent_token_and_accept(env: Env) -> None:
     assert seen.headers["Accept"] == "application/json"
     assert seen.headers["authorization"] == "Bearer t0ken"
     assert env.responses == [("GET", 200)]
+
+
+async def test_a_netrc_entry_for_the_api_server_changes_nothing(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Credentials come from the kubeconfig only (as with kubectl): a netrc entry is not read."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password secret\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    env.server.reply(body={"metadata": {"name": "x"}})
+    await env.client.get(CONFIGMAP, "ns", "x")
+    assert env.last.headers["authorization"] == "Bearer t0ken"
+
+
+async def test_query_values_arrive_as_sent(env: Env) -> None:
+    env.server.reply(body={"metadata": {"continue": "a+b/c==", "resourceVersion": "1"}, "items": []})
+    env.server.reply(body={"metadata": {"resourceVersion": "2"}, "items": []})
+    await env.client.list(CONFIGMAP, "ns", label_selector="app in (x, y),!z")
+    assert env.server.seen[0].query["labelSelector"] == "app in (x, y),!z"
+    assert env.server.seen[1].query["continue"] == "a+b/c=="
+
+
+async def test_requests_go_through_the_proxy_of_the_environment(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTP(S)_PROXY and NO_PROXY are honoured, as client-go does (read once, when the client is made)."""
+    proxy = f"http://127.0.0.1:{env.port}"
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    api_client = ApiClient(configuration=Configuration(host="http://kube-api.invalid:6443"))
+    try:
+        client = KubeClient(api_client)
+        env.server.reply(body={"metadata": {"name": "x"}})
+        await client.get(CONFIGMAP, "ns", "x")  # kube-api.invalid resolves nowhere: only the proxy answers
+        assert env.last.path == "/api/v1/namespaces/ns/configmaps/x"
+        assert env.last.headers["Host"] == "kube-api.invalid:6443"
+        monkeypatch.setenv("NO_PROXY", "kube-api.invalid")
+        with pytest.raises(ApiError) as err:
+            await KubeClient(api_client).get(CONFIGMAP, "ns", "x")
+        assert err.value.is_transport()
+    finally:
+        await api_client.close()
 
 
 async def test_list_follows_continue_tokens_and_stamps_types(env: Env) -> None:
