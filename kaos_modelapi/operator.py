@@ -101,16 +101,16 @@ class Manager:
         a StartupError instead."""
         try:
             async with asyncio.timeout(PREFLIGHT_TIMEOUT_SECONDS):
-                # At once, not one after another: each is a round trip before the first reconcile.
-                checks = [asyncio.ensure_future(self._check(spec)) for spec in self._specs.values()]
-                try:
-                    await asyncio.gather(*checks)
-                finally:
-                    for check in checks:
-                        check.cancel()
+                # At once, not one after another: each is a round trip before the first reconcile. Every
+                # answer is awaited, and the first problem in the caches' order is the one reported, so the
+                # message does not depend on which answer came first.
+                results = await asyncio.gather(*(self._check(s) for s in self._specs.values()),
+                                               return_exceptions=True)
         except TimeoutError:
             raise StartupError(f"the API server did not answer within {PREFLIGHT_TIMEOUT_SECONDS:.0f} s "
                                "(check the kubeconfig's server and the network)") from None
+        if problem := next((r for r in results if isinstance(r, BaseException)), None):
+            raise problem
 
     def _namespaces_of(self, resource: Resource) -> tuple[str, ...]:
         return self.namespaces if resource.namespaced else ()  # a cluster-scoped resource: one cache
