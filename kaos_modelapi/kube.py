@@ -14,7 +14,6 @@ import json
 import os
 import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 from urllib.parse import quote, urlencode, urlsplit
@@ -22,6 +21,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import aiohttp
 import orjson
 import yarl
+from aiohttp.abc import AbstractStreamWriter
 from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client import ApiClient, Configuration
 
@@ -32,29 +32,30 @@ USER_AGENT = f"kaos-modelapi/{__version__}"
 
 JSON = "application/json"
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-# The write fence of the request being sent, for the connection hook below (the Lease's own requests and
-# reads carry none).
-_request_fence: ContextVar[Callable[[], bool] | None] = ContextVar("kaos_request_fence", default=None)
 
 
 def _not_leader(what: str) -> ApiError:
     return ApiError(0, "NotLeader", f"{what} not sent: this process no longer holds the leader Lease")
 
 
-async def _check_fence(*_: Any) -> None:
-    fence = _request_fence.get()
-    if fence is not None and not fence():
-        raise _not_leader("write")
+class _FencedBody(aiohttp.BytesPayload):
+    """A write's body, which checks the write fence once more as its bytes are about to leave.
+
+    aiohttp holds back a request's headers and sends them with the first bytes of its body, from a task
+    of its own that runs after the connection is had: a process frozen (SIGSTOP, a long GC pause) anywhere
+    before that point, however late, sends nothing on waking once its Lease may be someone else's. Checked
+    here, a closed fence fails the request with nothing of it sent."""
+
+    def __init__(self, value: bytes, fence: Callable[[], bool]) -> None:
+        super().__init__(value)
+        self._fence = fence
+
+    async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
+        if not self._fence():
+            raise _not_leader("write")
+        await super().write_with_length(writer, content_length)
 
 
-def _fence_trace() -> aiohttp.TraceConfig:
-    """Checks the fence once the request has its connection, the last step before its bytes leave: a
-    process frozen while connecting (a new TLS handshake takes a while) still sends nothing on waking."""
-    trace = aiohttp.TraceConfig()
-    trace.on_connection_create_end.append(_check_fence)
-    trace.on_connection_reuseconn.append(_check_fence)
-    trace.freeze()
-    return trace
 APPLY_PATCH = "application/apply-patch+yaml"
 PARTIAL_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 PARTIAL_METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
@@ -311,7 +312,6 @@ class KubeClient:
 
     def set_write_fence(self, fence: Callable[[], bool]) -> None:
         self.write_fence = fence
-        self._http.trace_configs.append(_fence_trace())
 
     def unfenced(self) -> KubeClient:
         """The same client without the write fence: for the Lease itself, which is what opens it."""
@@ -572,21 +572,21 @@ class KubeClient:
         fence = self.write_fence if method in WRITE_METHODS else None
         if fence is not None and not fence():
             raise _not_leader(f"{method} {path}")
-        token = _request_fence.set(fence)
+        data = b"" if body is None else orjson.dumps(body)
         try:
             response = await self._http.request(
                 method,
                 yarl.URL(url, encoded=True),
                 headers=headers,
-                data=None if body is None else orjson.dumps(body),
+                data=(None if body is None else data) if fence is None else _FencedBody(data, fence),
                 timeout=client_timeout,
                 **self._proxy,
             )
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
             self._count(method, 0)
+            if fence is not None and not fence():
+                raise _not_leader(f"{method} {path}") from err
             raise ApiError(0, type(err).__name__, str(err) or repr(err)) from err
-        finally:
-            _request_fence.reset(token)
         self._count(method, response.status)
         return response
 

@@ -474,9 +474,14 @@ async def test_a_closed_write_fence_sends_no_write_but_reads_go_on(env: Env) -> 
     assert [s.method for s in env.server.seen] == ["POST", "GET", "POST"]
 
 
-async def test_a_fence_that_closes_while_the_write_connects_still_stops_it(env: Env) -> None:
-    answers = iter([True, False])  # open when the write is decided, closed once it has its connection
-    env.client.set_write_fence(lambda: next(answers))
+async def test_a_fence_that_closes_before_the_writes_bytes_leave_still_stops_it(env: Env) -> None:
+    checks: list[bool] = []
+
+    def fence() -> bool:  # open when the write is decided, closed by the time its bytes would leave
+        checks.append(not checks)
+        return checks[-1]
+
+    env.client.set_write_fence(fence)
     with pytest.raises(ApiError) as refused:
         await env.client.create(cm(), field_manager="kaos")
     assert refused.value.reason == "NotLeader"
