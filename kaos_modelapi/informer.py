@@ -391,9 +391,6 @@ class InformerLike(Protocol):
 
 
 DEFAULT_INDEXERS: Mapping[str, IndexFunc] = {OWNER_UID_INDEX: owner_uids}
-SHARED = Interner()
-"""The informers' default Interner: one for all caches, as children of one ModelAPI share its owner reference
-and labels across kinds."""
 INITIAL_EVENTS_END = "k8s.io/initial-events-end"
 
 
@@ -411,7 +408,7 @@ class Informer:
         metadata_only: bool = False,
         transform: Transform = drop_managed_fields,
         indexers: Mapping[str, IndexFunc] = DEFAULT_INDEXERS,
-        interner: Interner | None = SHARED,
+        interner: Interner | None = None,
         watch_timeout: tuple[int, int] = (300, 600),
         watch_list: bool = False,
         backoff: Backoff | None = None,
