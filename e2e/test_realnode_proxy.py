@@ -325,8 +325,11 @@ def test_failing_config_reports_the_kubelet_status_and_config_edits_roll_the_pod
 
     def previous_logs() -> str | None:
         # The hint's command: it answers once the kubelet has restarted the container at least once.
+        # Between restarts the kubelet may already have removed the instance it names as the previous one:
+        # kubectl then prints "unable to retrieve container logs for containerd://..." and exits 0; ask again.
         done = e.kubectl.run("logs", "-n", e.ns, "-l", "modelapi=routed", "-c", CONTAINER, "--previous", check=False)
-        return done.stdout if done.returncode == 0 and done.stdout else None
+        retrieved = done.returncode == 0 and done.stdout and "unable to retrieve container logs" not in done.stdout
+        return done.stdout if retrieved else None
 
     logs = wait_until(previous_logs, 120, "the failed container's log")
     assert "kaos-litellm-boot: cannot load LiteLLM config" in logs
