@@ -491,7 +491,7 @@ class Informer:
                     self._log.info("streaming lists refused; listing", error=str(err))
                     self._watch_list = None
                     continue
-                delay = self._backoff.delay(attempt, self._rng)
+                delay = max(self._backoff.delay(attempt, self._rng), err.wait_asked())
                 attempt += 1
                 self._log.warning("list failed", error=str(err), status=err.status, retry_in=round(delay, 3))
                 await self._sleep(delay)
@@ -551,7 +551,7 @@ class Informer:
             except ApiError as err:
                 if self._events_seen != seen_before:
                     attempt = 0
-                delay = self._backoff.delay(attempt, self._rng)
+                delay = max(self._backoff.delay(attempt, self._rng), err.wait_asked())
                 attempt += 1
                 self._log.warning(
                     "watch broke; resuming", error=str(err), status=err.status,

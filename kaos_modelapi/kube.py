@@ -153,6 +153,9 @@ def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
+MAX_RETRY_AFTER = 60.0  # seconds: a longer Retry-After is taken as this
+
+
 class ApiError(Exception):
     """Any failed request: an HTTP status with the server's Status reason/message, or status 0 for
     a request that got no response (connection refused/reset, timeout)."""
@@ -193,6 +196,11 @@ class ApiError(Exception):
 
     def is_transport(self) -> bool:
         return self.status == 0
+
+    def wait_asked(self) -> float:
+        """How long the server asked to wait before trying again (a 429's or a 5xx's Retry-After), capped at
+        MAX_RETRY_AFTER so that a broken proxy's huge value cannot park a cache or a key; 0 if it did not ask."""
+        return min(self.retry_after, MAX_RETRY_AFTER) if self.retry_after else 0.0
 
     def is_namespace_terminating(self) -> bool:
         """A write into a namespace that is being deleted: refused for good, and the object goes with it."""

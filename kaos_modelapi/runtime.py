@@ -113,14 +113,6 @@ class Watch:
 
 
 YIELD_RECHECK_SECONDS = 0.25  # a worker set aside during a user's burst looks again this often
-MAX_RETRY_AFTER = 60.0  # a Retry-After longer than this is taken as this
-
-
-def _retry_after(error: Exception) -> float:
-    """How long the API server asked us to wait before trying again (429, or 5xx with Retry-After)."""
-    if isinstance(error, ApiError) and error.retry_after:
-        return min(error.retry_after, MAX_RETRY_AFTER)
-    return 0.0
 
 
 def _own_key(obj: Obj, _: Stores) -> Iterable[str]:
@@ -263,7 +255,7 @@ class Controller:
                 m.reconcile_errors.labels(self.name).inc()
                 self._log.warning("reconcile failed; retrying with backoff", error=str(e) or type(e).__name__,
                                   retries=self.queue.num_requeues(key))
-                self.queue.add_rate_limited(key, at_least=_retry_after(e))
+                self.queue.add_rate_limited(key, at_least=e.wait_asked() if isinstance(e, ApiError) else 0.0)
             else:
                 self.queue.forget(key)
                 if result.requeue_after is not None:

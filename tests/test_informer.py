@@ -283,6 +283,18 @@ async def test_a_failing_list_is_retried_with_backoff_and_synced_waits_for_it() 
     await h.stop()
 
 
+async def test_a_list_or_watch_refused_with_retry_after_waits_at_least_that_long() -> None:
+    kube = FakeKube(lists=deque([ApiError(429, "TooManyRequests", "slow down", retry_after=7.0),
+                                 ListResult([obj("a", "1")], "5")]))
+    h = await start(kube, backoff=Backoff(initial=1, factor=2, cap=30, jitter=0))
+    await asyncio.wait_for(h.informer.synced.wait(), 5)
+    await wait_until(lambda: len(kube.streams) == 1)
+    kube.stream().put_nowait(ApiError(503, "ServiceUnavailable", "busy", retry_after=0.5))
+    await wait_until(lambda: len(kube.streams) == 2)
+    assert h.delays == [7.0, 1]  # the server's wait when longer than the backoff's, else the backoff's
+    await h.stop()
+
+
 async def test_a_failing_handler_does_not_stop_the_others_or_the_informer() -> None:
     kube = FakeKube(lists=deque([ListResult([obj("a", "1")], "5")]))
 

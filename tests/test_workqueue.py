@@ -440,11 +440,9 @@ async def test_add_rate_limited_waits_at_least_what_the_server_asked() -> None:
     assert len(q) == 1
 
 
-def test_a_reconcile_error_with_retry_after_sets_the_least_delay() -> None:
-    from kaos_modelapi.kube import ApiError
-    from kaos_modelapi.runtime import MAX_RETRY_AFTER, _retry_after
+def test_the_wait_a_server_asks_for_is_capped() -> None:
+    from kaos_modelapi.kube import MAX_RETRY_AFTER, ApiError
 
-    assert _retry_after(ApiError(429, "TooManyRequests", "slow down", retry_after=3.0)) == 3.0
-    assert _retry_after(ApiError(500, "InternalError", "later", retry_after=1e9)) == MAX_RETRY_AFTER
-    assert _retry_after(ApiError(500, "InternalError", "no hint")) == 0.0
-    assert _retry_after(RuntimeError("not from the API server")) == 0.0
+    assert ApiError(429, "TooManyRequests", "slow down", retry_after=3.0).wait_asked() == 3.0
+    assert ApiError(500, "InternalError", "later", retry_after=1e9).wait_asked() == MAX_RETRY_AFTER
+    assert ApiError(500, "InternalError", "no hint").wait_asked() == 0.0
