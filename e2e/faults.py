@@ -1,14 +1,16 @@
 """Fault injection tools for e2e/test_faults.py: proxies between the operator and the API server.
 
-- TcpProxy forwards bytes (TLS passes through untouched) and can cut every connection and refuse new ones
-  (a broken network), or stall them (a silent one: nothing flows, nothing is closed), then restore.
+- Forwarder forwards bytes (TLS passes through untouched) and can cut every connection and refuse new ones
+  (a broken network), or stall them (a silent one: nothing flows, nothing is closed), then restore;
+  TcpProxy runs one for synchronous tests.
 - FaultProxy terminates TLS with the API server's own serving certificate (so a client that trusts the
   cluster's CA trusts it) and forwards each request with the admin's client certificate, the operator's
   credentials. It can answer every request with an error (429 with Retry-After, 500) for a while, make the
   next watch of each resource resume from a resourceVersion the API server no longer holds (the server
   itself then answers 410 Gone), and it records the writes that passed through, for leader checks.
 
-Each runs its asyncio loop on its own daemon thread, so synchronous tests (kubectl, subprocesses) drive them.
+TcpProxy and FaultProxy run their asyncio loop on a daemon thread, so synchronous tests (kubectl, subprocesses)
+drive them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import ssl
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +51,6 @@ class LoopThread:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
         return future.result(timeout)
 
-    def call(self, fn: Any, *args: Any) -> None:
-        self.loop.call_soon_threadsafe(fn, *args)
-
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
@@ -71,56 +70,40 @@ def kubeconfig_via(kubeconfig: Path, port: int, out: Path) -> Path:
 # ----------------------------------------------------------------------------------------- TCP proxy
 
 
-class TcpProxy:
-    """Loopback TCP forwarder to the API server that the test can cut, stall and restore."""
+class Forwarder:
+    """Loopback TCP forwarder (TLS passes through untouched) on the running loop: it can cut every connection
+    and refuse new ones (a broken network), or stall them (a silent one: nothing flows, nothing is closed),
+    then restore. Async tests use it directly; TcpProxy drives one from a thread."""
 
-    def __init__(self, upstream_port: int) -> None:
-        self._upstream = ("127.0.0.1", upstream_port)
-        self._loop = LoopThread()
+    def __init__(self, host: str, port: int) -> None:
+        self._upstream = (host, port)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._flowing = asyncio.Event()
         self._refusing = False
-        self.port = 0
         self.accepted = 0
 
-    def start(self) -> int:
-        self.port = self._loop.run(self._start())
-        return self.port
-
-    async def _start(self) -> int:
+    async def start(self) -> int:
         self._flowing.set()
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         return int(self._server.sockets[0].getsockname()[1])
 
     def cut(self) -> None:
         """Reset every connection and refuse new ones: the client sees the network fail at once."""
-        self._loop.run(self._cut())
-
-    async def _cut(self) -> None:
         self._refusing = True
         for writer in list(self._writers):
             writer.transport.abort()
 
     def stall(self) -> None:
-        """Stop forwarding in both directions, closing nothing: a silent network. New connections are
-        accepted and held."""
-        self._loop.call(self._flowing.clear)
+        """Stop forwarding in both directions, closing nothing. New connections are accepted and held."""
+        self._flowing.clear()
 
     def restore(self) -> None:
-        async def restore() -> None:
-            self._refusing = False
-            self._flowing.set()
+        self._refusing = False
+        self._flowing.set()
 
-        self._loop.run(restore())
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._loop.run(self._close())
-        self._loop.close()
-
-    async def _close(self) -> None:
-        await self._cut()
+    async def close(self) -> None:
+        self.cut()
         self._flowing.set()  # stalled pumps wake up and find their connections closed
         if self._server is not None:
             self._server.close()
@@ -139,12 +122,14 @@ class TcpProxy:
             return
         self._writers |= {writer, up_writer}
         pumps = [asyncio.create_task(self._pump(reader, up_writer)), asyncio.create_task(self._pump(up_reader, writer))]
-        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        for w in (writer, up_writer):
-            w.transport.abort()
-            self._writers.discard(w)
-        for pump in pumps:
-            pump.cancel()
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in (writer, up_writer):
+                w.transport.abort()
+                self._writers.discard(w)
+            for pump in pumps:
+                pump.cancel()
 
     async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, ConnectionError):
@@ -152,6 +137,40 @@ class TcpProxy:
                 await self._flowing.wait()  # stalled: hold what was read; TCP flow control holds the rest
                 dst.write(data)
                 await dst.drain()
+
+
+class TcpProxy:
+    """A Forwarder to the API server on loopback, on its own loop thread, for synchronous tests."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self._loop = LoopThread()
+        self._forwarder = Forwarder("127.0.0.1", upstream_port)
+        self.port = 0
+
+    def start(self) -> int:
+        self.port = self._loop.run(self._forwarder.start())
+        return self.port
+
+    def cut(self) -> None:
+        self._on_loop(self._forwarder.cut)
+
+    def stall(self) -> None:
+        self._on_loop(self._forwarder.stall)
+
+    def restore(self) -> None:
+        self._on_loop(self._forwarder.restore)
+
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        """Call fn on the proxy's loop and return once it has run."""
+        async def call() -> None:
+            fn()
+
+        self._loop.run(call())
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._loop.run(self._forwarder.close())
+        self._loop.close()
 
 
 # ------------------------------------------------------------------------------------------ L7 proxy

@@ -21,6 +21,7 @@ import pytest
 import structlog
 from kubernetes_asyncio.client import ApiClient
 
+from e2e.faults import Forwarder
 from e2e.operator_process import crd_established
 from kaos_modelapi import kube
 from kaos_modelapi.informer import Backoff, Informer
@@ -130,74 +131,12 @@ def client(api_client: ApiClient) -> KubeClient:
 # -- a TCP proxy we can cut, to drop the watch connection for real ------------------------------------
 
 
-class CuttableProxy:
-    """Forwards TCP (TLS passes through untouched) to the API server; can cut every connection and
-    refuse new ones until resumed."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self._upstream = (host, port)
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.refusing = False
-        self.accepted = 0
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    def cut(self, refuse: bool) -> None:
-        self.refusing = refuse
-        for writer in list(self._writers):
-            writer.transport.abort()
-
-    async def close(self) -> None:
-        self.cut(refuse=True)
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.refusing:
-            writer.transport.abort()
-            return
-        self.accepted += 1
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self._upstream)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers |= {writer, up_writer}
-        pumps = [
-            asyncio.create_task(self._pump(reader, up_writer)),
-            asyncio.create_task(self._pump(up_reader, writer)),
-        ]
-        self._tasks.update(pumps)
-        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        for w in (writer, up_writer):
-            w.transport.abort()
-            self._writers.discard(w)
-        for pump in pumps:
-            pump.cancel()
-            self._tasks.discard(pump)
-
-    @staticmethod
-    async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-
-
 @contextlib.asynccontextmanager
-async def proxied(api_client: ApiClient) -> AsyncIterator[tuple[KubeClient, CuttableProxy]]:
+async def proxied(api_client: ApiClient) -> AsyncIterator[tuple[KubeClient, Forwarder]]:
     url = urlsplit(str(api_client.configuration.host))
     assert url.hostname is not None
     port = url.port or (443 if url.scheme == "https" else 80)
-    proxy = CuttableProxy(url.hostname, port)
+    proxy = Forwarder(url.hostname, port)
     local_port = await proxy.start()
     configuration = copy.deepcopy(api_client.configuration)
     # Same host name (so TLS verification still matches), our port.
@@ -267,14 +206,14 @@ async def test_a_dropped_connection_resumes_without_relist_or_lost_events(
             await client.apply(configmap(namespace, "seen", {"v": "1"}, labels=labels), "e2e")
             await wait_for(lambda: rec.has("add", "seen"), what="the first add")
             watches_before = informer.watches
-            proxy.cut(refuse=True)
+            proxy.cut()
             # While the informer cannot reach the server, changes pile up behind its resourceVersion.
             await client.apply(configmap(namespace, "seen", {"v": "2"}, labels=labels), "e2e")
             brief = await client.apply(configmap(namespace, "brief", labels=labels), "e2e")
             await client.apply(configmap(namespace, "later", {"v": "1"}, labels=labels), "e2e")
             assert await client.delete(CONFIGMAP, namespace, "brief", brief["metadata"]["uid"])
             await wait_for(lambda: informer.watches > watches_before, what="a reconnect attempt")
-            proxy.refusing = False
+            proxy.restore()
             await wait_for(lambda: rec.has("delete", "brief") and rec.has("add", "later"), what="missed events")
             assert rec.of("seen") == ["add", "update"]
             assert rec.of("brief") == ["add", "delete"]
@@ -365,12 +304,12 @@ async def test_an_expired_resource_version_relists_and_emits_the_missed_delete(
         informer = new_informer(expiring, CONFIGMAP, namespace, label_selector=f"kaos-e2e={label}")
         async with running(informer) as rec:
             assert sorted(rec.of("keep") + rec.of("doomed")) == ["add", "add"]
-            proxy.cut(refuse=True)
+            proxy.cut()
             assert await client.delete(CONFIGMAP, namespace, "doomed", doomed["metadata"]["uid"])
             await client.apply(configmap(namespace, "keep", {"changed": "yes"}, labels=labels), "e2e")
             await client.apply(configmap(namespace, "newcomer", labels=labels), "e2e")
             expiring.armed = True
-            proxy.refusing = False
+            proxy.restore()
             await wait_for(lambda: rec.has("delete", "doomed"), what="the missed delete")
             await wait_for(lambda: rec.has("add", "newcomer") and len(rec.of("keep")) == 2, what="relist diff")
             assert expiring.gone_seen == 1
