@@ -97,6 +97,13 @@ def _without_version(obj: Obj) -> Obj:
     return {**obj, "metadata": {k: v for k, v in obj["metadata"].items() if k != "resourceVersion"}}
 
 
+def settled(obj: Obj) -> bool:
+    """The object's status says its current spec was acted on (API conventions' observedGeneration): a pass
+    over everything (a start, a resync) only checks it, after the objects that still need work."""
+    generation = obj["metadata"].get("generation")
+    return generation is not None and (obj.get("status") or {}).get("observedGeneration") == generation
+
+
 MapFunc = Callable[[Obj, Stores], Iterable[str]]
 """An object -> the keys of the primary objects it should wake (controller-runtime's MapFunc)."""
 
@@ -187,17 +194,22 @@ class Controller:
     def handler(self, watch: Watch, stores: Stores) -> Handler:
         def enqueue(kind: EventKind, old: Obj | None, new: Obj | None) -> None:
             obj = new if new is not None else old
-            if kind == "add" and self._running and watch.cache == self.primary:
+            primary = watch.cache == self.primary
+            if kind == "add" and self._running and primary:
                 self.yielding.created()  # (the initial list's adds come before run(): not a user's burst)
             if obj is not None and (watch.predicate is None or watch.predicate(kind, old, new)):
+                # The initial list only says what exists: a settled object, or a child, needs a look, after
+                # whatever was changed while no operator ran (controller-runtime's low priority for it).
+                low = not self._running and not (primary and not settled(obj))
                 for key in watch.map(obj, stores):
-                    self.queue.add(key)
+                    self.queue.add(key, low_priority=low)
 
         return enqueue
 
     def enqueue_all(self, stores: Stores) -> None:
+        """Every primary object (a start, a resync): the settled ones after any other work."""
         for obj in stores.objects(self.primary.resource):
-            self.queue.add(object_key(obj))
+            self.queue.add(object_key(obj), low_priority=settled(obj))
 
     async def run(self, stores: Stores) -> None:
         """Reconcile until cancelled. On a shutdown, in-flight reconciles finish first; after a lost

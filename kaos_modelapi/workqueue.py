@@ -9,6 +9,9 @@ Semantics (the ones a level-triggered controller relies on):
   ``add_rate_limited`` does the same with the delay its rate limiter gives: by default client-go's
   (the larger of a per-key exponential backoff that ``forget`` resets and an overall token bucket, so an
   API outage does not retry every key at full speed).
+* ``add(key, low_priority=True)`` (controller-runtime's priority queue, two levels): a key that only needs a
+  look (a start's or a resync's pass over everything already settled) is handed out after every ordinary key;
+  an ordinary add of a key waiting at low priority moves it up.
 * After ``shutdown`` no new keys are accepted and ``get`` raises ``ShutDown``, even if keys are still
   queued: a level-triggered controller loses nothing by dropping them, because whoever runs next
   lists everything again. (client-go instead hands out the remaining keys; we stop sooner.)
@@ -211,6 +214,12 @@ class WorkQueue(Generic[K]):
             self._clock.now)
         self._metrics = metrics
         self._queue: deque[K] = deque()
+        # Dirty keys whose every add since they were last handed out was low priority.
+        self._low_pending: set[K] = set()
+        # The low-priority line: entries (key, ticket), live while _low_queued holds that ticket for the key
+        # (moving a key up or handing it out drops its ticket, so no entry is ever searched for).
+        self._low: deque[tuple[K, int]] = deque()
+        self._low_queued: dict[K, int] = {}
         self._dirty: set[K] = set()
         # key -> when it started processing (for work duration and unfinished-work gauges)
         self._processing: dict[K, float] = {}
@@ -227,10 +236,19 @@ class WorkQueue(Generic[K]):
 
     # -- adding ---------------------------------------------------------------------------------
 
-    def add(self, key: K) -> None:
-        if self._shutting_down or key in self._dirty:
+    def add(self, key: K, low_priority: bool = False) -> None:
+        if self._shutting_down:
+            return
+        if key in self._dirty:
+            if not low_priority and key in self._low_pending:
+                self._low_pending.discard(key)
+                if self._low_queued.pop(key, None) is not None:
+                    self._queue.append(key)  # moved up; its entry in the low line is dead
+                    self._wake_one()
             return
         self._dirty.add(key)
+        if low_priority:
+            self._low_pending.add(key)
         self._added_at.setdefault(key, self._clock.now())
         if self._metrics is not None:
             self._metrics.added()
@@ -275,7 +293,7 @@ class WorkQueue(Generic[K]):
         while True:
             if self._shutting_down:
                 raise ShutDown
-            if self._queue:
+            if self._ready():
                 return self._take()
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._getters.append(waiter)
@@ -333,7 +351,7 @@ class WorkQueue(Generic[K]):
 
     def __len__(self) -> int:
         """Keys ready to be handed out (client-go's Len; excludes processing and waiting keys)."""
-        return len(self._queue)
+        return len(self._queue) + len(self._low_queued)
 
     def processing(self) -> frozenset[K]:
         return frozenset(self._processing)
@@ -347,12 +365,24 @@ class WorkQueue(Generic[K]):
     # -- internals ------------------------------------------------------------------------------
 
     def _enqueue(self, key: K) -> None:
-        self._queue.append(key)
+        if key in self._low_pending:
+            ticket = next(self._seq)
+            self._low_queued[key] = ticket
+            self._low.append((key, ticket))
+        else:
+            self._queue.append(key)
         self._depth_changed()
         self._wake_one()
 
+    def _ready(self) -> bool:
+        while self._low and self._low_queued.get(self._low[0][0]) != self._low[0][1]:
+            self._low.popleft()  # a dead entry: its key was moved up
+        return bool(self._queue or self._low)
+
     def _take(self) -> K:
-        key = self._queue.popleft()
+        key = self._queue.popleft() if self._queue else self._low.popleft()[0]
+        self._low_queued.pop(key, None)
+        self._low_pending.discard(key)
         now = self._clock.now()
         self._dirty.discard(key)
         self._processing[key] = now
@@ -364,7 +394,7 @@ class WorkQueue(Generic[K]):
 
     def _depth_changed(self) -> None:
         if self._metrics is not None:
-            self._metrics.depth_changed(len(self._queue))
+            self._metrics.depth_changed(len(self))
 
     def _wake_one(self) -> None:
         while self._getters:

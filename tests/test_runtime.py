@@ -92,3 +92,38 @@ async def test_a_users_burst_of_creations_is_reconciled_by_one_worker_then_all()
     runner.cancel()
     await asyncio.gather(runner, return_exceptions=True)
     assert reconciler.most > 1
+
+
+def modelapi(name: str, generation: int, observed: int | None) -> kube.Obj:
+    status = {} if observed is None else {"status": {"observedGeneration": observed}}
+    return {"metadata": {"namespace": "ns", "name": name, "generation": generation}, **status}
+
+
+async def test_a_start_reconciles_what_changed_while_no_operator_ran_before_the_settled_rest() -> None:
+    reconciler = Instant()
+    primary = CacheSpec(kube.MODELAPI)
+    ctrl = Builder("t").for_(primary).owns(CacheSpec(kube.DEPLOYMENT)).complete(
+        reconciler, workers=1, resync_seconds=3600, metrics=Metrics(CollectorRegistry(), "t"),
+        log=structlog.get_logger("test"))
+    modelapis, deployments = ctrl.watches
+    stores = Stores()
+    on_modelapi, on_deployment = ctrl.handler(modelapis, stores), ctrl.handler(deployments, stores)
+    # The caches' initial lists, in the server's order: settled ModelAPIs first, their children, then the
+    # ones created or edited while the operator was down (no status yet; a new generation).
+    for i in range(3):
+        on_modelapi("add", None, modelapi(f"settled-{i}", 1, 1))
+        child = {"metadata": {"namespace": "ns", "name": f"settled-{i}", "ownerReferences": [
+            {"apiVersion": "kaos.tools/v1alpha1", "kind": "ModelAPI", "name": f"settled-{i}", "controller": True}]}}
+        on_deployment("add", None, child)
+    on_modelapi("add", None, modelapi("created", 1, None))
+    on_modelapi("add", None, modelapi("edited", 3, 2))
+    runner = asyncio.create_task(ctrl.run(stores))
+
+    async def all_five() -> None:
+        while len(reconciler.done) < 5:
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(all_five(), 10)
+    runner.cancel()
+    await asyncio.gather(runner, return_exceptions=True)
+    assert reconciler.done == ["ns/created", "ns/edited", "ns/settled-0", "ns/settled-1", "ns/settled-2"]

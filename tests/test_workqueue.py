@@ -144,7 +144,36 @@ async def test_readd_while_processing_runs_once_more_after_done() -> None:
     assert [await q.get(), await q.get()] == ["b", "a"]
 
 
-async def test_concurrent_workers_never_share_a_key_and_see_the_last_add() -> None:
+async def test_low_priority_keys_come_after_every_ordinary_one_and_an_ordinary_add_moves_one_up() -> None:
+    q, _ = new_queue()
+    for key in ["settled-1", "settled-2", "settled-3"]:
+        q.add(key, low_priority=True)
+    q.add("new")
+    q.add("settled-2")  # a real change to a settled one: it goes with the ordinary keys
+    q.add("settled-3", low_priority=True)  # a second low add changes nothing
+    assert len(q) == 4
+    assert [await q.get() for _ in range(4)] == ["new", "settled-2", "settled-1", "settled-3"]
+    assert len(q) == 0
+
+
+async def test_a_key_added_at_low_priority_while_processing_keeps_the_priority_of_its_adds() -> None:
+    q, _ = new_queue()
+    q.add("a", low_priority=True)
+    assert await q.get() == "a"
+    q.add("a", low_priority=True)
+    q.add("b")
+    q.done("a")
+    q.add("c")
+    assert [await q.get(), await q.get(), await q.get()] == ["b", "c", "a"]
+    q.add("a", low_priority=True)  # processing: only marked dirty
+    q.add("a")  # ...and raised before it is queued again
+    q.add("d", low_priority=True)
+    q.done("a")
+    assert [await q.get(), await q.get()] == ["a", "d"]
+
+
+@pytest.mark.parametrize("low_share", [0.0, 0.5])
+async def test_concurrent_workers_never_share_a_key_and_see_the_last_add(low_share: float) -> None:
     q, _ = new_queue()
     rng = random.Random(7)
     keys = [f"k{i}" for i in range(5)]
@@ -174,7 +203,7 @@ async def test_concurrent_workers_never_share_a_key_and_see_the_last_add() -> No
     for _ in range(300):
         key = rng.choice(keys)
         generation[key] += 1
-        q.add(key)
+        q.add(key, low_priority=rng.random() < low_share)
         if rng.random() < 0.5:
             await asyncio.sleep(0)
     await wait_until(lambda: len(q) == 0 and not q.processing())
