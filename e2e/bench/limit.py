@@ -1,28 +1,77 @@
-"""The limit: the same children and statuses as the operator, written by a minimal client.
+"""The limit: the same children and statuses as the operator, written by a minimal client, in its own process.
 
 No informer caches, no work queue with deduplication or backoff, no diff: a watch on the namespace's ModelAPIs
 and one on its Deployments feed a plain FIFO that `workers` tasks (the operator's --workers) drain. A ModelAPI
 whose generation is new gets every child `kaos_modelapi.desired` builds (server-side apply; the generated
 master-key Secret created once), then its status; a Deployment that has rolled out writes its ModelAPI's status
 when the phase or the generation it reports changes. What the operator cannot beat is this client's time.
+
+It keeps the last object of each watch and what it last wrote, and nothing more; two rules keep it correct:
+- Two status writes of one ModelAPI can be in flight at once (a Pending from its children's worker, a Ready
+  from its Deployment's), and the API server may apply them in either order. So every ModelAPI event is
+  checked: when the status it carries is not the one wanted, no status write of it is in flight and the event
+  is not older than the last one written, the status is written again (the watch then shows the fix).
+- A failed request (a dropped connection, a 5xx or 429 of the loaded server) is retried by queueing its item
+  again a second later; it is logged, never lost, so no ModelAPI is left without its status.
+
+Run by the harness as its own process (`python -m e2e.bench.limit --kubeconfig ... --namespace ...`), so that
+its CPU seconds and memory are read from /proc like the operator's and its work does not share the harness's
+event loop. It prints one JSON line `{"event": "ready"}` once both watches have listed, and a JSON line at
+level "error" for every failed request.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import json
 import secrets
+import signal
+import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+import aiohttp
 
 from e2e.bench.client import Api, ApiError, Obj, path
 from e2e.bench.tracker import rolled_out
 from kaos_modelapi import desired, status
 from kaos_modelapi.api import ModelAPI
-from kaos_modelapi.settings import Settings
+from kaos_modelapi.settings import GatewayRef, Settings
 
 MANAGER = "kaos-bench-limit"
+RETRY_AFTER = 1.0  # seconds before a failed item is queued again
+
+
+def log(level: str, **fields: Any) -> None:
+    print(json.dumps({"level": level, **fields}), flush=True)
+
+
+def _transient(e: Exception) -> bool:
+    """A failure that a later attempt may not see (the server was busy or the connection dropped)."""
+    if isinstance(e, ApiError):
+        return e.status in (409, 429) or e.status >= 500
+    return isinstance(e, aiohttp.ClientError | TimeoutError | OSError)
+
+
+def _version(obj: Obj) -> int:
+    """An object's resourceVersion as a number (etcd's revision), to tell an older event from a newer one."""
+    try:
+        return int(obj["metadata"].get("resourceVersion", 0))
+    except ValueError:
+        return 0
+
+
+def mark_of(st: dict[str, Any] | None) -> tuple[str, int] | None:
+    """What a status says, as far as this client tells statuses apart: its phase (rolling or not) and the
+    generation it is for."""
+    if not st or "phase" not in st:
+        return None
+    conditions = st.get("conditions") or [{}]
+    rolling = "-rolling" if conditions[0].get("reason") == "RollingOut" else ""
+    return st["phase"] + rolling, int(st.get("observedGeneration") or 0)
 
 
 @dataclass
@@ -36,16 +85,24 @@ class LimitClient:
     deployments: dict[str, Obj] = field(default_factory=dict)
     applied_generation: dict[str, int] = field(default_factory=dict)
     written: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> (phase, generation) written
+    in_flight: dict[str, int] = field(default_factory=dict)  # name -> status writes not answered yet
+    written_version: dict[str, int] = field(default_factory=dict)  # name -> resourceVersion of the last answer
     secrets_made: set[str] = field(default_factory=set)
     errors: list[str] = field(default_factory=list)
+    listed: list[asyncio.Event] = field(default_factory=lambda: [asyncio.Event(), asyncio.Event()])
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.workers)]
         self._tasks += [
-            asyncio.create_task(self.api.watch(path("ModelAPI", self.namespace), self._on_modelapi)),
-            asyncio.create_task(self.api.watch(path("Deployment", self.namespace), self._on_deployment)),
+            asyncio.create_task(self.api.watch(path("ModelAPI", self.namespace), self._on_modelapi, self.listed[0])),
+            asyncio.create_task(self.api.watch(path("Deployment", self.namespace), self._on_deployment,
+                                               self.listed[1])),
         ]
+
+    async def ready(self) -> None:
+        """Both watches have listed (and run on)."""
+        await asyncio.gather(*(e.wait() for e in self.listed))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -70,21 +127,44 @@ class LimitClient:
 
     async def _worker(self) -> None:
         while True:
-            what, obj = await self.queue.get()
+            item = await self.queue.get()
             try:
-                if what == "modelapi":
-                    await self._children(obj)
-                else:
-                    await self._status(obj["metadata"]["labels"]["modelapi"])
-            except ApiError as e:
-                self.errors.append(str(e))
+                await self._handle(*item)
+            except Exception as e:  # a worker that ended would leave its item, and the rest, undone
+                self.errors.append(f"{type(e).__name__}: {e}")
+                log("error", item=item[0], name=item[1]["metadata"].get("name"), error=self.errors[-1][:300],
+                    retried=_transient(e))
+                if _transient(e):
+                    asyncio.get_running_loop().call_later(RETRY_AFTER, self.queue.put_nowait, item)
+
+    async def _handle(self, what: str, obj: Obj) -> None:
+        if what == "modelapi":
+            await self._children(obj)
+            await self._status(obj["metadata"]["name"], seen=obj)
+        else:
+            await self._status(obj["metadata"]["labels"]["modelapi"])
 
     async def _children(self, obj: Obj) -> None:
         meta = obj["metadata"]
         name, generation = meta["name"], meta.get("generation", 0)
-        if self.applied_generation.get(name, -1) >= generation:
+        previous = self.applied_generation.get(name)
+        if (previous if previous is not None else -1) >= generation:
             return
+        # Taken before the writes, so that another event of this generation does not write them twice.
         self.applied_generation[name] = generation
+        try:
+            await self._write_children(obj)
+        except Exception:
+            self._restore(name, previous)  # the retry writes them all again
+            raise
+
+    def _restore(self, name: str, previous: int | None) -> None:
+        if previous is None:
+            self.applied_generation.pop(name, None)
+        else:
+            self.applied_generation[name] = previous
+
+    async def _write_children(self, obj: Obj) -> None:
         m = ModelAPI.model_validate(obj)
         built = desired.build(m, self.settings)
         generated = {g.secret: g.key for g in built.generated}
@@ -92,14 +172,22 @@ class LimitClient:
             child_name = child["metadata"]["name"]
             if child["kind"] == "Secret" and child_name in generated:
                 if child_name not in self.secrets_made:
-                    self.secrets_made.add(child_name)
                     body = dict(child, stringData={generated[child_name]: secrets.token_urlsafe(32)})
-                    await self.api.create(body)
+                    await self._create(body)
+                    self.secrets_made.add(child_name)
                 continue
             await self.api.apply(child, MANAGER)
-        await self._status(name)
 
-    async def _status(self, name: str) -> None:
+    async def _create(self, body: Obj) -> None:
+        try:
+            await self.api.create(body)
+        except ApiError as e:
+            if e.status != 409:  # already there: a retried item whose create went through
+                raise
+
+    async def _status(self, name: str, seen: Obj | None = None) -> None:
+        """Write the status when what it says changes; with `seen` (a ModelAPI event), also when that event
+        shows a status other than the one wanted that is the latest written (an earlier write landed last)."""
         obj = self.modelapis.get(name)
         if obj is None or self.applied_generation.get(name) is None:
             return
@@ -108,11 +196,61 @@ class LimitClient:
         observed = status.Observed(self.deployments.get(name))
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         new = status.compute(m, built, observed, now, obj.get("status"))
-        mark = (new["phase"] + ("" if new["conditions"][0]["reason"] != "RollingOut" else "-rolling"),
-                m.metadata.generation or 0)
-        if self.written.get(name) == mark:
+        mark = mark_of(new)
+        assert mark is not None
+        if self.written.get(name) == mark and not self._lost(name, seen, mark):
             return
         self.written[name] = mark
         body: dict[str, Any] = {"apiVersion": obj["apiVersion"], "kind": "ModelAPI",
                                 "metadata": {"name": name, "namespace": self.namespace}, "status": new}
-        await self.api.apply(body, MANAGER, status=True)
+        self.in_flight[name] = self.in_flight.get(name, 0) + 1
+        try:
+            answer = await self.api.apply(body, MANAGER, status=True)
+        except Exception:
+            self.written.pop(name, None)  # not written: the retry must not take it for done
+            raise
+        finally:
+            self.in_flight[name] -= 1
+        self.written_version[name] = max(self.written_version.get(name, 0), _version(answer))
+
+    def _lost(self, name: str, seen: Obj | None, mark: tuple[str, int]) -> bool:
+        """Whether the event `seen` shows that the status wanted (and written) is not the one stored."""
+        if seen is None or self.in_flight.get(name, 0):
+            return False  # a write in flight: its own event will be checked
+        if _version(seen) < self.written_version.get(name, 0):
+            return False  # an event from before the last write landed
+        return mark_of(seen.get("status")) != mark
+
+
+async def run(args: argparse.Namespace) -> int:
+    api = await Api.from_kubeconfig(args.kubeconfig, user_agent="kaos-bench-limit")
+    settings = Settings(gateway=GatewayRef(args.gateway_name, args.gateway_namespace) if args.gateway_name else None)
+    client = LimitClient(api, args.namespace, settings, workers=args.workers)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await client.start()
+    try:
+        await client.ready()
+        log("info", event="ready")
+        await stop.wait()
+    finally:
+        await client.stop()
+        await api.close()
+    log("info", event="stopped", errors=len(client.errors))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m e2e.bench.limit", description=__doc__.split("\n")[0])
+    parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument("--namespace", required=True)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--gateway-name", default="")
+    parser.add_argument("--gateway-namespace", default="")
+    return asyncio.run(run(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
