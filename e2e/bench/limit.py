@@ -198,8 +198,12 @@ class LimitClient:
         new = status.compute(m, built, observed, now, obj.get("status"))
         mark = mark_of(new)
         assert mark is not None
-        if self.written.get(name) == mark and not self._lost(name, seen, mark):
-            return
+        if self.written.get(name) == mark:
+            if not self._lost(name, seen, mark):
+                return
+            assert seen is not None
+            # Logged, so that the harness can say how often an earlier write landed last.
+            log("info", event="status-lost", name=name, stored=mark_of(seen.get("status")), wanted=mark)
         self.written[name] = mark
         body: dict[str, Any] = {"apiVersion": obj["apiVersion"], "kind": "ModelAPI",
                                 "metadata": {"name": name, "namespace": self.namespace}, "status": new}
