@@ -1,8 +1,8 @@
 """The bench's limit client (e2e/bench/limit.py): when a ModelAPI event shows that its status was lost.
 
 Two status writes of one ModelAPI can be in flight at once and land in either order; the client writes again
-only for an event that shows another status than the one wanted, is not older than its last answered write,
-and has no write of its own in flight. Pure rules, no API server: the writes themselves are exercised
+when the newest version it has seen (event or answer, by resourceVersion) shows another status than the one
+it wrote last, and none of its writes of it is in flight. Pure rules, no API server: the writes themselves are exercised
 against the real one by e2e/test_bench.py and `make bench`.
 """
 
@@ -36,15 +36,21 @@ def test_mark_tells_phase_rolling_and_generation() -> None:
 
 def test_an_older_write_that_landed_last_is_written_again() -> None:
     c = client()
-    c.written_version["m"] = 11  # the Pending write, sent first, answered with the later version
-    assert c._lost("m", event(11, "Pending"), ("Ready", 1))
-    assert not c._lost("m", event(12, "Ready"), ("Ready", 1))
+    c._note(event(10, "Ready"))  # the Ready write, sent second, landed first
+    c._note(event(11, "Pending"))  # the Pending write, sent first, landed last
+    assert c._lost("m", ("Ready", 1))
+    c._note(event(12, "Ready"))  # written again
+    assert not c._lost("m", ("Ready", 1))
 
 
 def test_no_rewrite_for_a_stale_event_or_while_a_write_is_in_flight() -> None:
     c = client()
-    c.written_version["m"] = 8  # Ready answered at 8: an event of the earlier Pending (5) is old news
-    assert not c._lost("m", event(5, "Pending"), ("Ready", 1))
-    c.in_flight["m"] = 1  # the event of this write will be checked
-    assert not c._lost("m", event(9, "Pending"), ("Ready", 1))
-    assert not c._lost("m", None, ("Ready", 1))  # a Deployment's event says nothing about the stored status
+    c._note(event(8, "Ready"))  # the answer to the Ready write
+    c._note(event(5, "Pending"))  # the event of the earlier Pending write, seen late: old news
+    assert not c._lost("m", ("Ready", 1))
+    c._note(event(9, "Pending"))
+    c.in_flight["m"] = 1  # its answer will be checked
+    assert not c._lost("m", ("Ready", 1))
+    c.in_flight["m"] = 0
+    assert c._lost("m", ("Ready", 1))
+    assert not client()._lost("m", ("Ready", 1))  # nothing seen yet: nothing known

@@ -8,9 +8,9 @@ when the phase or the generation it reports changes. What the operator cannot be
 
 It keeps the last object of each watch and what it last wrote, and nothing more; two rules keep it correct:
 - Two status writes of one ModelAPI can be in flight at once (a Pending from its children's worker, a Ready
-  from its Deployment's), and the API server may apply them in either order. So every ModelAPI event is
-  checked: when the status it carries is not the one wanted, no status write of it is in flight and the event
-  is not older than the last one written, the status is written again (the watch then shows the fix).
+  from its Deployment's), and the API server may apply them in either order. So the newest version of each
+  ModelAPI seen (in an event or a write's answer, by resourceVersion) says which status is stored; when none
+  of its writes is in flight and that is not the one written last, the status is written again.
 - A failed request (a dropped connection, a 5xx or 429 of the loaded server) is retried by queueing its item
   again a second later; it is logged, never lost, so no ModelAPI is left without its status.
 
@@ -86,7 +86,9 @@ class LimitClient:
     applied_generation: dict[str, int] = field(default_factory=dict)
     written: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> (phase, generation) written
     in_flight: dict[str, int] = field(default_factory=dict)  # name -> status writes not answered yet
-    written_version: dict[str, int] = field(default_factory=dict)  # name -> resourceVersion of the last answer
+    # name -> (resourceVersion, what its status says) of the newest ModelAPI this client has seen, in a watch
+    # event or in the answer to a status write: the status stored, as far as it knows.
+    stored: dict[str, tuple[int, tuple[str, int] | None]] = field(default_factory=dict)
     secrets_made: set[str] = field(default_factory=set)
     errors: list[str] = field(default_factory=list)
     listed: list[asyncio.Event] = field(default_factory=lambda: [asyncio.Event(), asyncio.Event()])
@@ -139,8 +141,9 @@ class LimitClient:
 
     async def _handle(self, what: str, obj: Obj) -> None:
         if what == "modelapi":
+            self._note(obj)
             await self._children(obj)
-            await self._status(obj["metadata"]["name"], seen=obj)
+            await self._status(obj["metadata"]["name"])
         else:
             await self._status(obj["metadata"]["labels"]["modelapi"])
 
@@ -185,9 +188,9 @@ class LimitClient:
             if e.status != 409:  # already there: a retried item whose create went through
                 raise
 
-    async def _status(self, name: str, seen: Obj | None = None) -> None:
-        """Write the status when what it says changes; with `seen` (a ModelAPI event), also when that event
-        shows a status other than the one wanted that is the latest written (an earlier write landed last)."""
+    async def _status(self, name: str) -> None:
+        """Write the status when what it says changes, or when the status stored is not the one written (an
+        earlier write of it landed last)."""
         obj = self.modelapis.get(name)
         if obj is None or self.applied_generation.get(name) is None:
             return
@@ -199,11 +202,10 @@ class LimitClient:
         mark = mark_of(new)
         assert mark is not None
         if self.written.get(name) == mark:
-            if not self._lost(name, seen, mark):
+            if not self._lost(name, mark):
                 return
-            assert seen is not None
             # Logged, so that the harness can say how often an earlier write landed last.
-            log("info", event="status-lost", name=name, stored=mark_of(seen.get("status")), wanted=mark)
+            log("info", event="status-lost", name=name, stored=self.stored[name][1], wanted=mark)
         self.written[name] = mark
         body: dict[str, Any] = {"apiVersion": obj["apiVersion"], "kind": "ModelAPI",
                                 "metadata": {"name": name, "namespace": self.namespace}, "status": new}
@@ -215,15 +217,22 @@ class LimitClient:
             raise
         finally:
             self.in_flight[name] -= 1
-        self.written_version[name] = max(self.written_version.get(name, 0), _version(answer))
+        self._note(answer)
+        if self._lost(name, mark):  # this was the last write in flight, and an older one of them landed last
+            await self._status(name)
 
-    def _lost(self, name: str, seen: Obj | None, mark: tuple[str, int]) -> bool:
-        """Whether the event `seen` shows that the status wanted (and written) is not the one stored."""
-        if seen is None or self.in_flight.get(name, 0):
-            return False  # a write in flight: its own event will be checked
-        if _version(seen) < self.written_version.get(name, 0):
-            return False  # an event from before the last write landed
-        return mark_of(seen.get("status")) != mark
+    def _note(self, obj: Obj) -> None:
+        """Remember what the newest version of a ModelAPI seen so far says in its status."""
+        name, version = obj["metadata"]["name"], _version(obj)
+        if version >= self.stored.get(name, (0, None))[0]:
+            self.stored[name] = (version, mark_of(obj.get("status")))
+
+    def _lost(self, name: str, mark: tuple[str, int]) -> bool:
+        """Whether the status stored is known to be another than `mark`, the one written last. While a write
+        of it is in flight nothing is known: its answer (or its event) is checked."""
+        if self.in_flight.get(name, 0) or name not in self.stored:
+            return False
+        return self.stored[name][1] != mark
 
 
 async def run(args: argparse.Namespace) -> int:
