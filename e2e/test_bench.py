@@ -16,9 +16,6 @@ from typing import Any
 import pytest
 
 from e2e.bench import counting, report, scenarios
-from e2e.bench.client import Api
-from e2e.bench.limit import LimitClient
-from kaos_modelapi.settings import Settings
 
 N = 5
 
@@ -26,14 +23,12 @@ N = 5
 async def _limit_cold(c: scenarios.Cluster, options: scenarios.Options) -> dict[str, Any]:
     namespace = options.ns("limit")
     tracker = await scenarios.tracked(c, namespace)
-    api = await Api.from_kubeconfig(c.identities["limit"])
-    client = LimitClient(api, namespace, Settings(gateway=scenarios.GATEWAY), workers=options.workers)
-    await client.start()
+    proc = await scenarios.start_limit(c, namespace, options)
     try:
-        return await scenarios.converge(c, "limit", namespace, N, 0, tracker, None)
+        return {"cold": await scenarios.converge(c, "limit", namespace, N, 0, tracker, proc),
+                **scenarios.limit_errors(proc)}
     finally:
-        await client.stop()
-        await api.close()
+        proc.stop()
         await tracker.stop()
 
 
@@ -47,7 +42,7 @@ async def test_bench_smoke_reports_every_figure(kubeconfig: str, tmp_path: Path)
     c = await scenarios.Cluster.setup(kubeconfig, options, ["limit", "operator"])
     try:
         result: dict[str, Any] = {"n": N, "apply_without_operator_s": 1.0}
-        result["limit"] = {"cold": await _limit_cold(c, options)}
+        result["limit"] = await _limit_cold(c, options)
         await c.namespace(options.ns("op"))  # before the operator starts watching it
         result["operator"] = await scenarios.operator_scenarios(c, N, options)
         for role in ("canary", "op", "limit"):
@@ -61,6 +56,9 @@ async def test_bench_smoke_reports_every_figure(kubeconfig: str, tmp_path: Path)
         # Every ModelAPI's children and statuses were written by this client, and counted as such.
         assert cold["writes_per_modelapi"] >= cold["children_per_modelapi"], cold
         assert cold["requests"].get("patch modelapis/status", 0) >= N, cold["requests"]
+    # The limit client ran as its own process: its CPU is read from /proc like the operator's.
+    assert {"cpu_s", "cpu_ms_per_modelapi", "peak_rss_mib"} <= result["limit"]["cold"].keys()
+    assert result["limit"]["errors"] == 0, result["limit"]["first_errors"]
     cold = result["operator"]["cold"]
     assert {"cpu_s", "cpu_ms_per_modelapi", "peak_rss_mib", "events", "propagation_ms"} <= cold.keys()
     startup = result["operator"]["startup_empty"]

@@ -13,6 +13,7 @@ Environment:
     BENCH_WORKERS    the limit client's concurrency (default 4, the operator's --workers default)
     BENCH_NOISE      ConfigMaps,Deployments,Secrets of the noise scenario (default 5000,1000,2000)
     BENCH_QUICK=1    cold, update, restart and resync only (the smoke test)
+    BENCH_ONLY=limit the limit client's phase only (no operator)
     BENCH_OUT        folder of the JSON and the chart (default .bench/)
     KUBECONFIG       use this cluster for both phases instead of private ones (namespaces are deleted between)
 
@@ -63,12 +64,15 @@ async def measure(n: int, options: scenarios.Options, log: Any) -> dict[str, Any
             result["apply_without_operator_s"] = await scenarios.plain_apply(c, n, options.ns("plain"))
             log(f"N={n}: the limit client")
             result["limit"] = await scenarios.limit_scenarios(c, n, options)
+            log(f"N={n}: the limit client: {json.dumps(result['limit'])[:2000]}")
             if os.environ.get("KUBECONFIG"):
                 for ns in (options.ns("plain"), options.ns("limit")):
                     await c.admin.request("DELETE", f"/api/v1/namespaces/{ns}")
                     await c.gone(ns, 300 + n)
         finally:
             await c.admin.close()
+    if os.environ.get("BENCH_ONLY") == "limit":
+        return result
     async with fresh_cluster() as kubeconfig:
         c = await scenarios.Cluster.setup(kubeconfig, options, ["operator"])
         try:

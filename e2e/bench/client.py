@@ -120,32 +120,42 @@ class Api:
     async def watch(self, url_path: str, on_event: Callable[[str, Obj, float], Awaitable[None] | None],
                     ready: asyncio.Event | None = None) -> None:
         """List, then watch from the list's resourceVersion, calling on_event(type, object, monotonic time) for
-        every object listed (as ADDED) and every event, until cancelled. Restarts on a closed stream."""
+        every object listed (as ADDED) and every event, until cancelled. A stream that ends or fails (a dropped
+        connection, an ERROR event such as 410 Gone, a busy server) is started again from a new list, so no
+        change is missed: its objects come again as ADDED."""
         while True:
             try:
-                listed = await self.request("GET", url_path)
+                await self._list_and_watch(url_path, on_event, ready)
             except ApiError as e:
-                if e.status != 429 and e.status < 500:  # a new CRD's storage starting, an overloaded server
+                # 404: a new CRD's storage starting; 410: too old a version; 429, 5xx: a busy server
+                if e.status not in (404, 410, 429) and e.status < 500:
                     raise
-                await asyncio.sleep(1)
-                continue
-            for item in listed.get("items", []):
-                await _call(on_event, "ADDED", item, time.monotonic())
-            if ready is not None:
-                ready.set()
-            version = listed["metadata"]["resourceVersion"]
-            query = {"watch": "true", "resourceVersion": version, "allowWatchBookmarks": "true",
-                     "timeoutSeconds": "3600"}
-            timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
-            async with self._session().get(self.host + url_path, params=query, timeout=timeout) as resp:
-                if resp.status >= 400:
-                    raise ApiError(resp.status, await resp.text())
-                async for line in resp.content:
-                    if not line.strip():
-                        continue
-                    event = json.loads(line)
-                    if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
-                        await _call(on_event, event["type"], event["object"], time.monotonic())
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+                pass  # the connection dropped or a line was cut: list again
+            await asyncio.sleep(0.5)
+
+    async def _list_and_watch(self, url_path: str, on_event: Callable[[str, Obj, float], Awaitable[None] | None],
+                              ready: asyncio.Event | None) -> None:
+        listed = await self.request("GET", url_path)
+        for item in listed.get("items", []):
+            await _call(on_event, "ADDED", item, time.monotonic())
+        if ready is not None:
+            ready.set()
+        version = listed["metadata"]["resourceVersion"]
+        query = {"watch": "true", "resourceVersion": version, "allowWatchBookmarks": "true",
+                 "timeoutSeconds": "3600"}
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+        async with self._session().get(self.host + url_path, params=query, timeout=timeout) as resp:
+            if resp.status >= 400:
+                raise ApiError(resp.status, await resp.text())
+            async for line in resp.content:
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                    await _call(on_event, event["type"], event["object"], time.monotonic())
+                elif event["type"] == "ERROR":  # e.g. 410 Gone: this version is too old to watch from
+                    return
 
 
 async def _call(fn: Callable[[str, Obj, float], Awaitable[None] | None], *args: Any) -> None:

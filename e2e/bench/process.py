@@ -97,6 +97,7 @@ class OperatorProcess:
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     log_offset: int = field(default=0)
+    cwd: Path | None = None  # where the command runs (the repository, for `python -m e2e.bench.limit`)
 
     metrics_url: str = ""
 
@@ -130,7 +131,8 @@ class OperatorProcess:
     def start(self) -> float:
         log = self.log_path.open("ab")
         self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     cwd=self.cwd)
         log.close()
         return self.started_at
 
@@ -155,15 +157,29 @@ class OperatorProcess:
             with contextlib.suppress(OSError):
                 Path(f"/proc/{p}/clear_refs").write_text("5")
 
+    def log_text(self) -> str:
+        """What it logged since mark_log()."""
+        if not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as f:
+            f.seek(self.log_offset)
+            return f.read().decode(errors="replace")
+
+    async def wait_log(self, text: str, timeout: float) -> None:
+        """Until a line it logged since mark_log() contains `text`; an error if it exits first."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log_text():
+            _ = self.pid  # raises if it exited
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.command[:3]} did not log {text!r} in {timeout:.0f} s; see {self.log_path}")
+            await asyncio.sleep(0.1)
+
     def mark_log(self) -> None:
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
 
     def warning_lines(self) -> list[str]:
         """Lines logged since mark_log() that say warning or error."""
-        with self.log_path.open("rb") as f:
-            f.seek(self.log_offset)
-            text = f.read().decode(errors="replace")
-        return [line for line in text.splitlines() if is_warning(line)]
+        return [line for line in self.log_text().splitlines() if is_warning(line)]
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.proc is None:
