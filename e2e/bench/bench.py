@@ -14,6 +14,10 @@ Environment:
     BENCH_NOISE      ConfigMaps,Deployments,Secrets of the noise scenario (default 5000,1000,2000)
     BENCH_QUICK=1    cold, update, restart and resync only (the smoke test)
     BENCH_ONLY=limit the limit client's phase only (no operator)
+    BENCH_MIX        default, or peer / peer-kaos: the ModelAPIs both this CRD and KAOS's accept, spelled for
+                     this CRD or KAOS's (e2e/bench/manifests.py), to measure a peer operator
+    BENCH_LIMIT=0    no limit client (the plain `kubectl apply` still runs); implied by BENCH_MIX=peer-kaos,
+                     whose spelling the limit client (this operator's children) does not read
     BENCH_OUT        folder of the JSON and the chart (default .bench/)
     KUBECONFIG       use this cluster for both phases instead of private ones (namespaces are deleted between)
 
@@ -38,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from e2e import cluster
-from e2e.bench import report, scenarios
+from e2e.bench import manifests, report, scenarios
 
 
 @contextlib.asynccontextmanager
@@ -55,6 +59,10 @@ async def fresh_cluster() -> AsyncIterator[str]:
         await asyncio.to_thread(cluster.stop, cluster=started)
 
 
+def with_limit() -> bool:
+    return os.environ.get("BENCH_LIMIT", "1") != "0" and manifests.mix() != "peer-kaos"
+
+
 async def measure(n: int, options: scenarios.Options, log: Any) -> dict[str, Any]:
     result: dict[str, Any] = {"n": n}
     async with fresh_cluster() as kubeconfig:
@@ -62,9 +70,10 @@ async def measure(n: int, options: scenarios.Options, log: Any) -> dict[str, Any
         try:
             log(f"N={n}: kubectl apply without an operator")
             result["apply_without_operator_s"] = await scenarios.plain_apply(c, n, options.ns("plain"))
-            log(f"N={n}: the limit client")
-            result["limit"] = await scenarios.limit_scenarios(c, n, options)
-            log(f"N={n}: the limit client: {json.dumps(result['limit'])[:2000]}")
+            if with_limit():
+                log(f"N={n}: the limit client")
+                result["limit"] = await scenarios.limit_scenarios(c, n, options)
+                log(f"N={n}: the limit client: {json.dumps(result['limit'])[:2000]}")
             if os.environ.get("KUBECONFIG"):
                 for ns in (options.ns("plain"), options.ns("limit")):
                     await c.admin.request("DELETE", f"/api/v1/namespaces/{ns}")

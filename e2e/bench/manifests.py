@@ -3,10 +3,17 @@
 The mix, per ten ModelAPIs: two wildcard Proxies (apiBase), two single-model (apiBase + model), two mocks,
 one with a full LiteLLM configYaml, one mock with env, its own route timeout and a podSpec override, and two
 Hosted. The operator runs with a Gateway (--gateway-name), so every one has an HTTPRoute.
+
+BENCH_MIX picks another mix, to measure a peer (another operator of kaos.tools/v1alpha1, e.g. KAOS's Go one) on
+what both CRDs have: `peer` is half mock Proxy, half Hosted, spelled for this CRD (proxyConfig.model); `peer-kaos`
+the same ModelAPIs spelled for KAOS's CRD (proxyConfig.models, a list, which it requires and this CRD does not
+know). Their update sets an env var through a podSpec override of the `model-api` container, which both CRDs
+accept and both operators name so.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import yaml
@@ -21,13 +28,41 @@ CONFIG = """model_list:
 router_settings: {{num_retries: 1}}
 """
 VARIANTS = ("wildcard", "wildcard", "single", "single", "mock", "mock", "config", "custom", "hosted", "hosted")
+MIXES = ("default", "peer", "peer-kaos")
+PEER_VARIANTS = ("mock", "hosted")
+
+
+def mix() -> str:
+    """BENCH_MIX (default: the mix above)."""
+    value = os.environ.get("BENCH_MIX") or "default"
+    if value not in MIXES:
+        raise ValueError(f"BENCH_MIX={value!r}: expected one of {', '.join(MIXES)}")
+    return value
 
 
 def variant(i: int) -> str:
+    if mix() != "default":
+        return PEER_VARIANTS[i % len(PEER_VARIANTS)]
     return VARIANTS[i % len(VARIANTS)]
 
 
+def _peer_spec(i: int, revision: int) -> dict[str, Any]:
+    """The mix both CRDs accept, in this CRD's spelling or KAOS's (mix `peer-kaos`)."""
+    spec: dict[str, Any]
+    if variant(i) == "hosted":
+        spec = {"mode": "Hosted", "hostedConfig": {"model": "smollm2:135m"}}
+    else:
+        proxy = {"models": [f"gpt-mock-{i}"]} if mix() == "peer-kaos" else {"model": f"gpt-mock-{i}"}
+        spec = {"mode": "Proxy", "proxyConfig": proxy}
+    if revision:
+        env = [{"name": "BENCH_REVISION", "value": str(revision)}]
+        spec["podSpec"] = {"containers": [{"name": "model-api", "env": env}]}
+    return spec
+
+
 def _spec(i: int, revision: int) -> dict[str, Any]:
+    if mix() != "default":
+        return _peer_spec(i, revision)
     env = [{"name": "BENCH_REVISION", "value": str(revision)}] if revision else []
     kind = variant(i)
     if kind == "hosted":

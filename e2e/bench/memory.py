@@ -26,11 +26,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from e2e.bench import bench, scenarios
+from e2e.bench.process import OperatorProcess
 
 TOP = int(os.environ.get("MEMTRACE_TOP", "30"))
 
 
-async def snapshot(op: scenarios.OperatorProcess, folder: Path, count: int) -> dict[str, Any]:
+async def snapshot(op: OperatorProcess, folder: Path, count: int) -> dict[str, Any]:
     os.kill(op.pid, signal.SIGUSR2)
     done = folder / f"{count}.json"
     deadline = time.monotonic() + 300
