@@ -32,7 +32,7 @@ from .events import Recorder
 from .informer import Informer, Interner, MultiNamespaceInformer, informer_for_namespaces
 from .kube import NAMESPACE, ApiError, ConfigError, KubeClient, Obj, Resource, TerminatingNamespaces, load_api_client
 from .leader import LeaderElector, LeaseTiming
-from .memory import release_periodically
+from .memory import release_periodically, settle_collector
 from .observability import Metrics, configure_logging, health_app, metrics_app, serve
 from .runtime import CacheSpec, Controller, Stores
 from .settings import Settings
@@ -290,6 +290,7 @@ async def run(options: Options, log: Log) -> int:
             return 0
         if await _until_signalled(stop, manager.start_caches()):
             return 0
+        settle_collector()
         trimmer = asyncio.create_task(release_periodically())  # what the imports and the first lists freed
         if options.leader_elect:
             def on_change(leading: bool) -> None:

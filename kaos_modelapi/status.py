@@ -28,6 +28,12 @@ _FAILING_WAIT_REASONS = frozenset({
 PULL_POLL_SECONDS = 10.0
 PROGRESS_STEP = 10
 PULLING = "PullingModel"
+CREATING = "Creating"  # the first reconcile: children sent, no Deployment in the cache yet
+PODS_NOT_READY = "PodsNotReady"
+LOADING = "LoadingModel"
+# Where every new ModelAPI starts: a first status saying so is no news (just_created). (A pull, minutes long,
+# and the model's loading are: each has its Event.)
+ON_THE_WAY = frozenset({CREATING, PODS_NOT_READY})
 _SIZE = r"[0-9.]+ [KMGT]?B"
 _PROGRESS_LINE = re.compile(rf"^{re.escape(ollama.PROGRESS_PREFIX)}(\d{{1,3}})% ({_SIZE})/({_SIZE})\s*$")
 # The progress as the status message shows it: "pulling model M: 42% (57/135 MB)".
@@ -196,8 +202,8 @@ def _deployment_verdict(m: ModelAPI, deployment: dict[str, Any], pods: tuple[dic
         return Verdict("Failed", progressing.get("reason") or "ProgressDeadlineExceeded",
                        progressing.get("message") or "the Deployment is not making progress")
     if m.spec.mode == "Hosted" and m.spec.hostedConfig and any(_loading(p) for p in live):
-        return Verdict("Pending", "LoadingModel", f"loading model {m.spec.hostedConfig.model} into memory")
-    return Verdict("Pending", "PodsNotReady", f"waiting for pods to become ready ({ready}/{wanted})")
+        return Verdict("Pending", LOADING, f"loading model {m.spec.hostedConfig.model} into memory")
+    return Verdict("Pending", PODS_NOT_READY, f"waiting for pods to become ready ({ready}/{wanted})")
 
 
 def _replica_failure(m: ModelAPI, deployment: dict[str, Any]) -> Verdict | None:
@@ -230,7 +236,7 @@ def verdict(m: ModelAPI, built: Desired | SpecError, observed: Observed) -> Verd
         return Verdict("Pending", "SecretNotFound",
                        f"waiting for Secret {ref.name} ({ref.why}) in namespace {m.metadata.namespace}")
     if observed.deployment is None:
-        return Verdict("Pending", "Creating", f"creating Deployment modelapi-{m.metadata.name}")
+        return Verdict("Pending", CREATING, f"creating Deployment modelapi-{m.metadata.name}")
     return _deployment_verdict(m, observed.deployment, observed.pods)
 
 
@@ -285,6 +291,15 @@ def ready_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
         return True
     # A pull's progress is not news (it would be an Event every PROGRESS_STEP points).
     return _without_progress(str(before.get("message"))) != _without_progress(str(after.get("message")))
+
+
+def just_created(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether `new` is a ModelAPI's first status and says only that it is starting (its children being
+    created, its pods not ready yet): what the user who just applied it knows already, so no Event (one per
+    ModelAPI created, a tenth of a cold converge's writes). A first status that says more (a missing Secret,
+    an unschedulable pod, a model pulled, Failed, Ready) is news, and so is every later change."""
+    after = ready_of(new)
+    return not ready_of(old) and after.get("status") == "False" and after.get("reason") in ON_THE_WAY
 
 
 def _stored(m: ModelAPI) -> dict[str, Any]:

@@ -166,6 +166,45 @@ async def test_a_missing_generated_secret_is_created_once_with_a_key(converged: 
     assert client.events == []  # Events are for what a user acts on, not for each child written
 
 
+def just_applied(objects: list[Obj]) -> list[Obj]:
+    """The ModelAPI as the user just applied it: no status, no children yet."""
+    modelapi = copy.deepcopy(of_kind(objects, "ModelAPI"))
+    modelapi.pop("status", None)
+    return [modelapi]
+
+
+async def test_a_new_modelapi_gets_its_children_and_a_pending_status_but_no_event(converged: list[Obj]) -> None:
+    objects = just_applied(converged)
+    r, client = reconciler(objects)
+    await r.reconcile(key(objects))
+    (written,) = client.statuses
+    assert (written["phase"], status.ready_of(written)["reason"]) == ("Pending", "Creating")
+    assert "apply" in [c[0] for c in client.writes()]
+    assert client.events == []  # being created is what the user just did: no news
+
+
+def test_only_a_first_status_on_the_way_to_ready_is_no_news() -> None:
+    def st(ready: str, reason: str) -> dict[str, Any]:
+        return {"conditions": [{"type": "Ready", "status": ready, "reason": reason}]}
+
+    for reason in ("Creating", "PodsNotReady"):
+        assert status.just_created({}, st("False", reason)), reason
+        assert not status.just_created(st("True", "PodsReady"), st("False", reason)), reason
+    for ready, reason in (("False", "SecretNotFound"), ("False", "Unschedulable"), ("False", "InvalidConfig"),
+                          ("False", "PullingModel"), ("False", "LoadingModel"), ("True", "PodsReady")):
+        assert not status.just_created({}, st(ready, reason)), reason
+
+
+async def test_a_new_modelapi_that_waits_for_a_missing_secret_says_so_in_an_event(converged: list[Obj]) -> None:
+    objects = just_applied(converged)
+    modelapi = objects[0]
+    modelapi["spec"]["proxyConfig"]["env"] = [
+        {"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k"}}}]
+    r, client = reconciler(objects)
+    await r.reconcile(key(objects))
+    assert client.event_reasons() == ["SecretNotFound"]  # the user has something to do
+
+
 async def test_a_conflict_is_taken_back_with_an_event(converged: list[Obj]) -> None:
     objects = copy.deepcopy(converged)
     of_kind(objects, "Service")["spec"]["ports"][0]["targetPort"] = 9999  # someone edited our field
@@ -550,6 +589,25 @@ def test_a_secret_finds_the_modelapis_that_reference_it_in_its_own_namespace() -
     assert names("a/keys") == ["both", "env-only"]
     assert names("b/routes") == ["elsewhere"]
     assert names("a/other") == []
+
+
+def test_the_secret_index_follows_a_spec_change_and_not_a_status_write() -> None:
+    env = {"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "k"}}}
+    user = modelapi("user", "a", {"model": "m", "env": [env]})
+    user["metadata"].update(uid="u-1", generation=1)
+    store = Store({SECRET_REF_INDEX: secret_ref_keys})
+    store.apply(Change("add", None, user))
+    written = copy.deepcopy(user)
+    written["metadata"]["resourceVersion"] = "2"
+    written["status"] = {"phase": "Pending"}
+    store.apply(Change("update", user, written))
+    assert [o["metadata"]["name"] for o in store.by_index(SECRET_REF_INDEX, "a/keys")] == ["user"]
+    changed = copy.deepcopy(written)
+    changed["metadata"].update(resourceVersion="3", generation=2)
+    changed["spec"]["proxyConfig"]["env"] = [{**env, "valueFrom": {"secretKeyRef": {"name": "new", "key": "k"}}}]
+    store.apply(Change("update", written, changed))
+    assert store.by_index(SECRET_REF_INDEX, "a/keys") == []
+    assert [o["metadata"]["name"] for o in store.by_index(SECRET_REF_INDEX, "a/new")] == ["user"]
 
 
 def wakes(obj: Obj, objects: list[Obj]) -> set[str]:

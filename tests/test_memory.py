@@ -34,3 +34,27 @@ async def test_release_periodically_runs_until_cancelled() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+def test_settled_objects_are_left_alone_and_later_cycles_still_collected() -> None:
+    import gc
+    import weakref
+
+    class Node:
+        def __init__(self) -> None:
+            self.me = self
+
+    threshold = gc.get_threshold()
+    kept = [{"cached": i} for i in range(1000)]
+    try:
+        memory.settle_collector()
+        assert gc.get_freeze_count() >= len(kept)
+        assert gc.get_threshold()[0] >= memory.YOUNG_COLLECTION_THRESHOLD
+        later = Node()
+        gone = weakref.ref(later)
+        del later
+        gc.collect()
+        assert gone() is None  # a cycle made after settling is collected as ever
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
