@@ -119,9 +119,6 @@ class Watch:
     predicate: Predicate | None = None
 
 
-YIELD_RECHECK_SECONDS = 0.25  # a worker set aside during a user's burst looks again this often
-
-
 def _own_key(obj: Obj, _: Stores) -> Iterable[str]:
     return (object_key(obj),)
 
@@ -182,7 +179,7 @@ class Controller:
         self._metrics = metrics
         self._log = log
         self.writes_allowed = True
-        # While a user creates ModelAPIs in a burst, fewer workers: their requests are not kept waiting.
+        # While a user creates ModelAPIs in a burst, no reconcile: their requests are not kept waiting.
         self.yielding = BurstYield(workers)
         self._running = False
         metrics.track_unfinished_work(self.queue.unfinished_work)
@@ -237,7 +234,7 @@ class Controller:
     async def _worker(self, index: int) -> None:
         while True:
             while index >= self.yielding.allowed():
-                await asyncio.sleep(min(self.yielding.holding_for(), YIELD_RECHECK_SECONDS))
+                await asyncio.sleep(self.yielding.holding_for())
             try:
                 key = await self.queue.get()
             except ShutDown:
