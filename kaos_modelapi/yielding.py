@@ -8,13 +8,12 @@ it once the user's burst has passed costs the converge little and gives the user
 
 `BurstYield` sees the creations of primary objects (watch events after the initial list): from `burst`
 creations within `window` seconds (10 in 2 s: kubectl creates one every 15-70 ms on this 2-core machine,
-a person far fewer) until `quiet` seconds pass without one, only `reduced` workers reconcile (by default
-none: the queue keeps every key, in order, for when the burst has passed). A ModelAPI applied alone is
-never a burst and is reconciled at once; one applied during someone else's burst waits for it to end, as
-it would anyway behind the burst's keys in the queue.
-
-A hold lasts at most `max_hold` seconds; a burst that outlasts it (an endless trickle of creations) is
-not held again until it has been quiet once, so the operator is never kept from its work for longer.
+a person far fewer) until `quiet` seconds pass without one, the burst is yielded to: for its first `defer`
+seconds no worker reconciles (the queue keeps every key, in order, for when the burst has passed), then
+`reduced` workers (one: the queue drains, slowly, under a burst that goes on), and after `max_hold` seconds
+every worker again, until the burst has been quiet once (an endless trickle of creations is not yielded to
+for ever). A ModelAPI applied alone is never a burst and is reconciled at once; one applied during someone
+else's burst waits for it to end or for `defer`, as it would anyway behind the burst's keys in the queue.
 """
 
 from __future__ import annotations
@@ -26,13 +25,14 @@ from collections.abc import Callable
 
 class BurstYield:
     def __init__(self, workers: int, *, burst: int = 10, window: float = 2.0, quiet: float = 1.5,
-                 reduced: int = 0, max_hold: float = 60.0,
+                 defer: float = 60.0, reduced: int = 1, max_hold: float = 120.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.workers = workers
         self.reduced = max(0, min(reduced, workers))
         self._burst = burst
         self._window = window
         self._quiet = quiet
+        self._defer = defer
         self._max_hold = max_hold
         self._clock = clock
         self._recent: deque[float] = deque(maxlen=burst)
@@ -52,12 +52,23 @@ class BurstYield:
                 and now - self._recent[0] <= self._window:
             self._holding_since = now
 
-    def holding_for(self) -> float:
-        """Seconds until every worker may run again (0: now). The end only moves later while a burst goes on,
-        so a worker set aside may sleep this long and look again."""
+    def allowed(self) -> int:
+        """How many workers may reconcile now."""
         now = self._clock()
         self._expire(now)
-        return 0.0 if self._holding_since is None else self._end() - now
+        if self._holding_since is None:
+            return self.workers
+        return 0 if now < self._holding_since + self._defer else self.reduced
+
+    def holding_for(self) -> float:
+        """Seconds until more workers may run (0: every worker runs now). The end only moves later while a
+        burst goes on, so a worker set aside may sleep this long and look again."""
+        now = self._clock()
+        self._expire(now)
+        if self._holding_since is None:
+            return 0.0
+        deferred_until = self._holding_since + self._defer
+        return (min(self._end(), deferred_until) if now < deferred_until else self._end()) - now
 
     def _end(self) -> float:
         assert self._holding_since is not None
@@ -71,7 +82,3 @@ class BurstYield:
         self._outlasted = self._last_created + self._quiet > self._holding_since + self._max_hold
         self._holding_since = None
         self._recent.clear()
-
-    def allowed(self) -> int:
-        """How many workers may reconcile now."""
-        return self.reduced if self.holding_for() > 0 else self.workers

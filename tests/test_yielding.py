@@ -63,24 +63,28 @@ def test_a_worker_set_aside_sleeps_until_the_end_it_was_told_or_later() -> None:
     assert y.allowed() == 0  # a worker waking at the end it was told looks again and sleeps on
 
 
-def test_reduced_workers_when_asked() -> None:
+def test_a_burst_that_goes_on_past_the_deferral_gets_one_worker_then_every_worker() -> None:
     clock = Clock()
-    y = BurstYield(4, reduced=1, clock=clock)
-    burst(y, clock, 12, 0.07)
-    assert y.allowed() == 1
-
-
-def test_a_hold_is_bounded_and_a_burst_that_outlasts_it_is_not_held_again() -> None:
-    clock = Clock()
-    y = BurstYield(4, burst=20, window=1.0, max_hold=10.0, clock=clock)
+    y = BurstYield(4, burst=20, window=1.0, defer=5.0, max_hold=10.0, clock=clock)
     burst(y, clock, 20, 0.01)
     assert y.allowed() == 0
-    burst(y, clock, 1000, 0.02)  # 20 s of creations: held for the first 10 only
+    assert 0 < y.holding_for() <= 5.0  # worker 0 wakes when the deferral ends
+    burst(y, clock, 300, 0.02)  # 6 s of creations
+    assert y.allowed() == 1  # the queue drains, slowly
+    assert 0 < y.holding_for() <= 4.0  # the others wake at the bound
+    burst(y, clock, 300, 0.02)  # 12 s in all: past the bound
     assert y.allowed() == 4
     burst(y, clock, 1000, 0.02)  # the same burst goes on: never held again
     assert y.allowed() == 4
     clock.now += 2.0  # it has been quiet once: the next burst is held again
     burst(y, clock, 20, 0.01)
+    assert y.allowed() == 0
+
+
+def test_no_worker_at_all_when_asked() -> None:
+    clock = Clock()
+    y = BurstYield(4, defer=5.0, reduced=0, max_hold=10.0, clock=clock)
+    burst(y, clock, 200, 0.04)  # 8 s of creations
     assert y.allowed() == 0
 
 
