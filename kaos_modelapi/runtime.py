@@ -179,7 +179,7 @@ class Controller:
         self._metrics = metrics
         self._log = log
         self.writes_allowed = True
-        # While a user creates ModelAPIs in a burst, no reconcile: their requests are not kept waiting.
+        # While a user creates ModelAPIs in a burst, fewer workers: their requests are not kept waiting.
         self.yielding = BurstYield(workers)
         self._running = False
         metrics.track_unfinished_work(self.queue.unfinished_work)

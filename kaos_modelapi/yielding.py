@@ -9,11 +9,15 @@ it once the user's burst has passed costs the converge little and gives the user
 `BurstYield` sees the creations of primary objects (watch events after the initial list): from `burst`
 creations within `window` seconds (10 in 2 s: kubectl creates one every 15-70 ms on this 2-core machine,
 a person far fewer) until `quiet` seconds pass without one, the burst is yielded to: for its first `defer`
-seconds no worker reconciles (the queue keeps every key, in order, for when the burst has passed), then
-`reduced` workers (one: the queue drains, slowly, under a burst that goes on), and after `max_hold` seconds
-every worker again, until the burst has been quiet once (an endless trickle of creations is not yielded to
-for ever). A ModelAPI applied alone is never a burst and is reconciled at once; one applied during someone
-else's burst waits for it to end or for `defer`, as it would anyway behind the burst's keys in the queue.
+seconds no worker reconciles, then `reduced` workers (one: the queue drains in order, and changes that come
+meanwhile, a pod turning Ready or another user's ModelAPI, are not held up long), and after `max_hold`
+seconds every worker again, until the burst has been quiet once (an endless trickle of creations is not
+yielded to for ever). A ModelAPI applied alone is never a burst and is reconciled at once.
+
+`defer` is 0 by default: deferring every reconcile during the apply was measured against one worker (N=300
+and 1000, fresh clusters, load average 7-12) and the user's apply was no faster (N=300: 6.5 s against 6.1 s,
+5.2 s without the operator; N=1000: 18.9 against 19.2 s in one run), the API server's CPU during it no
+lower beyond the noise, while everything else would wait for the burst to end.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from collections.abc import Callable
 
 class BurstYield:
     def __init__(self, workers: int, *, burst: int = 10, window: float = 2.0, quiet: float = 1.5,
-                 defer: float = 60.0, reduced: int = 1, max_hold: float = 120.0,
+                 defer: float = 0.0, reduced: int = 1, max_hold: float = 120.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.workers = workers
         self.reduced = max(0, min(reduced, workers))

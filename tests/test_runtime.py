@@ -67,12 +67,12 @@ class Slow:
             await asyncio.sleep(0.001)
 
 
-async def test_a_users_burst_of_creations_is_reconciled_once_it_has_passed_then_by_every_worker() -> None:
+async def test_a_burst_deferred_is_reconciled_once_it_has_passed_then_by_every_worker() -> None:
     reconciler = Slow()
     ctrl = Builder("t").for_(CacheSpec(kube.MODELAPI)).complete(
         reconciler, workers=4, resync_seconds=3600, metrics=Metrics(CollectorRegistry(), "t"),
         log=structlog.get_logger("test"))
-    ctrl.yielding = BurstYield(4, quiet=0.3)
+    ctrl.yielding = BurstYield(4, quiet=0.3, defer=60)  # none while the burst lasts (default: one)
     held: list[bool] = []  # for each reconcile as it starts: was the burst being yielded to?
     reconcile = reconciler.reconcile
 
