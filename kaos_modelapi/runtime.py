@@ -119,9 +119,6 @@ class Watch:
     predicate: Predicate | None = None
 
 
-YIELD_RECHECK_SECONDS = 0.25  # a worker set aside during a user's burst looks again this often
-
-
 def _own_key(obj: Obj, _: Stores) -> Iterable[str]:
     return (object_key(obj),)
 
@@ -237,7 +234,7 @@ class Controller:
     async def _worker(self, index: int) -> None:
         while True:
             while index >= self.yielding.allowed():
-                await asyncio.sleep(min(self.yielding.holding_for(), YIELD_RECHECK_SECONDS))
+                await asyncio.sleep(self.yielding.holding_for())
             try:
                 key = await self.queue.get()
             except ShutDown:
