@@ -124,30 +124,12 @@ def _container_status(status: Mapping[str, Any]) -> dict[str, Any]:
 
 def secret_ref_keys(obj: Obj) -> list[str]:
     """Index function: a ModelAPI -> the keys of the Secrets it references, so that a Secret event finds
-    its ModelAPIs without scanning them all. An object the models cannot read references nothing.
-
-    They come from the spec alone, so they are kept per (uid, generation): the status writes that make most
-    of a ModelAPI's updates do not validate the whole object again."""
-    meta = obj.get("metadata") or {}
-    uid, generation = meta.get("uid"), meta.get("generation")
-    known = _secret_refs_seen.get(uid) if uid and generation is not None else None
-    if known is not None and known[0] == generation:
-        return list(known[1])
+    its ModelAPIs without scanning them all. An object the models cannot read references nothing."""
     try:
         m = ModelAPI.model_validate(obj)
     except pydantic.ValidationError:
         return []
-    keys = sorted({key_for(m.metadata.namespace, ref.name) for ref in desired.secret_refs(m)})
-    if uid and generation is not None:
-        _secret_refs_seen.pop(uid, None)  # (re-inserted last: the oldest entries go first)
-        _secret_refs_seen[uid] = (generation, tuple(keys))
-        while len(_secret_refs_seen) > SECRET_REFS_KEPT:
-            del _secret_refs_seen[next(iter(_secret_refs_seen))]
-    return keys
-
-
-SECRET_REFS_KEPT = 20000  # ModelAPIs whose Secret keys are remembered; more are only validated again
-_secret_refs_seen: dict[str, tuple[int, tuple[str, ...]]] = {}
+    return sorted({key_for(m.metadata.namespace, ref.name) for ref in desired.secret_refs(m)})
 
 
 def pod_modelapi_keys(obj: Obj) -> list[str]:
