@@ -197,7 +197,7 @@ class Controller:
             if obj is not None and (watch.predicate is None or watch.predicate(kind, old, new)):
                 # The initial list only says what exists: a settled object, or a child, needs a look, after
                 # whatever was changed while no operator ran (controller-runtime's low priority for it).
-                low = not self._running and not (primary and not settled(obj))
+                low = not self._running and (not primary or settled(obj))
                 for key in watch.map(obj, stores):
                     self.queue.add(key, low_priority=low)
 
