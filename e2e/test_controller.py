@@ -471,7 +471,8 @@ async def test_metrics_use_controller_runtime_names_with_real_values(kubectl: Ku
     assert metric_value(text, "rest_client_requests_total", code="200", method="GET") > 0
     assert metric_value(text, "rest_client_requests_total", method="PATCH") > 0
     assert metric_value(text, "kaos_modelapi_modelapis", phase="Ready") >= 1
-    for gauge in ("workqueue_unfinished_work_seconds", "workqueue_longest_running_processor_seconds"):
+    for gauge in ("workqueue_unfinished_work_seconds", "workqueue_longest_running_processor_seconds",
+                  "kaos_modelapi_burst_held"):
         assert f'{gauge}{{name="modelapi"}} ' in text, gauge  # read from the queue when scraped
     for name in ("controller_runtime_reconcile_errors_total", "workqueue_depth", "workqueue_retries_total",
                  "controller_runtime_terminal_reconcile_errors_total", "leader_election_master_status"):

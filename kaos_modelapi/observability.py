@@ -70,6 +70,8 @@ class Metrics:
                                 "Seconds of work in progress not yet observed by work_duration", q, registry=registry)
         self.longest = Gauge("workqueue_longest_running_processor_seconds",
                              "Seconds the longest running processor has been running", q, registry=registry)
+        self.held = Gauge("kaos_modelapi_burst_held", "Keys created or changed in a user's burst, queued once it "
+                          "has passed", q, registry=registry)
         self.requests = Counter("rest_client_requests_total", "API server requests by status code and method",
                                 ["code", "method"], registry=registry)
         self.leader = Gauge("leader_election_master_status", "1 when this process is the leader", ["name"],
@@ -85,6 +87,9 @@ class Metrics:
         """Read the queue's in-flight work when scraped: (total seconds, longest single one)."""
         self.unfinished.labels(self._queue).set_function(lambda: unfinished_work()[0])
         self.longest.labels(self._queue).set_function(lambda: unfinished_work()[1])
+
+    def track_held(self, held: Callable[[], int]) -> None:
+        self.held.labels(self._queue).set_function(held)
 
     def count_modelapis(self, list_modelapis: Callable[[], Iterable[dict[str, Any]]]) -> None:
         self.registry.register(_PhaseCollector(list_modelapis))

@@ -93,6 +93,14 @@ def changed_beyond_version(kind: EventKind, old: Obj | None, new: Obj | None) ->
     return _without_version(old) != _without_version(new)
 
 
+def users_change(kind: EventKind, old: Obj | None, new: Obj | None) -> bool:
+    """A creation, or a new generation (a spec change): what a user's `kubectl apply` makes."""
+    if kind == "add":
+        return True
+    return kind == "update" and old is not None and new is not None \
+        and old["metadata"].get("generation") != new["metadata"].get("generation")
+
+
 def _without_version(obj: Obj) -> Obj:
     return {**obj, "metadata": {k: v for k, v in obj["metadata"].items() if k != "resourceVersion"}}
 
@@ -179,10 +187,14 @@ class Controller:
         self._metrics = metrics
         self._log = log
         self.writes_allowed = True
-        # While a user creates ModelAPIs in a burst, fewer workers: their requests are not kept waiting.
-        self.yielding = BurstYield(workers)
+        # What a user creates or changes in a burst waits until it has passed: their requests are not kept
+        # waiting behind the operator's writes. Held keys, in the order they came.
+        self.yielding = BurstYield()
+        self._held: dict[str, None] = {}
+        self._held_changed = asyncio.Event()
         self._running = False
         metrics.track_unfinished_work(self.queue.unfinished_work)
+        metrics.track_held(lambda: len(self._held))
         metrics.max_concurrent.labels(name).set(workers)
 
     def caches(self) -> Iterator[CacheSpec]:
@@ -191,17 +203,39 @@ class Controller:
     def handler(self, watch: Watch, stores: Stores) -> Handler:
         def enqueue(kind: EventKind, old: Obj | None, new: Obj | None) -> None:
             obj = new if new is not None else old
+            if obj is None or (watch.predicate is not None and not watch.predicate(kind, old, new)):
+                return
             primary = watch.cache == self.primary
-            if kind == "add" and self._running and primary:
-                self.yielding.created()  # (the initial list's adds come before run(): not a user's burst)
-            if obj is not None and (watch.predicate is None or watch.predicate(kind, old, new)):
-                # The initial list only says what exists: a settled object, or a child, needs a look, after
-                # whatever was changed while no operator ran (controller-runtime's low priority for it).
-                low = not self._running and (not primary or settled(obj))
-                for key in watch.map(obj, stores):
-                    self.queue.add(key, low_priority=low)
+            # (The initial list's adds come before run(): what exists is not a user's burst.)
+            if primary and self._running and users_change(kind, old, new) and self.yielding.changed():
+                self._hold(watch.map(obj, stores))
+                return
+            # The initial list only says what exists: a settled object, or a child, needs a look, after
+            # whatever was changed while no operator ran (controller-runtime's low priority for it).
+            low = not self._running and (not primary or settled(obj))
+            for key in watch.map(obj, stores):
+                self.queue.add(key, low_priority=low)
 
         return enqueue
+
+    def _hold(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._held[key] = None
+        self._held_changed.set()
+
+    async def _release_held(self) -> None:
+        """Once a burst has passed, queue what it created or changed, behind the work that came meanwhile (a
+        ModelAPI created before it turning Ready is told at once, not after the whole burst)."""
+        while True:
+            await self._held_changed.wait()
+            self._log.info("a burst of changes: their reconciles wait until it has passed")
+            while (wait := self.yielding.holding_for()) > 0:
+                await asyncio.sleep(wait)
+            self._held_changed.clear()
+            held, self._held = self._held, {}
+            self._log.info("the burst has passed: reconciling what it created or changed", keys=len(held))
+            for key in held:
+                self.queue.add(key, low_priority=True)
 
     def enqueue_all(self, stores: Stores) -> None:
         """Every primary object (a start, a resync): the settled ones after any other work."""
@@ -213,28 +247,27 @@ class Controller:
         leadership (`writes_allowed` False) they are cancelled at once, since another process may write."""
         self.enqueue_all(stores)
         self._running = True
-        workers = [asyncio.create_task(self._worker(i)) for i in range(self._workers)]
-        resync = asyncio.create_task(self._resync(stores))
+        workers = [asyncio.create_task(self._worker()) for _ in range(self._workers)]
+        background = [asyncio.create_task(self._resync(stores)), asyncio.create_task(self._release_held())]
         try:
             await asyncio.wait(workers)  # not gather: a cancellation here must not cancel the workers
         finally:
             self.queue.shutdown()
-            resync.cancel()
+            for task in background:
+                task.cancel()
             if self.writes_allowed:
                 await asyncio.wait(workers, timeout=SHUTDOWN_GRACE_SECONDS)
             for task in workers:
                 task.cancel()
-            await asyncio.gather(*workers, resync, return_exceptions=True)
+            await asyncio.gather(*workers, *background, return_exceptions=True)
 
     async def _resync(self, stores: Stores) -> None:
         while True:
             await asyncio.sleep(self._resync_seconds)
             self.enqueue_all(stores)
 
-    async def _worker(self, index: int) -> None:
+    async def _worker(self) -> None:
         while True:
-            while index >= self.yielding.allowed():
-                await asyncio.sleep(self.yielding.holding_for())
             try:
                 key = await self.queue.get()
             except ShutDown:

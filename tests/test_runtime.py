@@ -67,17 +67,22 @@ class Slow:
             await asyncio.sleep(0.001)
 
 
-async def test_a_burst_deferred_is_reconciled_once_it_has_passed_then_by_every_worker() -> None:
+def modelapi_at(name: str, generation: int, labels: dict[str, str] | None = None) -> kube.Obj:
+    return {"metadata": {"namespace": "ns", "name": name, "generation": generation, "labels": labels or {}}}
+
+
+async def test_a_burst_waits_until_it_has_passed_while_other_work_goes_on() -> None:
     reconciler = Slow()
     ctrl = Builder("t").for_(CacheSpec(kube.MODELAPI)).complete(
         reconciler, workers=4, resync_seconds=3600, metrics=Metrics(CollectorRegistry(), "t"),
         log=structlog.get_logger("test"))
-    ctrl.yielding = BurstYield(4, quiet=0.3, defer=60)  # none while the burst lasts (default: one)
-    held: list[bool] = []  # for each reconcile as it starts: was the burst being yielded to?
+    ctrl.yielding = BurstYield(quiet=0.3)  # (10 changes within 2 s are a burst)
+    during: list[str] = []  # what was reconciled while the burst was held
     reconcile = reconciler.reconcile
 
     async def noting(key: str) -> Result:
-        held.append(ctrl.yielding.holding_for() > 0)
+        if ctrl.yielding.holding_for() > 0:
+            during.append(key)
         return await reconcile(key)
 
     reconciler.reconcile = noting  # type: ignore[method-assign]
@@ -86,19 +91,32 @@ async def test_a_burst_deferred_is_reconciled_once_it_has_passed_then_by_every_w
     runner = asyncio.create_task(ctrl.run(Stores()))
     await asyncio.sleep(0)
     for i in range(60):  # kubectl apply -f of 60 ModelAPIs: each a watch event "add", all at once
-        enqueue("add", None, {"metadata": {"namespace": "ns", "name": f"m{i}"}})
-    await asyncio.wait_for(reconciler.until(60), 10)
-    # Only the keys the idle workers were already waiting for ran during the burst; the rest after it.
-    assert sum(held) <= 4
-    assert reconciler.most > 1  # then every worker
-    reconciler.most = 0
-    for i in range(100):  # changes, not creations: every worker at once
-        enqueue("update", None, {"metadata": {"namespace": "ns", "name": f"m{i}"}})
-    await asyncio.wait_for(reconciler.until(160), 10)
+        enqueue("add", None, modelapi_at(f"m{i}", 1))
+    # Meanwhile a change that is not a new spec (a label): reconciled at once, as is the rest of the world.
+    enqueue("update", modelapi_at("other", 3), modelapi_at("other", 3, {"team": "a"}))
+    await asyncio.wait_for(reconciler.until(10), 10)
+    first = {f"ns/m{i}" for i in range(9)} | {"ns/other"}  # the nine before the rate was seen, and the label
+    assert set(reconciler.done) == first
+    await asyncio.wait_for(reconciler.until(61), 10)
+    assert set(during) <= first
+    assert sorted(reconciler.done[10:]) == sorted(f"ns/m{i}" for i in range(9, 60))
+    assert reconciler.most > 1  # then by every worker
+
+    # A burst of spec changes (a new generation each) is held the same way.
+    await asyncio.wait_for(_until_not_holding(ctrl.yielding), 10)
+    during.clear()
+    for i in range(60):
+        enqueue("update", modelapi_at(f"m{i}", 1), modelapi_at(f"m{i}", 2))
+    await asyncio.wait_for(reconciler.until(121), 10)
     runner.cancel()
     await asyncio.gather(runner, return_exceptions=True)
-    assert reconciler.most > 1
-    assert sorted(reconciler.done[:60]) == sorted(f"ns/m{i}" for i in range(60))
+    assert set(during) <= {f"ns/m{i}" for i in range(9)}
+    assert sorted(reconciler.done[61:]) == sorted(f"ns/m{i}" for i in range(60))
+
+
+async def _until_not_holding(y: BurstYield) -> None:
+    while y.holding_for() > 0:
+        await asyncio.sleep(0.01)
 
 
 def modelapi(name: str, generation: int, observed: int | None) -> kube.Obj:

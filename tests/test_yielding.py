@@ -1,4 +1,4 @@
-"""When the operator yields the API server to a user's burst of creations (kaos_modelapi.yielding).
+"""When the operator yields the API server to a user's burst of changes (kaos_modelapi.yielding).
 The decision is pure: fed timestamps by a clock the test moves."""
 
 from __future__ import annotations
@@ -14,104 +14,86 @@ class Clock:
         return self.now
 
 
-def burst(y: BurstYield, clock: Clock, count: int, every: float) -> None:
+def burst(y: BurstYield, clock: Clock, count: int, every: float) -> list[bool]:
+    """`count` changes `every` seconds apart: for each, whether its reconcile waits for the burst."""
+    held = []
     for _ in range(count):
-        y.created()
+        held.append(y.changed())
         clock.now += every
+    return held
 
 
-def test_a_few_modelapis_applied_get_every_worker() -> None:
+def test_a_few_modelapis_applied_are_reconciled_at_once() -> None:
     clock = Clock()
-    y = BurstYield(4, burst=20, window=1.0, clock=clock)
-    burst(y, clock, 19, 0.01)  # (the defaults: 10 in 2 s)
-    assert y.allowed() == 4
+    y = BurstYield(burst=20, window=1.0, clock=clock)
+    assert not any(burst(y, clock, 19, 0.01))  # (the defaults: 10 in 2 s)
     clock.now += 5
-    burst(y, clock, 30, 0.1)  # a steady trickle slower than the burst rate
-    assert y.allowed() == 4
+    assert not any(burst(y, clock, 30, 0.1))  # a steady trickle slower than the burst rate
+    assert y.holding_for() == 0
 
 
 def test_a_modelapi_applied_alone_is_reconciled_at_once() -> None:
     clock = Clock()
-    y = BurstYield(4, clock=clock)
-    y.created()
-    assert y.allowed() == 4
+    y = BurstYield(clock=clock)
+    assert not y.changed()
     assert y.holding_for() == 0
 
 
-def test_a_burst_gets_one_worker_until_it_has_been_quiet() -> None:
+def test_a_burst_is_held_from_its_rate_until_it_has_been_quiet() -> None:
     clock = Clock()
-    y = BurstYield(4, burst=20, window=1.0, quiet=1.5, clock=clock)
-    burst(y, clock, 50, 0.02)  # kubectl apply -f of many: one creation every 20 ms
-    assert y.allowed() == 1
+    y = BurstYield(burst=20, window=1.0, quiet=1.5, clock=clock)
+    held = burst(y, clock, 50, 0.02)  # kubectl apply -f of many: one creation every 20 ms
+    assert held == [False] * 19 + [True] * 31  # from the 20th, when the rate is seen
     clock.now += 1.0
-    assert y.allowed() == 1
     assert 0 < y.holding_for() <= 0.5
     clock.now += 0.6
-    assert y.allowed() == 4
-    burst(y, clock, 5, 0.02)  # a few more later are not a burst again
-    assert y.allowed() == 4
+    assert y.holding_for() == 0
+    assert not any(burst(y, clock, 5, 0.02))  # a few more later are not a burst again
 
 
-def test_a_worker_set_aside_sleeps_until_the_end_it_was_told_or_later() -> None:
+def test_whoever_waits_sleeps_until_the_end_it_was_told_or_later() -> None:
     clock = Clock()
-    y = BurstYield(4, burst=10, window=2.0, quiet=1.5, clock=clock)
+    y = BurstYield(burst=10, window=2.0, quiet=1.5, clock=clock)
     burst(y, clock, 10, 0.05)
     first = clock.now + y.holding_for()
     burst(y, clock, 10, 0.05)  # the burst goes on: the end moves later, never earlier
     assert clock.now + y.holding_for() > first
     clock.now = first
-    assert y.allowed() == 1  # a worker waking at the end it was told looks again and sleeps on
+    assert y.holding_for() > 0  # waking at the end it was told, it looks again and sleeps on
 
 
-def test_a_burst_that_goes_on_past_the_deferral_gets_one_worker_then_every_worker() -> None:
+def test_a_burst_that_outlasts_the_bound_is_released_and_not_held_again_until_quiet() -> None:
     clock = Clock()
-    y = BurstYield(4, burst=20, window=1.0, defer=5.0, max_hold=10.0, clock=clock)
-    burst(y, clock, 20, 0.01)
-    assert y.allowed() == 0
-    assert 0 < y.holding_for() <= 5.0  # worker 0 wakes when the deferral ends
-    burst(y, clock, 300, 0.02)  # 6 s of creations
-    assert y.allowed() == 1  # the queue drains, slowly
-    assert 0 < y.holding_for() <= 4.0  # the others wake at the bound
-    burst(y, clock, 300, 0.02)  # 12 s in all: past the bound
-    assert y.allowed() == 4
-    burst(y, clock, 1000, 0.02)  # the same burst goes on: never held again
-    assert y.allowed() == 4
+    y = BurstYield(burst=20, window=1.0, max_hold=10.0, clock=clock)
+    assert burst(y, clock, 300, 0.02)[-1]  # 6 s of creations: held
+    assert 0 < y.holding_for() <= 4.0  # released at the bound at the latest
+    assert not burst(y, clock, 300, 0.02)[-1]  # 12 s in all: past the bound
+    assert y.holding_for() == 0
+    assert not any(burst(y, clock, 1000, 0.02))  # the same burst goes on: never held again
     clock.now += 2.0  # it has been quiet once: the next burst is held again
-    burst(y, clock, 20, 0.01)
-    assert y.allowed() == 0
-
-
-def test_no_worker_at_all_when_asked() -> None:
-    clock = Clock()
-    y = BurstYield(4, defer=5.0, reduced=0, max_hold=10.0, clock=clock)
-    burst(y, clock, 200, 0.04)  # 8 s of creations
-    assert y.allowed() == 0
+    assert burst(y, clock, 20, 0.01)[-1]
 
 
 def test_a_bound_reached_just_as_the_burst_ends_does_not_stop_the_next() -> None:
     clock = Clock()
-    y = BurstYield(4, burst=10, window=2.0, quiet=1.5, max_hold=10.0, clock=clock)
+    y = BurstYield(burst=10, window=2.0, quiet=1.5, max_hold=10.0, clock=clock)
     burst(y, clock, 10, 0.1)
     clock.now += 20  # quiet long before the bound; nobody looked in between
-    assert y.allowed() == 4
-    burst(y, clock, 10, 0.1)
-    assert y.allowed() == 1
+    assert y.holding_for() == 0
+    assert burst(y, clock, 10, 0.1)[-1]
 
 
 def test_the_defaults_see_a_loaded_kubectl_as_a_burst_and_a_person_not() -> None:
     clock = Clock()
-    y = BurstYield(4, clock=clock)
-    burst(y, clock, 9, 0.5)  # kubectl apply of a few files, or a person: a creation every half second
-    assert y.allowed() == 4
+    y = BurstYield(clock=clock)
+    assert not any(burst(y, clock, 9, 0.5))  # kubectl apply of a few files, or a person: one every half second
     clock.now += 10
-    burst(y, clock, 12, 0.07)  # kubectl apply -f of many on a loaded machine: 15 a second
-    assert y.allowed() == 1
+    assert burst(y, clock, 12, 0.07)[-1]  # kubectl apply -f of many on a loaded machine: 15 a second
 
 
 def test_a_burst_after_an_outlasted_hold_and_a_quiet_spell_nobody_saw_is_held() -> None:
     clock = Clock()
-    y = BurstYield(4, burst=10, window=2.0, quiet=1.5, max_hold=10.0, clock=clock)
-    burst(y, clock, 600, 0.05)  # 30 s of creations, the bound passes unseen (no worker looked)
+    y = BurstYield(burst=10, window=2.0, quiet=1.5, max_hold=10.0, clock=clock)
+    burst(y, clock, 600, 0.05)  # 30 s of creations, the bound passes unseen (nobody looked)
     clock.now += 10  # quiet, still unseen
-    burst(y, clock, 10, 0.05)
-    assert y.allowed() == 1
+    assert burst(y, clock, 10, 0.05)[-1]
