@@ -264,7 +264,8 @@ def _controller_uid(obj: Obj) -> str | None:
 class Outcome:
     """What one reconcile did, for logs."""
 
-    applied: list[str] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     status_written: bool = False
     phase: str = ""
@@ -353,9 +354,9 @@ class Reconciler:
                 self._terminating.mark(namespace, self._now())
                 raise TerminalError(f"namespace {namespace} is being terminated") from e
             raise
+        finally:
+            _log_writes(ctx)  # (what was written before a failure)
         outcome = ctx.outcome
-        if outcome.applied or outcome.deleted or outcome.status_written:
-            ctx.log.debug("reconciled", applied=outcome.applied, deleted=outcome.deleted, phase=outcome.phase)
         # Nothing in the API changes while a pull goes on: look at its progress again a little later.
         return Result(requeue_after=status.PULL_POLL_SECONDS) if outcome.reason == status.PULLING else Result()
 
@@ -375,6 +376,7 @@ class Reconciler:
                 await self._delete_stale(ctx, m, built)
             except ChildRefused as e:
                 built = SpecError(e.reason, e.message)
+            _log_writes(ctx)
         observed = await self._with_pull_progress(ctx, m, built, self._observe(m, built, warnings))
         await self._write_status(ctx, status.compute(m, built, observed, self._now(), ctx.obj.get("status")))
 
@@ -396,31 +398,29 @@ class Reconciler:
             name = child["metadata"]["name"]
             live = store.get(key_for(child["metadata"]["namespace"], name))
             key = generated.get(name) if child["kind"] == "Secret" else None
-            if await self._apply_child(ctx, child, live, key):
-                ctx.outcome.applied.append(_ref(child))
+            await self._apply_child(ctx, child, live, key)
         self._refused.pop(ctx.key, None)
         if warnings:
             await self._recorder.emit(ctx.obj, Event(WARNING, "GatewayAPIMissing", "Reconcile", warnings[0]))
         return tuple(warnings)
 
-    async def _apply_child(self, ctx: Context, child: Obj, live: Obj | None, generated_key: str | None) -> bool:
+    async def _apply_child(self, ctx: Context, child: Obj, live: Obj | None, generated_key: str | None) -> None:
         if generated_key is not None:
             if live is None:
                 await self._create_generated_secret(child, generated_key)
-                ctx.log.info("created", child=_ref(child))
-                return True
+                ctx.outcome.created.append(_ref(child))
+                return
             child = diff.metadata_only(child)
         if not diff.needs_apply(child, live):
-            return False
+            return
         if (handover := diff.strategy_handover(child, live)) is not None:
             await self._apply_unless_refused(ctx, handover, live)
         await self._apply_unless_refused(ctx, child, live)
-        ctx.log.info("created" if live is None else "updated", child=_ref(child))
+        (ctx.outcome.created if live is None else ctx.outcome.updated).append(_ref(child))
         # Events are for what a user acts on (a roll, a state change, an error), not for every child written.
         if child["kind"] == "Deployment" and live is not None and _config_hash(child) != _config_hash(live):
             await self._recorder.emit(ctx.obj, Event(NORMAL, "ConfigRolled", "Update",
                                                      f"pod template changed: rolling {_ref(child)}"))
-        return True
 
     async def _apply_unless_refused(self, ctx: Context, child: Obj, live: Obj | None) -> None:
         """Apply, or raise ChildRefused when the API server refuses the child as invalid (it will again
@@ -479,7 +479,6 @@ class Reconciler:
                 await self._client.delete(resource, m.metadata.namespace, child["metadata"]["name"],
                                           child["metadata"].get("uid"))
                 ctx.outcome.deleted.append(ref)
-                ctx.log.info("deleted", child=ref)
 
     # --- status -----------------------------------------------------------------------------------------
 
@@ -531,11 +530,23 @@ class Reconciler:
              "metadata": {"name": meta["name"], "namespace": meta["namespace"]}, "status": new},
             FIELD_MANAGER, force=True)  # the status is ours alone
         ctx.outcome.status_written = True
-        ctx.log.info("status", phase=new["phase"], message=new["message"])
-        if status.ready_changed(old, new) and not status.just_created(old, new):
+        # At info only a new state (Ready's status, reason or message): not a copy of the Deployment's counters.
+        changed = status.ready_changed(old, new)
+        (ctx.log.info if changed else ctx.log.debug)("status", phase=new["phase"], message=new["message"])
+        if changed and not status.just_created(old, new):
             kind = NORMAL if new["phase"] != "Failed" else WARNING
             reason = new["conditions"][0]["reason"]
             await self._recorder.emit(ctx.obj, Event(kind, reason, "Reconcile", new["message"]))
+
+
+def _log_writes(ctx: Context) -> None:
+    """One line a reconcile for the children it wrote, not one a child (that was most of a cold converge's
+    log); each is logged once."""
+    for verb, refs in (("created", ctx.outcome.created), ("updated", ctx.outcome.updated),
+                       ("deleted", ctx.outcome.deleted)):
+        if refs:
+            ctx.log.info(verb, children=list(refs))
+            refs.clear()
 
 
 def _build(m: ModelAPI, settings: Settings, config_secret_version: str | None) -> Desired | SpecError:

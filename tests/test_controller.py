@@ -183,6 +183,33 @@ async def test_a_new_modelapi_gets_its_children_and_a_pending_status_but_no_even
     assert client.events == []  # being created is what the user just did: no news
 
 
+def info_lines(logs: list[dict[str, Any]]) -> list[str]:
+    return [line["event"] for line in logs if line["log_level"] == "info"]
+
+
+async def test_a_new_modelapi_logs_one_line_for_its_children_and_one_for_its_state(converged: list[Obj]) -> None:
+    objects = just_applied(converged)
+    r, client = reconciler(objects)
+    with structlog.testing.capture_logs() as logs:
+        await r.reconcile(key(objects))
+    assert info_lines(logs) == ["created", "status"]
+    (created,) = [line for line in logs if line["event"] == "created"]
+    assert created["children"] == [name for verb, name, _ in client.writes() if verb in ("apply", "create")]
+    assert len(created["children"]) >= 3  # (the recorded mock: ConfigMap, Secret, Deployment, Service)
+
+
+async def test_a_status_that_only_mirrors_new_deployment_counters_is_written_but_logged_at_debug(
+        converged: list[Obj]) -> None:
+    objects = copy.deepcopy(converged)
+    of_kind(objects, "ModelAPI")["status"]["deployment"]["conditions"][0]["lastUpdateTime"] = "2026-01-01T00:00:00Z"
+    r, client = reconciler(objects)
+    with structlog.testing.capture_logs() as logs:
+        await r.reconcile(key(objects))
+    assert client.writes() == [("apply_status", "ModelAPI/mock-api", True)]
+    assert info_lines(logs) == []
+    assert [line["event"] for line in logs] == ["status"]
+
+
 def test_only_a_first_status_on_the_way_to_ready_is_no_news() -> None:
     def st(ready: str, reason: str) -> dict[str, Any]:
         return {"conditions": [{"type": "Ready", "status": ready, "reason": reason}]}
