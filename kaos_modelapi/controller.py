@@ -92,15 +92,20 @@ def secret_identity(obj: Obj) -> Obj:
 
 
 def pod_status_only(obj: Obj) -> Obj:
-    """What the status builder reads of a pod (status.py): its phase, its conditions, and each container's name,
-    image, readiness and state (the reason, message and exit code of each); not the IPs, times, container IDs
-    and restart counts that make every pod's status one of a kind."""
+    """What the status builder reads of a pod (status.py), and nothing else: each container's name, image,
+    readiness and state (the reason and exit code of each), and the PodScheduled condition while it says the
+    pod is not scheduled. Not its phase, its other conditions (each flips on the way to Ready, and a pod
+    update that changed only those woke a reconcile that could only find what it left), the state messages,
+    IPs, times, container IDs and restart counts that make every pod's status one of a kind.
+    (tests/test_controller.py checks that the status computed from transformed pods is the same.)"""
     meta = obj["metadata"]
     keep = ("name", "namespace", "uid", "resourceVersion", "labels", "deletionTimestamp")
     status = obj.get("status") or {}
-    kept: dict[str, Any] = {k: status[k] for k in ("phase", "reason", "message") if k in status}
-    if "conditions" in status:
-        kept["conditions"] = [_only(c, ("type", "status", "reason", "message")) for c in status["conditions"]]
+    kept: dict[str, Any] = {}
+    unscheduled = [_only(c, ("type", "status", "reason", "message")) for c in status.get("conditions") or ()
+                   if c.get("type") == "PodScheduled" and c.get("status") == "False"]
+    if unscheduled:
+        kept["conditions"] = unscheduled
     for key in ("initContainerStatuses", "containerStatuses"):
         if key in status:
             kept[key] = [_container_status(c) for c in status[key]]
@@ -111,7 +116,7 @@ def _only(obj: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     return {k: obj[k] for k in keys if k in obj}
 
 
-_STATE_KEYS = ("reason", "message", "exitCode")
+_STATE_KEYS = ("reason", "exitCode")
 
 
 def _container_status(status: Mapping[str, Any]) -> dict[str, Any]:

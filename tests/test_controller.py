@@ -507,15 +507,87 @@ def test_the_pod_cache_keeps_status_and_identity_only() -> None:
                                                            "managedFields": [{}], "annotations": {"big": "x"}},
            "spec": {"containers": [{"name": "c", "env": [{"name": "K", "value": "v"}]}]},
            "status": {"phase": "Running", "podIP": "10.0.0.1", "startTime": "t", "qosClass": "BestEffort",
-                      "conditions": [{"type": "Ready", "status": "False", "reason": "r", "lastTransitionTime": "t"}],
+                      "conditions": [{"type": "Ready", "status": "False", "reason": "r", "lastTransitionTime": "t"},
+                                     {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                      "message": "0/1 nodes", "lastTransitionTime": "t"}],
                       "containerStatuses": [{"name": "c", "image": "i", "imageID": "sha", "containerID": "id",
                                              "ready": False, "restartCount": 3, "started": False, "state": waiting,
                                              "lastState": {"terminated": {"exitCode": 1, "startedAt": "t"}}}]}}
     assert controller.pod_status_only(pod) == {
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "a", "labels": {"modelapi": "m"}},
-        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "False", "reason": "r"}],
-                   "containerStatuses": [{"name": "c", "image": "i", "ready": False, "state": waiting,
+        "status": {"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                   "message": "0/1 nodes"}],
+                   "containerStatuses": [{"name": "c", "image": "i", "ready": False,
+                                          "state": {"waiting": {"reason": "CrashLoopBackOff"}},
                                           "lastState": {"terminated": {"exitCode": 1}}}]}}
+
+
+def _container(name: str, state: dict[str, Any], ready: bool = False, last: dict[str, Any] | None = None,
+               image: str = "img") -> dict[str, Any]:
+    return {"name": name, "image": image, "imageID": "sha", "containerID": "id", "ready": ready, "restartCount": 2,
+            "started": ready, "state": state, "lastState": last or {}}
+
+
+def _cond(type_: str, status_: str, reason: str | None = None, message: str | None = None) -> dict[str, Any]:
+    c = {"type": type_, "status": status_, "lastProbeTime": None, "lastTransitionTime": "2026-11-27T17:11:52Z"}
+    return {**c, **({"reason": reason} if reason else {}), **({"message": message} if message else {})}
+
+
+# Pod statuses on every road a pod takes (kubelet's spelling): scheduled or not, pulling, loading, failing.
+POD_STATUSES: list[dict[str, Any]] = [
+    {"phase": "Pending", "conditions": [_cond("PodScheduled", "False", "Unschedulable", "0/1 nodes are available")]},
+    {"phase": "Pending", "conditions": [_cond("PodScheduled", "True"), _cond("Initialized", "False"),
+                                        _cond("Ready", "False", "ContainersNotReady", "containers with unready")],
+     "initContainerStatuses": [_container("pull-model", {"running": {"startedAt": "t"}})],
+     "containerStatuses": [_container("model-api", {"waiting": {"reason": "PodInitializing"}})]},
+    {"phase": "Running", "podIP": "10.0.0.9", "conditions": [_cond("PodScheduled", "True"), _cond("Ready", "False")],
+     "initContainerStatuses": [_container("pull-model", {"terminated": {"exitCode": 0, "reason": "Completed",
+                                                                        "message": "done"}})],
+     "containerStatuses": [_container("model-api", {"running": {"startedAt": "t"}})]},
+    {"phase": "Pending", "conditions": [_cond("PodScheduled", "True")],
+     "initContainerStatuses": [_container("pull-model", {"waiting": {"reason": "CrashLoopBackOff", "message": "m"}},
+                                          last={"terminated": {"exitCode": 3, "reason": "Error", "message": "x"}})]},
+    {"phase": "Pending", "conditions": [_cond("PodScheduled", "True")],
+     "containerStatuses": [_container("model-api", {"waiting": {"reason": "ImagePullBackOff", "message": "no"}},
+                                      image="nowhere/x:1")]},
+    {"phase": "Running", "conditions": [_cond("PodScheduled", "True"), _cond("ContainersReady", "False")],
+     "containerStatuses": [_container("model-api", {"terminated": {"exitCode": 137, "reason": "OOMKilled"}})]},
+    {"phase": "Running", "reason": "Evicted", "message": "m",
+     "conditions": [_cond("PodScheduled", "True"), _cond("Ready", "True")],
+     "containerStatuses": [_container("model-api", {"running": {"startedAt": "t"}}, ready=True)]},
+]
+
+
+@pytest.mark.parametrize("mode", ["Proxy", "Hosted"])
+@pytest.mark.parametrize("pod_status", POD_STATUSES)
+def test_the_status_computed_from_cached_pods_is_the_one_computed_from_whole_pods(
+        converged: list[Obj], mode: str, pod_status: dict[str, Any]) -> None:
+    """The pod cache's transform drops only what status.py never reads: a pod change the cache does not keep
+    could not have changed the status (and so wakes no reconcile)."""
+    objects = hosted_pulling(converged)
+    m = ModelAPI.model_validate(objects[0] if mode == "Hosted" else of_kind(converged, "ModelAPI"))
+    built = desired.build(m, Settings())
+    deployment = of_kind(objects, "Deployment")
+    pod = {**of_kind(objects, "Pod"), "spec": {"nodeName": "n"}, "status": copy.deepcopy(pod_status)}
+    whole = status.compute(m, built, status.Observed(deployment, (pod,)), "now")
+    cached = status.compute(m, built, status.Observed(deployment, (controller.pod_status_only(copy.deepcopy(pod)),)),
+                            "now")
+    assert cached == whole
+
+
+def test_a_pod_update_that_changes_only_what_the_status_never_reads_wakes_nothing() -> None:
+    before = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "a", "resourceVersion": "1"},
+              "status": {"phase": "Pending", "conditions": [_cond("PodScheduled", "True")],
+                         "containerStatuses": [_container("model-api", {"running": {"startedAt": "t"}})]}}
+    after = copy.deepcopy(before)
+    after["metadata"]["resourceVersion"] = "2"
+    after["status"]["phase"] = "Running"
+    after["status"]["conditions"] += [_cond("Initialized", "True"), _cond("PodReadyToStartContainers", "True")]
+    old, new = controller.pod_status_only(before), controller.pod_status_only(after)
+    assert not runtime.changed_beyond_version("update", old, new)
+    unscheduled = copy.deepcopy(before)
+    unscheduled["status"]["conditions"] = [_cond("PodScheduled", "False", "Unschedulable", "0/1 nodes")]
+    assert runtime.changed_beyond_version("update", old, controller.pod_status_only(unscheduled))
 
 
 def test_children_are_cached_without_managed_fields() -> None:
