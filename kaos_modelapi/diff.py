@@ -20,6 +20,7 @@ _SUFFIXES: dict[str, Decimal | int] = {
     "": 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
 }
+_MISSING = object()
 _QUANTITY = re.compile(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 
 
@@ -44,10 +45,16 @@ def _scalar_equal(want: Any, have: Any) -> bool:
 
 
 def _list_key(items: list[Any]) -> str | None:
-    if not items or not all(isinstance(i, dict) for i in items):
+    if not items:
         return None
+    for item in items:
+        if not isinstance(item, dict):
+            return None
     for key in _LIST_KEYS:
-        if all(key in i for i in items):
+        for item in items:
+            if key not in item:
+                break
+        else:
             return key
     return None
 
@@ -55,24 +62,46 @@ def _list_key(items: list[Any]) -> str | None:
 def _list_subset(want: list[Any], have: list[Any]) -> bool:
     key = _list_key(want)
     if key is None:
-        return len(want) == len(have) and all(is_subset(w, h) for w, h in zip(want, have, strict=True))
+        if len(want) != len(have):
+            return False
+        for w, h in zip(want, have, strict=True):  # noqa: SIM110 (a loop, as in _dict_subset)
+            if not is_subset(w, h):
+                return False
+        return True
     live = {i.get(key): i for i in have if isinstance(i, dict)}
-    if any(w[key] not in live or not is_subset(w, live[w[key]]) for w in want):
-        return False
+    for w in want:
+        held = live.get(w[key], _MISSING)
+        if held is _MISSING or not is_subset(w, held):
+            return False
     # Order matters for env ($(VAR) references) and containers (the first is the default for kubectl).
-    positions = [list(live).index(w[key]) for w in want]
+    order = {k: i for i, k in enumerate(live)}
+    positions = [order[w[key]] for w in want]
     return positions == sorted(positions)
 
 
 def is_subset(want: Any, have: Any) -> bool:
     """True when every field of `want` is in `have` with the same value."""
     if isinstance(want, dict):
-        if not isinstance(have, dict):
-            return False
-        return all(k in have and is_subset(v, have[k]) for k, v in want.items() if v is not None)
+        return isinstance(have, dict) and _dict_subset(want, have)
     if isinstance(want, list):
         return isinstance(have, list) and _list_subset(want, have)
     return _scalar_equal(want, have)
+
+
+def _dict_subset(want: dict[str, Any], have: dict[str, Any]) -> bool:
+    # A loop, not all() over a generator: the diff runs on every reconcile, a no-op one is mostly this.
+    for key, value in want.items():
+        if value is None:
+            continue
+        held = have.get(key, _MISSING)
+        if held is _MISSING:
+            return False
+        if type(value) is str and type(held) is str:
+            if value != held and not _scalar_equal(value, held):
+                return False
+        elif not is_subset(value, held):
+            return False
+    return True
 
 
 def needs_apply(desired: dict[str, Any], live: dict[str, Any] | None) -> bool:

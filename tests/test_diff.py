@@ -5,6 +5,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kaos_modelapi import diff
 from kaos_modelapi.diff import is_subset, metadata_only, needs_apply, quantity, strategy_handover
 
 DESIRED: dict[str, Any] = {
@@ -114,3 +118,54 @@ def test_no_handover_when_none_is_needed() -> None:
     assert strategy_handover(_deployment(DEFAULTED), _deployment(DEFAULTED)) is None
     assert strategy_handover(_deployment(None), _deployment({"type": "Recreate"})) is None
     assert strategy_handover({"kind": "Service", "spec": {}}, {"kind": "Service", "spec": {}}) is None
+
+
+# --- the diff against a plain statement of its rule (the reference: short, slow, obviously right) ----------
+
+
+def _reference_subset(want: Any, have: Any) -> bool:
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(
+            k in have and _reference_subset(v, have[k]) for k, v in want.items() if v is not None)
+    if isinstance(want, list):
+        if not isinstance(have, list):
+            return False
+        key = next((k for k in ("name", "mountPath", "containerPort", "type")
+                    if want and all(isinstance(i, dict) for i in want) and all(k in i for i in want)), None)
+        if key is None:
+            return len(want) == len(have) and all(_reference_subset(w, h) for w, h in zip(want, have, strict=True))
+        live = {i.get(key): i for i in have if isinstance(i, dict)}
+        if any(w[key] not in live or not _reference_subset(w, live[w[key]]) for w in want):
+            return False
+        positions = [list(live).index(w[key]) for w in want]
+        return positions == sorted(positions)
+    if isinstance(want, bool) or isinstance(have, bool):
+        return want is have
+    a, b = diff.quantity(want), diff.quantity(have)
+    return want == have or (a is not None and a == b)
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2, 2), st.sampled_from(
+    ["a", "b", "1", "1000m", "1Gi", "1024Mi", "0.5", "500m", "TCP", ""]))
+_keys = st.sampled_from(["name", "mountPath", "containerPort", "type", "value", "x"])
+_trees = st.recursive(_scalars, lambda children: st.one_of(
+    st.lists(children, max_size=4), st.dictionaries(_keys, children, max_size=4)), max_leaves=20)
+
+
+def _outcome(subset: Any, want: Any, have: Any) -> bool | type[Exception]:
+    try:
+        return bool(subset(want, have))
+    except TypeError as e:  # a list as a list item's name: no Kubernetes object has one; both refuse it
+        return type(e)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_trees, _trees)
+def test_the_diff_says_what_its_rule_says(want: Any, have: Any) -> None:
+    assert _outcome(diff.is_subset, want, have) == _outcome(_reference_subset, want, have)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_trees)
+def test_a_tree_is_a_subset_of_itself_as_its_rule_says(tree: Any) -> None:
+    assert _outcome(diff.is_subset, tree, tree) == _outcome(_reference_subset, tree, tree)
