@@ -23,6 +23,7 @@ import random
 import sys
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import is_
 from typing import Any, Literal, Protocol
 
 from structlog.typing import FilteringBoundLogger
@@ -105,15 +106,20 @@ class Interner:
 
     The cached children of N ModelAPIs differ in a few names, UIDs and timestamps; the rest (a pod template's
     containers, probes and scripts, the owner references all children of one ModelAPI carry, conditions,
-    server defaults) is the same, value for value, in many objects. Each dict, list and string of an object
-    put in a cache is replaced by an equal one already held, if any: strings by `sys.intern`, dicts and lists
-    by a table keyed by a hash of their parts (parts first, so equal parents have identical parts). Sound
-    because cached objects are read-only (`StoreReader`); values stay plain dicts and lists, so every reader
-    and the diff see exactly what the server sent. Table entries nothing else holds any more are dropped
-    whenever the table has grown by a quarter since the last sweep."""
+    server defaults) is the same, value for value, in many objects. Each dict, list, string and integer of an
+    object put in a cache is replaced by an equal one already held, if any: strings by `sys.intern`, integers
+    by a table of their own, dicts and lists by a table keyed by a hash of their parts (parts first, so equal
+    parents have identical parts). Every part of a dict or list is then one of a kind for its value (but a
+    float, compared by identity and so rarely shared), so the hash and the check for a hash collision (the
+    same keys in the same order, identical values) both go by identity alone, in C: a start interns every
+    object of its initial lists before the first reconcile. Sound because cached objects are read-only
+    (`StoreReader`); values stay plain dicts and lists, so every reader and the diff see exactly what the
+    server sent. Table entries nothing else holds any more are dropped whenever the table has grown by a
+    quarter since the last sweep."""
 
     def __init__(self, min_sweep: int = 2048) -> None:
         self._table: dict[int, Any] = {}
+        self._ints: dict[int, int] = {}  # (an int's type is exact here: a bool is never one of them)
         self._min_sweep = min_sweep
         self._sweep_at = min_sweep
 
@@ -145,13 +151,22 @@ class Interner:
             return self._share_dict(value)
         if kind is list:
             return self._share_list(value)
-        return value
+        if kind is int:
+            return self._ints.setdefault(value, value)
+        return value  # None, True and False are one of a kind already; a float is kept as it is
 
     def _share_dict(self, value: dict[str, Any]) -> Any:
         self._share_parts(value)
-        return self._lookup(value, hash((0, *value, *map(_part_id, value.values()))))
+        held = self._table.setdefault(hash((0, *value, *map(id, value.values()))), value)
+        if held is value or (type(held) is dict and len(held) == len(value) and list(held) == list(value)
+                             and all(map(is_, held.values(), value.values()))):
+            return held
+        return value  # (a hash collision: not shared)
 
     def _share_parts(self, value: dict[str, Any]) -> None:
+        # (`_share` written out: this loop runs for every dict of every object the caches take in)
+        ints = self._ints
+        shared: Any
         for key, item in value.items():
             kind = type(item)
             if kind is str:
@@ -160,6 +175,8 @@ class Interner:
                 shared = self._share_dict(item)
             elif kind is list:
                 shared = self._share_list(item)
+            elif kind is int:
+                shared = ints.setdefault(item, item)
             else:
                 continue
             if shared is not item:
@@ -170,14 +187,10 @@ class Interner:
             shared = self._share(item)
             if shared is not item:
                 value[i] = shared
-        return self._lookup(value, hash((1, *map(_part_id, value))))
-
-    def _lookup(self, value: Any, digest: int) -> Any:
-        held = self._table.get(digest)
-        if held is None:
-            self._table[digest] = value
-            return value
-        return held if _same_parts(held, value) else value  # (a hash collision: not shared)
+        held = self._table.setdefault(hash((1, *map(id, value))), value)
+        if held is value or (type(held) is list and len(held) == len(value) and all(map(is_, held, value))):
+            return held
+        return value  # (a hash collision: not shared)
 
     def sweep(self) -> None:
         """Drop the entries only the table holds. Newest first: an entry was put after its parts, so a dropped
@@ -186,26 +199,15 @@ class Interner:
         for digest in reversed(list(table)):
             if sys.getrefcount(table[digest]) <= 2:  # the table's reference and the argument's
                 del table[digest]
+        ints = self._ints
+        # An int's references: the table's key and value, the list's, the loop's and the argument's.
+        for number in [n for n in ints if sys.getrefcount(n) <= _INT_ONLY_IN_TABLE]:
+            del ints[number]
         # Dead entries hold whole parts: sweep again once a quarter more has been added (amortized O(1) a part).
         self._sweep_at = len(table) + max(self._min_sweep, len(table) // 4)
 
 
-def _part_id(part: Any) -> Any:
-    """What identifies a part already shared: numbers by value (equal ints are distinct objects), the rest
-    (shared strings, dicts and lists; True, False, None) by identity."""
-    return part if type(part) is int or type(part) is float else id(part)
-
-
-def _same_part(a: Any, b: Any) -> bool:
-    return a is b or (type(a) is type(b) and (type(a) is int or type(a) is float) and a == b)
-
-
-def _same_parts(a: Any, b: Any) -> bool:
-    if type(a) is not type(b) or len(a) != len(b):
-        return False
-    if type(a) is dict:
-        return list(a) == list(b) and all(_same_part(a[k], b[k]) for k in a)
-    return all(_same_part(x, y) for x, y in zip(a, b, strict=True))
+_INT_ONLY_IN_TABLE = 4  # what sys.getrefcount says of an int in the sweep's comprehension that nothing else holds
 
 
 @dataclass(frozen=True)

@@ -460,6 +460,19 @@ def test_interner_sweep_drops_what_no_cached_object_holds() -> None:
     assert again["spec"] is kept["spec"], "what a cached object holds stays shared"
 
 
+def test_interner_shares_equal_numbers_and_sweeps_the_ones_no_cached_object_holds() -> None:
+    interner = Interner(min_sweep=10**9)
+    kept = interner({"spec": template(port=123456)})
+    again = interner({"spec": template(port=int("123456"))})  # an equal int, another object
+    assert again["spec"] is kept["spec"]
+    for i in range(50):
+        interner({"spec": template(port=200000 + i)})
+    assert len(interner._ints) > 50
+    interner.sweep()
+    assert list(interner._ints) == [123456], "only the number a cached object holds is kept"
+    assert interner({"spec": template(port=int("123456"))})["spec"] is kept["spec"]
+
+
 async def test_cached_objects_share_parts_and_an_update_changes_only_its_object() -> None:
     """A change anyone makes to a shared part reaches the cache (and the diff) of that object alone."""
     a, b = {**obj("a", "1"), "spec": template()}, {**obj("b", "1"), "spec": template()}
