@@ -23,8 +23,10 @@ import random
 import sys
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import is_
 from typing import Any, Literal, Protocol
 
+import orjson
 from structlog.typing import FilteringBoundLogger
 
 from kaos_modelapi.kube import (
@@ -105,15 +107,20 @@ class Interner:
 
     The cached children of N ModelAPIs differ in a few names, UIDs and timestamps; the rest (a pod template's
     containers, probes and scripts, the owner references all children of one ModelAPI carry, conditions,
-    server defaults) is the same, value for value, in many objects. Each dict, list and string of an object
-    put in a cache is replaced by an equal one already held, if any: strings by `sys.intern`, dicts and lists
-    by a table keyed by a hash of their parts (parts first, so equal parents have identical parts). Sound
-    because cached objects are read-only (`StoreReader`); values stay plain dicts and lists, so every reader
-    and the diff see exactly what the server sent. Table entries nothing else holds any more are dropped
-    whenever the table has grown by a quarter since the last sweep."""
+    server defaults) is the same, value for value, in many objects. Each dict, list, string and integer of an
+    object put in a cache is replaced by an equal one already held, if any: strings by `sys.intern`, integers
+    by a table of their own, dicts and lists by a table keyed by a hash of their parts (parts first, so equal
+    parents have identical parts). Every part of a dict or list is then one of a kind for its value (but a
+    float, compared by identity and so rarely shared), so the hash and the check for a hash collision (the
+    same keys in the same order, identical values) both go by identity alone, in C: a start interns every
+    object of its initial lists before the first reconcile. Sound because cached objects are read-only
+    (`StoreReader`); values stay plain dicts and lists, so every reader and the diff see exactly what the
+    server sent. Table entries nothing else holds any more are dropped whenever the table has grown by a
+    quarter since the last sweep."""
 
     def __init__(self, min_sweep: int = 2048) -> None:
         self._table: dict[int, Any] = {}
+        self._ints: dict[int, int] = {}  # (an int's type is exact here: a bool is never one of them)
         self._min_sweep = min_sweep
         self._sweep_at = min_sweep
 
@@ -122,36 +129,58 @@ class Interner:
 
     def __call__(self, obj: Obj, previous: Obj | None = None) -> Obj:
         """`obj`, its parts replaced in place by shared equal ones (the object itself is not shared). A part
-        equal to the same part of `previous` (the cached version it replaces) is taken from there: an update
-        of a status costs only the status."""
+        equal to the same part of `previous` (the cached version it replaces, or another cached object of its
+        resource) is taken from there, compared as a whole in C, and a part that differs is walked beside the
+        same part of `previous`: an update of a status costs only the status, and a new Deployment like the
+        last one costs only its names. (Equal here is `==`, as the diff compares: a part taken so may hold 1
+        where the server sent 1.0 or true, which no reader of a cache tells apart.)"""
+        if previous is None:
+            previous = {}
         for key, value in obj.items():
-            if previous is not None and (held := previous.get(key)) is not None and held == value:
-                obj[key] = held
-            elif key == "metadata" and type(value) is dict:
-                self._share_parts(value)  # (its name, UID and resourceVersion make it one of a kind)
+            if key == "metadata" and type(value) is dict:
+                like = previous.get(key)  # (its name, UID and resourceVersion make it one of a kind)
+                self._share_parts(value, like if type(like) is dict else None)
             else:
-                shared = self._share(value)
+                shared = self._share(value, previous.get(key))
                 if shared is not value:
                     obj[key] = shared
         if len(self._table) >= self._sweep_at:
             self.sweep()
         return obj
 
-    def _share(self, value: Any) -> Any:
+    def _share(self, value: Any, like: Any = None) -> Any:
         kind = type(value)
+        if like is not None and type(like) is kind and like == value and (
+                kind is str or kind is int or orjson.dumps(like) == orjson.dumps(value)):
+            return like  # (== takes 1, 1.0 and true for one another; their JSON does not)
         if kind is str:
             return sys.intern(value)
         if kind is dict:
-            return self._share_dict(value)
+            return self._share_dict(value, like if type(like) is dict else None)
         if kind is list:
-            return self._share_list(value)
-        return value
+            return self._share_list(value, like if type(like) is list else None)
+        if kind is int:
+            return self._ints.setdefault(value, value)
+        return value  # None, True and False are one of a kind already; a float is kept as it is
 
-    def _share_dict(self, value: dict[str, Any]) -> Any:
-        self._share_parts(value)
-        return self._lookup(value, hash((0, *value, *map(_part_id, value.values()))))
+    def _share_dict(self, value: dict[str, Any], like: dict[str, Any] | None = None) -> Any:
+        self._share_parts(value, like)
+        held = self._table.setdefault(hash((0, *value, *map(id, value.values()))), value)
+        if held is value or (type(held) is dict and len(held) == len(value) and list(held) == list(value)
+                             and all(map(is_, held.values(), value.values()))):
+            return held
+        return value  # (a hash collision: not shared)
 
-    def _share_parts(self, value: dict[str, Any]) -> None:
+    def _share_parts(self, value: dict[str, Any], like: dict[str, Any] | None = None) -> None:
+        shared: Any
+        if like is not None:
+            for key, item in value.items():
+                shared = self._share(item, like.get(key))
+                if shared is not item:
+                    value[key] = shared
+            return
+        # (`_share` written out: this loop runs for every dict of every object the caches take in)
+        ints = self._ints
         for key, item in value.items():
             kind = type(item)
             if kind is str:
@@ -160,24 +189,23 @@ class Interner:
                 shared = self._share_dict(item)
             elif kind is list:
                 shared = self._share_list(item)
+            elif kind is int:
+                shared = ints.setdefault(item, item)
             else:
                 continue
             if shared is not item:
                 value[key] = shared  # (replacing a value while iterating is allowed: the keys do not change)
 
-    def _share_list(self, value: list[Any]) -> Any:
+    def _share_list(self, value: list[Any], like: list[Any] | None = None) -> Any:
+        n = 0 if like is None else len(like)
         for i, item in enumerate(value):
-            shared = self._share(item)
+            shared = self._share(item, like[i] if i < n else None)  # type: ignore[index]
             if shared is not item:
                 value[i] = shared
-        return self._lookup(value, hash((1, *map(_part_id, value))))
-
-    def _lookup(self, value: Any, digest: int) -> Any:
-        held = self._table.get(digest)
-        if held is None:
-            self._table[digest] = value
-            return value
-        return held if _same_parts(held, value) else value  # (a hash collision: not shared)
+        held = self._table.setdefault(hash((1, *map(id, value))), value)
+        if held is value or (type(held) is list and len(held) == len(value) and all(map(is_, held, value))):
+            return held
+        return value  # (a hash collision: not shared)
 
     def sweep(self) -> None:
         """Drop the entries only the table holds. Newest first: an entry was put after its parts, so a dropped
@@ -186,26 +214,15 @@ class Interner:
         for digest in reversed(list(table)):
             if sys.getrefcount(table[digest]) <= 2:  # the table's reference and the argument's
                 del table[digest]
+        ints = self._ints
+        # An int's references: the table's key and value, the list's, the loop's and the argument's.
+        for number in [n for n in ints if sys.getrefcount(n) <= _INT_ONLY_IN_TABLE]:
+            del ints[number]
         # Dead entries hold whole parts: sweep again once a quarter more has been added (amortized O(1) a part).
         self._sweep_at = len(table) + max(self._min_sweep, len(table) // 4)
 
 
-def _part_id(part: Any) -> Any:
-    """What identifies a part already shared: numbers by value (equal ints are distinct objects), the rest
-    (shared strings, dicts and lists; True, False, None) by identity."""
-    return part if type(part) is int or type(part) is float else id(part)
-
-
-def _same_part(a: Any, b: Any) -> bool:
-    return a is b or (type(a) is type(b) and (type(a) is int or type(a) is float) and a == b)
-
-
-def _same_parts(a: Any, b: Any) -> bool:
-    if type(a) is not type(b) or len(a) != len(b):
-        return False
-    if type(a) is dict:
-        return list(a) == list(b) and all(_same_part(a[k], b[k]) for k in a)
-    return all(_same_part(x, y) for x, y in zip(a, b, strict=True))
+_INT_ONLY_IN_TABLE = 4  # what sys.getrefcount says of an int in the sweep's comprehension that nothing else holds
 
 
 @dataclass(frozen=True)
@@ -422,6 +439,9 @@ class Informer:
         self._metadata_only = metadata_only
         self._transform = transform
         self._interner = interner
+        # The object last put in the cache: a new object (none cached under its key) takes the parts equal to
+        # its parts from there, since one resource's objects differ in few of them (see Interner).
+        self._last: Obj | None = None
         self._watch_timeout = watch_timeout
         # List by a streaming watch (sendInitialEvents) when the server allows it: objects arrive and are
         # transformed one at a time instead of in pages of 500 full objects (the peak memory of a start),
@@ -587,7 +607,7 @@ class Informer:
         obj = self._transform(event.object)
         old = self._store.get(object_key(obj))
         if event.type != "DELETED" and self._interner is not None:  # (a deleted object is not kept)
-            obj = self._interner(obj, old)
+            obj = self._last = self._interner(obj, old or self._last)
         changes = watch_changes(old, event.type, obj)
         if event.resource_version:
             self._resource_version = event.resource_version
@@ -596,7 +616,10 @@ class Informer:
     def _cached(self, obj: Obj) -> Obj:
         """An object as the store keeps it: transformed, then its parts shared with the other cached objects."""
         obj = self._transform(obj)
-        return obj if self._interner is None else self._interner(obj, self._store.get(object_key(obj)))
+        if self._interner is None:
+            return obj
+        self._last = self._interner(obj, self._store.get(object_key(obj)) or self._last)
+        return self._last
 
     def _dispatch(self, changes: Sequence[Change]) -> None:
         for change in changes:

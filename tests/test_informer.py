@@ -460,6 +460,35 @@ def test_interner_sweep_drops_what_no_cached_object_holds() -> None:
     assert again["spec"] is kept["spec"], "what a cached object holds stays shared"
 
 
+@pytest.mark.parametrize("other", [True, 8080.0])
+def test_interner_takes_a_part_like_the_previous_objects_only_when_its_json_is_the_same(other: Any) -> None:
+    interner = Interner()
+    first = interner({**obj("a", "1"), "spec": template()})
+    like = interner({**obj("b", "1"), "spec": template()}, first)
+    assert like["spec"] is first["spec"] and like["metadata"]["name"] == "b"
+    equal_in_python = {**obj("c", "1"), "spec": template(port=other)}  # == the first's spec, not the same JSON
+    before = copy.deepcopy(equal_in_python)
+    kept = interner(equal_in_python, first)
+    assert kept == before and kept["spec"] is not first["spec"]
+    assert type(kept["spec"]["containers"][0]["ports"][0]["containerPort"]) is type(other)
+    two = interner({**obj("d", "1"), "spec": {**template(), "replicas": 1}})
+    reordered = interner({**obj("e", "1"), "spec": {"replicas": 1, **template()}}, two)
+    assert list(reordered["spec"]) == ["replicas", "containers"], "the server's key order is kept"
+
+
+def test_interner_shares_equal_numbers_and_sweeps_the_ones_no_cached_object_holds() -> None:
+    interner = Interner(min_sweep=10**9)
+    kept = interner({"spec": template(port=123456)})
+    again = interner({"spec": template(port=int("123456"))})  # an equal int, another object
+    assert again["spec"] is kept["spec"]
+    for i in range(50):
+        interner({"spec": template(port=200000 + i)})
+    assert len(interner._ints) > 50
+    interner.sweep()
+    assert list(interner._ints) == [123456], "only the number a cached object holds is kept"
+    assert interner({"spec": template(port=int("123456"))})["spec"] is kept["spec"]
+
+
 async def test_cached_objects_share_parts_and_an_update_changes_only_its_object() -> None:
     """A change anyone makes to a shared part reaches the cache (and the diff) of that object alone."""
     a, b = {**obj("a", "1"), "spec": template()}, {**obj("b", "1"), "spec": template()}

@@ -58,3 +58,27 @@ def test_settled_objects_are_left_alone_and_later_cycles_still_collected() -> No
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+def test_what_the_imports_made_is_set_aside_and_later_cycles_still_collected() -> None:
+    import gc
+    import weakref
+
+    class Node:
+        def __init__(self) -> None:
+            self.me = self
+
+    threshold = gc.get_threshold()
+    before = gc.get_freeze_count()
+    try:
+        memory.set_imports_aside()
+        assert gc.get_freeze_count() > before
+        assert gc.get_threshold()[0] >= memory.YOUNG_COLLECTION_THRESHOLD
+        later = Node()
+        gone = weakref.ref(later)
+        del later
+        memory.settle_collector()  # the caches filled: collects what is not set aside
+        assert gone() is None
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
