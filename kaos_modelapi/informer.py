@@ -132,8 +132,8 @@ class Interner:
         equal to the same part of `previous` (the cached version it replaces, or another cached object of its
         resource) is taken from there, compared as a whole in C, and a part that differs is walked beside the
         same part of `previous`: an update of a status costs only the status, and a new Deployment like the
-        last one costs only its names. (Equal here is `==`, as the diff compares: a part taken so may hold 1
-        where the server sent 1.0 or true, which no reader of a cache tells apart.)"""
+        last one costs only its names. (Equal here is `==` and the same JSON: `==` alone takes 1, 1.0 and true
+        for one another, which the diff tells apart.)"""
         if previous is None:
             previous = {}
         for key, value in obj.items():
