@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -42,6 +43,10 @@ PULL_LOG_LINES = 40
 PULL_LOG_BYTES = 32 * 1024
 PULL_LOG_TIMEOUT = 5.0
 POD_OWNER_INDEX = "modelapi"
+# A status that only copies the Deployment's moving counters is written at most once a second per ModelAPI
+# (the latest then): a pod starting or a roll moves them several times within a second, and each write was
+# a request, a watch event and a reconcile. A new state (Ready, its reason, a generation) is written at once.
+MIRROR_INTERVAL_SECONDS = 1.0
 Log = structlog.typing.FilteringBoundLogger
 
 
@@ -273,6 +278,7 @@ class Outcome:
     updated: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     status_written: bool = False
+    requeue_after: float | None = None  # a status write put off (MIRROR_INTERVAL_SECONDS)
     phase: str = ""
     reason: str = ""
 
@@ -328,6 +334,7 @@ class Reconciler:
         log: Log,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         terminating: TerminatingNamespaces | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
         self._caches = Caches(stores)
@@ -341,12 +348,15 @@ class Reconciler:
         # key -> (when, pod, progress) of the last pull log read: other events (pod, Deployment, status writes)
         # wake a pulling ModelAPI between the requeues too, and reuse it rather than read the log again.
         self._pull_reads: dict[str, tuple[datetime, str, status.PullProgress | None]] = {}
+        self._monotonic = monotonic
+        self._status_written_at: dict[str, float] = {}  # key -> when its status was last written
 
     async def reconcile(self, key: str) -> Result:
         obj = self._caches.modelapis.get(key)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             self._refused.pop(key, None)
             self._pull_reads.pop(key, None)
+            self._status_written_at.pop(key, None)
             return Result()  # owner references let the garbage collector remove the children
         namespace = obj["metadata"]["namespace"]
         if self._terminating.holds(obj):
@@ -363,7 +373,9 @@ class Reconciler:
             _log_writes(ctx)  # (what was written before a failure)
         outcome = ctx.outcome
         # Nothing in the API changes while a pull goes on: look at its progress again a little later.
-        return Result(requeue_after=status.PULL_POLL_SECONDS) if outcome.reason == status.PULLING else Result()
+        later = [t for t in (status.PULL_POLL_SECONDS if outcome.reason == status.PULLING else None,
+                             outcome.requeue_after) if t is not None]
+        return Result(requeue_after=min(later) if later else None)
 
     async def _reconcile(self, ctx: Context) -> None:
         try:
@@ -383,7 +395,9 @@ class Reconciler:
                 built = SpecError(e.reason, e.message)
             _log_writes(ctx)
         observed = await self._with_pull_progress(ctx, m, built, self._observe(m, built, warnings))
-        await self._write_status(ctx, status.compute(m, built, observed, self._now(), ctx.obj.get("status")))
+        new = status.compute(m, built, observed, self._now(), ctx.obj.get("status"))
+        if not status.only_creating(ctx.obj.get("status"), new):
+            await self._write_status(ctx, new)
 
     def _now(self) -> str:
         return self._clock().strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -529,12 +543,19 @@ class Reconciler:
         old = ctx.obj.get("status") or {}
         if new == old:
             return
+        now = self._monotonic()
+        if status.mirror_only(old, new):
+            wait = self._status_written_at.get(ctx.key, -MIRROR_INTERVAL_SECONDS) + MIRROR_INTERVAL_SECONDS - now
+            if wait > 0:
+                ctx.outcome.requeue_after = wait
+                return
         meta = ctx.obj["metadata"]
         await self._client.apply_status(
             {"apiVersion": ctx.obj["apiVersion"], "kind": ctx.obj["kind"],
              "metadata": {"name": meta["name"], "namespace": meta["namespace"]}, "status": new},
             FIELD_MANAGER, force=True)  # the status is ours alone
         ctx.outcome.status_written = True
+        self._status_written_at[ctx.key] = now
         # At info only a new state (Ready's status, reason or message): not a copy of the Deployment's counters.
         changed = status.ready_changed(old, new)
         (ctx.log.info if changed else ctx.log.debug)("status", phase=new["phase"], message=new["message"])

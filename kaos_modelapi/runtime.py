@@ -224,8 +224,8 @@ class Controller:
         self._held_changed.set()
 
     async def _release_held(self) -> None:
-        """Once a burst has passed, queue what it created or changed, behind the work that came meanwhile (a
-        ModelAPI created before it turning Ready is told at once, not after the whole burst)."""
+        """Once a burst has passed, queue what it created or changed, behind the work that came meanwhile (an
+        object created before it turning Ready is told at once, not after the whole burst)."""
         while True:
             await self._held_changed.wait()
             self._log.info("a burst of changes: their reconciles wait until it has passed")

@@ -302,6 +302,24 @@ def just_created(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
     return not ready_of(old) and after.get("status") == "False" and after.get("reason") in ON_THE_WAY
 
 
+# What copies the Deployment's counters and conditions (the scale subresource's replicas, kubectl's READY
+# column, status.deployment): they move several times while pods start or roll, and say no new state.
+MIRRORED = frozenset({"deployment", "replicas", "readiness"})
+
+
+def mirror_only(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether `new` differs from the stored status `old` only in what mirrors the Deployment."""
+    return bool(old) and old != new and all(old.get(k) == new.get(k) for k in old.keys() | new.keys()
+                                            if k not in MIRRORED)
+
+
+def only_creating(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+    """Whether `new` is a ModelAPI's first status and says only that its Deployment is being created: not
+    worth a write, since the Deployment the same reconcile just applied wakes the next one as soon as the
+    cache holds it, which writes what it finds (a Pending status, once, instead of two on the way to Ready)."""
+    return not ready_of(old) and ready_of(new).get("reason") == CREATING
+
+
 def _stored(m: ModelAPI) -> dict[str, Any]:
     return {"conditions": [c.model_dump(exclude_none=True) for c in m.status.conditions]} if m.status else {}
 

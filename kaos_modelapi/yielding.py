@@ -8,7 +8,8 @@ the user's burst has passed costs the converge nothing and gives the user their 
 
 `BurstYield` sees the user's changes of primary objects (a creation or a spec change, from watch events
 after the initial list): from `burst` of them within `window` seconds (10 in 2 s: kubectl creates one every
-15-70 ms on this 2-core machine, a person far fewer) until `quiet` seconds pass without one, the burst is
+15-70 ms on this 2-core machine, a person far fewer) until `quiet` seconds pass without one (0.5 s: seven times
+kubectl's longest gap; every second of it is a second the whole converge waits), the burst is
 held: the reconciles of the objects it touches wait until it has passed (the controller holds their keys),
 while everything else (a pod turning Ready, a change to an object made before the burst) is reconciled at
 once by every worker. After `max_hold` seconds the held keys go to the queue and the rest of that burst is
@@ -28,7 +29,7 @@ from collections.abc import Callable
 
 
 class BurstYield:
-    def __init__(self, *, burst: int = 10, window: float = 2.0, quiet: float = 1.5, max_hold: float = 120.0,
+    def __init__(self, *, burst: int = 10, window: float = 2.0, quiet: float = 0.5, max_hold: float = 120.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._burst = burst
         self._window = window

@@ -173,26 +173,34 @@ def just_applied(objects: list[Obj]) -> list[Obj]:
     return [modelapi]
 
 
-async def test_a_new_modelapi_gets_its_children_and_a_pending_status_but_no_event(converged: list[Obj]) -> None:
+async def test_a_new_modelapi_gets_its_children_and_its_first_status_once_its_deployment_is_seen(
+        converged: list[Obj]) -> None:
     objects = just_applied(converged)
     r, client = reconciler(objects)
     await r.reconcile(key(objects))
-    (written,) = client.statuses
-    assert (written["phase"], status.ready_of(written)["reason"]) == ("Pending", "Creating")
-    assert "apply" in [c[0] for c in client.writes()]
+    assert "Deployment/modelapi-mock-api" in [name for verb, name, _ in client.writes() if verb == "apply"]
+    # "Creating" alone is not written: the Deployment just applied wakes the next reconcile at once.
+    assert client.statuses == []
     assert client.events == []  # being created is what the user just did: no news
+    deployment = copy.deepcopy(of_kind(converged, "Deployment"))
+    deployment["status"] = {}  # seen, no pod ready yet
+    r, client = reconciler([*objects, deployment])
+    await r.reconcile(key(objects))
+    (written,) = client.statuses
+    assert (written["phase"], status.ready_of(written)["reason"]) == ("Pending", "PodsNotReady")
+    assert client.events == []
 
 
 def info_lines(logs: list[dict[str, Any]]) -> list[str]:
     return [line["event"] for line in logs if line["log_level"] == "info"]
 
 
-async def test_a_new_modelapi_logs_one_line_for_its_children_and_one_for_its_state(converged: list[Obj]) -> None:
+async def test_a_new_modelapi_logs_one_line_for_its_children(converged: list[Obj]) -> None:
     objects = just_applied(converged)
     r, client = reconciler(objects)
     with structlog.testing.capture_logs() as logs:
         await r.reconcile(key(objects))
-    assert info_lines(logs) == ["created", "status"]
+    assert info_lines(logs) == ["created"]  # (its first status comes with its Deployment's watch event)
     (created,) = [line for line in logs if line["event"] == "created"]
     assert created["children"] == [name for verb, name, _ in client.writes() if verb in ("apply", "create")]
     assert len(created["children"]) >= 3  # (the recorded mock: ConfigMap, Secret, Deployment, Service)
@@ -208,6 +216,39 @@ async def test_a_status_that_only_mirrors_new_deployment_counters_is_written_but
     assert client.writes() == [("apply_status", "ModelAPI/mock-api", True)]
     assert info_lines(logs) == []
     assert [line["event"] for line in logs] == ["status"]
+
+
+async def test_deployment_counters_alone_are_written_at_most_once_a_second_and_a_new_state_at_once(
+        converged: list[Obj]) -> None:
+    objects = copy.deepcopy(converged)
+    stored = of_kind(objects, "ModelAPI")["status"]
+    stored["deployment"]["conditions"][0]["lastUpdateTime"] = "2026-01-01T00:00:00Z"  # the cache: counters moved
+    stores = stores_of(objects)
+    clock = [100.0]
+    client = RecordingClient()
+    recorder = Recorder(client, "test", LOG, clock=lambda: NOW)  # type: ignore[arg-type]
+    r = Reconciler(client, stores, Settings(), recorder, LOG, clock=lambda: NOW,  # type: ignore[arg-type]
+                   monotonic=lambda: clock[0])
+
+    def cache_holds(reason: str) -> None:  # the ModelAPI as the cache holds it, with this Ready reason
+        ready = status.ready_of(stored)
+        assert isinstance(ready, dict)
+        ready["reason"] = reason
+        stores.add(kube.MODELAPI, stores_of(objects)[kube.MODELAPI])
+
+    assert (await r.reconcile(key(objects))).requeue_after is None
+    assert len(client.statuses) == 1  # the first in a while: at once
+    clock[0] += 0.3
+    assert (await r.reconcile(key(objects))).requeue_after == pytest.approx(0.7)  # moved again: put off
+    assert len(client.statuses) == 1
+    written = status.ready_of(client.statuses[-1])["reason"]
+    cache_holds("PodsNotReady")  # the status to write now says something new
+    assert (await r.reconcile(key(objects))).requeue_after is None
+    assert len(client.statuses) == 2
+    cache_holds(written)
+    clock[0] += 1.0
+    await r.reconcile(key(objects))
+    assert len(client.statuses) == 3  # the latest counters, a second after the last write
 
 
 def test_only_a_first_status_on_the_way_to_ready_is_no_news() -> None:
