@@ -47,6 +47,10 @@ POD_OWNER_INDEX = "modelapi"
 # (the latest then): a pod starting or a roll moves them several times within a second, and each write was
 # a request, a watch event and a reconcile. A new state (Ready, its reason, a generation) is written at once.
 MIRROR_INTERVAL_SECONDS = 1.0
+# A child just applied is not sent again while the cache has not caught up with it (a reconcile woken by
+# another child's event can run before the watch brings the first), for at most this long: then the cache is
+# believed (e.g. the child was deleted before the watch showed it) and the reconcile, requeued, sends it again.
+UNSEEN_WRITE_SECONDS = 5.0
 Log = structlog.typing.FilteringBoundLogger
 
 
@@ -278,9 +282,12 @@ class Outcome:
     updated: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     status_written: bool = False
-    requeue_after: float | None = None  # a status write put off (MIRROR_INTERVAL_SECONDS)
+    requeue_after: float | None = None  # a status write put off, a write the cache has not shown yet
     phase: str = ""
     reason: str = ""
+
+    def look_again_in(self, seconds: float) -> None:
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
 
 
 @dataclass
@@ -303,6 +310,19 @@ class ChildRefused(Exception):
         super().__init__(message)
         self.reason = "InvalidPodSpec" if child["kind"] == "Deployment" else f"Invalid{child['kind']}"
         self.message = f"the API server refused {_ref(child)}: {message}"
+
+
+@dataclass(frozen=True)
+class Unseen:
+    """A child applied over the cached version `over` (None: there was none), not yet in the cache."""
+
+    child: Obj
+    over: str | None
+    at: float
+
+
+def _version(obj: Obj | None) -> str | None:
+    return obj["metadata"].get("resourceVersion") if obj is not None else None
 
 
 def _ref(obj: Mapping[str, Any]) -> str:
@@ -350,6 +370,7 @@ class Reconciler:
         self._pull_reads: dict[str, tuple[datetime, str, status.PullProgress | None]] = {}
         self._monotonic = monotonic
         self._status_written_at: dict[str, float] = {}  # key -> when its status was last written
+        self._unseen: dict[str, dict[str, Unseen]] = {}  # key -> child ref -> a write the cache lags behind
 
     async def reconcile(self, key: str) -> Result:
         obj = self._caches.modelapis.get(key)
@@ -357,6 +378,7 @@ class Reconciler:
             self._refused.pop(key, None)
             self._pull_reads.pop(key, None)
             self._status_written_at.pop(key, None)
+            self._unseen.pop(key, None)
             return Result()  # owner references let the garbage collector remove the children
         namespace = obj["metadata"]["namespace"]
         if self._terminating.holds(obj):
@@ -424,22 +446,40 @@ class Reconciler:
         return tuple(warnings)
 
     async def _apply_child(self, ctx: Context, child: Obj, live: Obj | None, generated_key: str | None) -> None:
-        if generated_key is not None:
-            if live is None:
-                await self._create_generated_secret(child, generated_key)
-                ctx.outcome.created.append(_ref(child))
-                return
+        if generated_key is not None and live is not None:
             child = diff.metadata_only(child)
-        if not diff.needs_apply(child, live):
+        if self._cache_behind(ctx, child, live):
             return
-        if (handover := diff.strategy_handover(child, live)) is not None:
-            await self._apply_unless_refused(ctx, handover, live)
-        await self._apply_unless_refused(ctx, child, live)
+        if generated_key is not None and live is None:
+            await self._create_generated_secret(child, generated_key)
+        elif diff.needs_apply(child, live):
+            if (handover := diff.strategy_handover(child, live)) is not None:
+                await self._apply_unless_refused(ctx, handover, live)
+            await self._apply_unless_refused(ctx, child, live)
+        else:
+            return
+        self._unseen.setdefault(ctx.key, {})[_ref(child)] = Unseen(child, _version(live), self._monotonic())
         (ctx.outcome.created if live is None else ctx.outcome.updated).append(_ref(child))
         # Events are for what a user acts on (a roll, a state change, an error), not for every child written.
         if child["kind"] == "Deployment" and live is not None and _config_hash(child) != _config_hash(live):
             await self._recorder.emit(ctx.obj, Event(NORMAL, "ConfigRolled", "Update",
                                                      f"pod template changed: rolling {_ref(child)}"))
+
+    def _cache_behind(self, ctx: Context, child: Obj, live: Obj | None) -> bool:
+        """Whether `child` is what this reconciler applied over `live` moments ago, the cache not showing it
+        yet: sending it again would change nothing (the watch event on its way wakes the next reconcile)."""
+        sent = self._unseen.get(ctx.key, {})
+        unseen = sent.get(_ref(child))
+        if unseen is None:
+            return False
+        left = unseen.at + UNSEEN_WRITE_SECONDS - self._monotonic()
+        if left > 0 and unseen.over == _version(live) and unseen.child == child:
+            ctx.outcome.look_again_in(left)
+            return True
+        del sent[_ref(child)]  # the cache has caught up (or is believed now)
+        if not sent:
+            del self._unseen[ctx.key]
+        return False
 
     async def _apply_unless_refused(self, ctx: Context, child: Obj, live: Obj | None) -> None:
         """Apply, or raise ChildRefused when the API server refuses the child as invalid (it will again
@@ -547,7 +587,7 @@ class Reconciler:
         if status.mirror_only(old, new):
             wait = self._status_written_at.get(ctx.key, -MIRROR_INTERVAL_SECONDS) + MIRROR_INTERVAL_SECONDS - now
             if wait > 0:
-                ctx.outcome.requeue_after = wait
+                ctx.outcome.look_again_in(wait)
                 return
         meta = ctx.obj["metadata"]
         await self._client.apply_status(

@@ -15,7 +15,7 @@ import yaml
 
 from kaos_modelapi import controller, desired, diff, kube, runtime, status
 from kaos_modelapi.api import ModelAPI
-from kaos_modelapi.controller import SECRET_REF_INDEX, Reconciler, secret_ref_keys
+from kaos_modelapi.controller import SECRET_REF_INDEX, UNSEEN_WRITE_SECONDS, Reconciler, secret_ref_keys
 from kaos_modelapi.events import WARNING, Event, Recorder
 from kaos_modelapi.informer import Change, Interner, Store
 from kaos_modelapi.kube import ApiError, Obj, Resource, object_key
@@ -189,6 +189,44 @@ async def test_a_new_modelapi_gets_its_children_and_its_first_status_once_its_de
     (written,) = client.statuses
     assert (written["phase"], status.ready_of(written)["reason"]) == ("Pending", "PodsNotReady")
     assert client.events == []
+
+
+async def test_a_child_just_applied_is_not_sent_again_before_the_cache_shows_it(converged: list[Obj]) -> None:
+    objects = just_applied(converged)
+    stores = stores_of(objects)
+    clock = [100.0]
+    client = RecordingClient()
+    recorder = Recorder(client, "test", LOG, clock=lambda: NOW)  # type: ignore[arg-type]
+    r = Reconciler(client, stores, Settings(), recorder, LOG, clock=lambda: NOW,  # type: ignore[arg-type]
+                   monotonic=lambda: clock[0])
+    await r.reconcile(key(objects))
+    sent = client.writes()
+    assert ("apply", "Service/modelapi-mock-api", False) in sent
+    # Woken again (say by the Deployment's event) before the watch brought the Service: nothing sent twice,
+    # and a look again once the cache should have shown it.
+    clock[0] += 0.2
+    assert (await r.reconcile(key(objects))).requeue_after == pytest.approx(UNSEEN_WRITE_SECONDS - 0.2)
+    assert client.writes() == sent
+    # Still absent after that (deleted before the watch showed it): sent again.
+    clock[0] += UNSEEN_WRITE_SECONDS
+    await r.reconcile(key(objects))
+    assert client.writes()[len(sent):] == sent
+
+
+async def test_a_child_the_cache_showed_and_lost_is_sent_again_at_once(converged: list[Obj]) -> None:
+    objects = just_applied(converged)
+    stores = stores_of(objects)
+    client = RecordingClient()
+    recorder = Recorder(client, "test", LOG, clock=lambda: NOW)  # type: ignore[arg-type]
+    r = Reconciler(client, stores, Settings(), recorder, LOG, clock=lambda: NOW)  # type: ignore[arg-type]
+    await r.reconcile(key(objects))
+    caught_up = stores_of([*objects, *without(converged, "ModelAPI")])
+    stores.add(kube.SERVICE, caught_up[kube.SERVICE])
+    await r.reconcile(key(objects))  # the cache shows the Service
+    client.calls.clear()
+    stores.add(kube.SERVICE, stores_of(objects)[kube.SERVICE])  # then its deletion
+    await r.reconcile(key(objects))
+    assert ("apply", "Service/modelapi-mock-api", False) in client.writes()
 
 
 def info_lines(logs: list[dict[str, Any]]) -> list[str]:
