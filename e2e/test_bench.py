@@ -39,16 +39,13 @@ async def test_bench_smoke_reports_every_figure(kubeconfig: str, tmp_path: Path)
     # Confined to the test's namespaces: the session's cluster holds other tests' ModelAPIs.
     namespaces = ",".join(options.ns(r) for r in ("canary", "op"))
     options.operator = scenarios.DEFAULT_OPERATOR + f" --namespaces {namespaces}"
-    c = await scenarios.Cluster.setup(kubeconfig, options, ["limit", "operator"])
-    try:
+    async with scenarios.Cluster.running(kubeconfig, options, ["limit", "operator"]) as c:
         result: dict[str, Any] = {"n": N, "apply_without_operator_s": 1.0}
         result["limit"] = await _limit_cold(c, options)
         await c.namespace(options.ns("op"))  # before the operator starts watching it
         result["operator"] = await scenarios.operator_scenarios(c, N, options)
         for role in ("canary", "op", "limit"):
             await c.admin.request("DELETE", f"/api/v1/namespaces/{options.ns(role)}", missing_ok=True)
-    finally:
-        await c.admin.close()
 
     for who in ("limit", "operator"):
         cold = result[who]["cold"]

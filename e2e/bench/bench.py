@@ -65,30 +65,22 @@ def with_limit() -> bool:
 
 async def measure(n: int, options: scenarios.Options, log: Any) -> dict[str, Any]:
     result: dict[str, Any] = {"n": n}
-    async with fresh_cluster() as kubeconfig:
-        c = await scenarios.Cluster.setup(kubeconfig, options, ["limit"])
-        try:
-            log(f"N={n}: kubectl apply without an operator")
-            result["apply_without_operator_s"] = await scenarios.plain_apply(c, n, options.ns("plain"))
-            if with_limit():
-                log(f"N={n}: the limit client")
-                result["limit"] = await scenarios.limit_scenarios(c, n, options)
-                log(f"N={n}: the limit client: {json.dumps(result['limit'])[:2000]}")
-            if os.environ.get("KUBECONFIG"):
-                for ns in (options.ns("plain"), options.ns("limit")):
-                    await c.admin.request("DELETE", f"/api/v1/namespaces/{ns}")
-                    await c.gone(ns, 300 + n)
-        finally:
-            await c.admin.close()
+    async with fresh_cluster() as kubeconfig, scenarios.Cluster.running(kubeconfig, options, ["limit"]) as c:
+        log(f"N={n}: kubectl apply without an operator")
+        result["apply_without_operator_s"] = await scenarios.plain_apply(c, n, options.ns("plain"))
+        if with_limit():
+            log(f"N={n}: the limit client")
+            result["limit"] = await scenarios.limit_scenarios(c, n, options)
+            log(f"N={n}: the limit client: {json.dumps(result['limit'])[:2000]}")
+        if os.environ.get("KUBECONFIG"):
+            for ns in (options.ns("plain"), options.ns("limit")):
+                await c.admin.request("DELETE", f"/api/v1/namespaces/{ns}")
+                await c.gone(ns, 300 + n)
     if os.environ.get("BENCH_ONLY") == "limit":
         return result
-    async with fresh_cluster() as kubeconfig:
-        c = await scenarios.Cluster.setup(kubeconfig, options, ["operator"])
-        try:
-            log(f"N={n}: the operator")
-            result["operator"] = await scenarios.operator_scenarios(c, n, options)
-        finally:
-            await c.admin.close()
+    async with fresh_cluster() as kubeconfig, scenarios.Cluster.running(kubeconfig, options, ["operator"]) as c:
+        log(f"N={n}: the operator")
+        result["operator"] = await scenarios.operator_scenarios(c, n, options)
     return result
 
 

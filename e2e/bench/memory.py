@@ -64,8 +64,7 @@ async def run(n: int, trace: bool) -> dict[str, Any]:
         options.operator = options.operator.replace("{python} -m kaos_modelapi", f"{{python}} {script}")
         os.environ["MEMTRACE_OUT"] = str(folder)
     result: dict[str, Any] = {"n": n, "tracemalloc": trace}
-    async with bench.fresh_cluster() as kubeconfig:
-        c = await scenarios.Cluster.setup(kubeconfig, options, ["operator"])
+    async with bench.fresh_cluster() as kubeconfig, scenarios.Cluster.running(kubeconfig, options, ["operator"]) as c:
         r = await scenarios.Run.create(c, options)
         try:
             idle = await r.start()
@@ -84,7 +83,6 @@ async def run(n: int, trace: bool) -> dict[str, Any]:
         finally:
             r.op.stop()
             await r.canary.stop()
-            await c.admin.close()
     result["snapshots"] = str(folder) if trace else None
     return result
 

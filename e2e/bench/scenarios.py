@@ -7,11 +7,13 @@ server (e2e/bench/counting.py), CPU and memory from /proc (e2e/bench/process.py)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,6 +134,22 @@ class Cluster:
         for name in names:
             await established(admin, name)
         return cls(kubeconfig, folder, admin, identities)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def running(cls, kubeconfig: str, options: Options, actors: list[str]) -> AsyncIterator[Cluster]:
+        """setup(), and afterwards the admin client closed and the scratch folder (the identities' credentials,
+        the operator's log) removed; after a failure the folder is kept, for its logs, and named."""
+        c = await cls.setup(kubeconfig, options, actors)
+        try:
+            yield c
+        except BaseException:
+            print(f"bench: the operator's log and credentials are kept in {c.folder}", file=sys.stderr)
+            raise
+        else:
+            shutil.rmtree(c.folder, ignore_errors=True)
+        finally:
+            await c.admin.close()
 
     async def namespace(self, name: str) -> None:
         await counting.ensure_namespace(self.admin, name)
