@@ -371,6 +371,8 @@ class Reconciler:
         self._monotonic = monotonic
         self._status_written_at: dict[str, float] = {}  # key -> when its status was last written
         self._unseen: dict[str, dict[str, Unseen]] = {}  # key -> child ref -> a write the cache lags behind
+        # key -> (the ModelAPI's resourceVersion, the status written over it): until the cache shows it.
+        self._status_unseen: dict[str, tuple[str | None, dict[str, Any]]] = {}
 
     async def reconcile(self, key: str) -> Result:
         obj = self._caches.modelapis.get(key)
@@ -379,6 +381,7 @@ class Reconciler:
             self._pull_reads.pop(key, None)
             self._status_written_at.pop(key, None)
             self._unseen.pop(key, None)
+            self._status_unseen.pop(key, None)
             return Result()  # owner references let the garbage collector remove the children
         namespace = obj["metadata"]["namespace"]
         if self._terminating.holds(obj):
@@ -404,7 +407,7 @@ class Reconciler:
             m = ModelAPI.model_validate(ctx.obj)
         except pydantic.ValidationError as e:
             error = SpecError("InvalidSpec", f"spec is invalid: {describe_validation_error(e)}")
-            await self._write_status(ctx, status.unreadable(ctx.obj, error, self._now()))
+            await self._write_status(ctx, status.unreadable(ctx.obj, error, self._now()), self._stored_status(ctx))
             return
         config_version = self._caches.secret_version(m.metadata.namespace, desired.config_secret(m))
         built = _build(m, self._settings, config_version)
@@ -417,9 +420,10 @@ class Reconciler:
                 built = SpecError(e.reason, e.message)
             _log_writes(ctx)
         observed = await self._with_pull_progress(ctx, m, built, self._observe(m, built, warnings))
-        new = status.compute(m, built, observed, self._now(), ctx.obj.get("status"))
-        if not status.only_creating(ctx.obj.get("status"), new):
-            await self._write_status(ctx, new)
+        stored = self._stored_status(ctx)
+        new = status.compute(m, built, observed, self._now(), stored)
+        if not status.only_creating(stored, new):
+            await self._write_status(ctx, new, stored)
 
     def _now(self) -> str:
         return self._clock().strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -577,10 +581,18 @@ class Reconciler:
             return None
         return status.parse_progress(tail)
 
-    async def _write_status(self, ctx: Context, new: dict[str, Any]) -> None:
+    def _stored_status(self, ctx: Context) -> dict[str, Any]:
+        """The ModelAPI's status as stored: the one this reconciler wrote last while the cache has not shown it
+        yet (a reconcile woken by a child's event can come first, and wrote it again), else the cached one."""
+        unseen = self._status_unseen.pop(ctx.key, None)
+        if unseen is not None and unseen[0] == _version(ctx.obj):
+            self._status_unseen[ctx.key] = unseen
+            return unseen[1]
+        return ctx.obj.get("status") or {}
+
+    async def _write_status(self, ctx: Context, new: dict[str, Any], old: dict[str, Any]) -> None:
         ctx.outcome.phase = new["phase"]
         ctx.outcome.reason = status.ready_of(new).get("reason", "")
-        old = ctx.obj.get("status") or {}
         if new == old:
             return
         now = self._monotonic()
@@ -596,6 +608,7 @@ class Reconciler:
             FIELD_MANAGER, force=True)  # the status is ours alone
         ctx.outcome.status_written = True
         self._status_written_at[ctx.key] = now
+        self._status_unseen[ctx.key] = (_version(ctx.obj), new)
         # At info only a new state (Ready's status, reason or message): not a copy of the Deployment's counters.
         changed = status.ready_changed(old, new)
         (ctx.log.info if changed else ctx.log.debug)("status", phase=new["phase"], message=new["message"])
