@@ -135,7 +135,12 @@ class OperatorProcess:
             "--log-format", "console", "--log-level", "debug", *self.args,
         ]
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        # kubernetes_asyncio writes a kubeconfig's certificates and key to temporary files it removes at exit:
+        # an operator a test kills leaves them, in the test's own folder rather than in /tmp.
+        scratch = self.log_path.with_suffix(".tmp")
+        scratch.mkdir(exist_ok=True)
+        self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                     env={**os.environ, "TMPDIR": str(scratch)})
         wait_until(self.ready, 60, f"operator /readyz (log: {self.log_path})")
 
     def ready(self) -> bool:

@@ -131,8 +131,10 @@ class OperatorProcess:
     def start(self) -> float:
         log = self.log_path.open("ab")
         self.started_at = time.monotonic()
+        # (a kubeconfig's certificates and key, which kubernetes_asyncio writes to temporary files, stay in the
+        # scratch folder when the process is killed)
         self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     cwd=self.cwd)
+                                     cwd=self.cwd, env={**os.environ, "TMPDIR": str(self.log_path.parent)})
         log.close()
         return self.started_at
 
