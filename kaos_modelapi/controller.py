@@ -12,6 +12,7 @@ import hashlib
 import json
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -51,6 +52,10 @@ MIRROR_INTERVAL_SECONDS = 1.0
 # another child's event can run before the watch brings the first), for at most this long: then the cache is
 # believed (e.g. the child was deleted before the watch showed it) and the reconcile, requeued, sends it again.
 UNSEEN_WRITE_SECONDS = 5.0
+# The statuses last written, kept to be compared with until the cache shows them: a ModelAPI's own status
+# event wakes no reconcile, so the last one would stay; the most recent ones are enough (the cache lags by
+# milliseconds, and dozens of status writes a second are a busy operator's).
+STATUSES_KEPT = 64
 Log = structlog.typing.FilteringBoundLogger
 
 
@@ -371,8 +376,8 @@ class Reconciler:
         self._monotonic = monotonic
         self._status_written_at: dict[str, float] = {}  # key -> when its status was last written
         self._unseen: dict[str, dict[str, Unseen]] = {}  # key -> child ref -> a write the cache lags behind
-        # key -> (the ModelAPI's resourceVersion, the status written over it): until the cache shows it.
-        self._status_unseen: dict[str, tuple[str | None, dict[str, Any]]] = {}
+        # key -> (the ModelAPI's resourceVersion, the status written over it), the last STATUSES_KEPT.
+        self._status_unseen: OrderedDict[str, tuple[str | None, dict[str, Any]]] = OrderedDict()
 
     async def reconcile(self, key: str) -> Result:
         obj = self._caches.modelapis.get(key)
@@ -584,10 +589,11 @@ class Reconciler:
     def _stored_status(self, ctx: Context) -> dict[str, Any]:
         """The ModelAPI's status as stored: the one this reconciler wrote last while the cache has not shown it
         yet (a reconcile woken by a child's event can come first, and wrote it again), else the cached one."""
-        unseen = self._status_unseen.pop(ctx.key, None)
-        if unseen is not None and unseen[0] == _version(ctx.obj):
-            self._status_unseen[ctx.key] = unseen
-            return unseen[1]
+        unseen = self._status_unseen.get(ctx.key)
+        if unseen is not None:
+            if unseen[0] == _version(ctx.obj):
+                return unseen[1]
+            del self._status_unseen[ctx.key]  # the cache has caught up
         return ctx.obj.get("status") or {}
 
     async def _write_status(self, ctx: Context, new: dict[str, Any], old: dict[str, Any]) -> None:
@@ -609,6 +615,9 @@ class Reconciler:
         ctx.outcome.status_written = True
         self._status_written_at[ctx.key] = now
         self._status_unseen[ctx.key] = (_version(ctx.obj), new)
+        self._status_unseen.move_to_end(ctx.key)
+        if len(self._status_unseen) > STATUSES_KEPT:
+            self._status_unseen.popitem(last=False)
         # At info only a new state (Ready's status, reason or message): not a copy of the Deployment's counters.
         changed = status.ready_changed(old, new)
         (ctx.log.info if changed else ctx.log.debug)("status", phase=new["phase"], message=new["message"])
