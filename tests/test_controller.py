@@ -5,6 +5,7 @@ those calls is tested in e2e/."""
 from __future__ import annotations
 
 import copy
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -108,9 +109,16 @@ def stores_of(objects: list[Obj]) -> Stores:
 
 
 def reconciler(objects: list[Obj]) -> tuple[Reconciler, RecordingClient]:
+    return reconciler_over(stores_of(objects))
+
+
+def reconciler_over(stores: Stores, clock: list[float] | None = None) -> tuple[Reconciler, RecordingClient]:
+    """A reconciler reading `stores` (which a test may change between reconciles); `clock[0]` its monotonic time."""
     client = RecordingClient()
     recorder = Recorder(client, "test", LOG, clock=lambda: NOW)  # type: ignore[arg-type]
-    r = Reconciler(client, stores_of(objects), Settings(), recorder, LOG, clock=lambda: NOW)  # type: ignore[arg-type]
+    monotonic = (lambda: clock[0]) if clock is not None else time.monotonic
+    r = Reconciler(client, stores, Settings(), recorder, LOG, clock=lambda: NOW,  # type: ignore[arg-type]
+                   monotonic=monotonic)
     return r, client
 
 
@@ -198,10 +206,7 @@ async def test_a_child_just_applied_is_not_sent_again_before_the_cache_shows_it(
     objects = just_applied(converged)
     stores = stores_of(objects)
     clock = [100.0]
-    client = RecordingClient()
-    recorder = Recorder(client, "test", LOG, clock=lambda: NOW)  # type: ignore[arg-type]
-    r = Reconciler(client, stores, Settings(), recorder, LOG, clock=lambda: NOW,  # type: ignore[arg-type]
-                   monotonic=lambda: clock[0])
+    r, client = reconciler_over(stores, clock)
     await r.reconcile(key(objects))
     sent = client.writes()
     assert ("apply", "Service/modelapi-mock-api", False) in sent
@@ -219,9 +224,7 @@ async def test_a_child_just_applied_is_not_sent_again_before_the_cache_shows_it(
 async def test_a_child_the_cache_showed_and_lost_is_sent_again_at_once(converged: list[Obj]) -> None:
     objects = just_applied(converged)
     stores = stores_of(objects)
-    client = RecordingClient()
-    recorder = Recorder(client, "test", LOG, clock=lambda: NOW)  # type: ignore[arg-type]
-    r = Reconciler(client, stores, Settings(), recorder, LOG, clock=lambda: NOW)  # type: ignore[arg-type]
+    r, client = reconciler_over(stores)
     await r.reconcile(key(objects))
     caught_up = stores_of([*objects, *without(converged, "ModelAPI")])
     stores.add(kube.SERVICE, caught_up[kube.SERVICE])
@@ -266,10 +269,7 @@ async def test_deployment_counters_alone_are_written_at_most_once_a_second_and_a
     stored["deployment"]["conditions"][0]["lastUpdateTime"] = "2026-01-01T00:00:00Z"  # the cache: counters moved
     stores = stores_of(objects)
     clock = [100.0]
-    client = RecordingClient()
-    recorder = Recorder(client, "test", LOG, clock=lambda: NOW)  # type: ignore[arg-type]
-    r = Reconciler(client, stores, Settings(), recorder, LOG, clock=lambda: NOW,  # type: ignore[arg-type]
-                   monotonic=lambda: clock[0])
+    r, client = reconciler_over(stores, clock)
 
     def cache_holds(reason: str) -> None:  # the ModelAPI as the cache holds it, with this Ready reason
         ready = status.ready_of(stored)
