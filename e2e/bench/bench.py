@@ -51,6 +51,13 @@ async def fresh_cluster() -> AsyncIterator[str]:
     if external and Path(external).is_file():
         yield external
         return
+    async with private_cluster() as kubeconfig:
+        yield kubeconfig
+
+
+@contextlib.asynccontextmanager
+async def private_cluster() -> AsyncIterator[str]:
+    """A local control plane of its own (stand-in node), on free ports, stopped and removed afterwards."""
     state = Path(tempfile.mkdtemp(prefix="kaos-bench-cluster-"))
     started = await asyncio.to_thread(cluster.start, state, cluster.free_ports(), exit_with_parent=True)
     try:
