@@ -25,7 +25,7 @@ from . import desired, diff, kube, status
 from .api import ModelAPI, describe_validation_error
 from .desired import Desired, SpecError
 from .events import NORMAL, WARNING, Event, Recorder
-from .informer import OWNER_UID_INDEX, StoreReader
+from .informer import OWNER_UID_INDEX, StoreReader, unchanged
 from .kube import ApiError, KubeClient, Obj, Resource, TerminatingNamespaces, key_for, object_key
 from .runtime import Builder, CacheSpec, Result, Stores, TerminalError, changed_beyond_version
 from .settings import Settings
@@ -263,6 +263,9 @@ class Caches:
         return [o for o in store.by_index(OWNER_UID_INDEX, uid)
                 if o["metadata"].get("namespace") == namespace and _controller_uid(o) == uid]
 
+    def owned_by(self, namespace: str, uid: str, resources: Iterable[Resource]) -> list[Obj]:
+        return [child for resource in resources for child in self.owned(resource, namespace, uid)]
+
     def pods_of(self, namespace: str, name: str) -> tuple[Obj, ...]:
         return tuple(self.stores[kube.POD].by_index(POD_OWNER_INDEX, key_for(namespace, name)))
 
@@ -326,6 +329,26 @@ class Unseen:
     at: float
 
 
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """A reconcile that found every child as built and wrote none: what it saw (the ModelAPI, then each child
+    it owns, as cached), the config Secret's version it built with, and what it built but the children.
+
+    While the caches hold the same, a build and a diff would find the same again, so a reconcile woken by a
+    Deployment's or a pod's status (most of them) only computes the status. "The same" is `unchanged` (`is` on
+    each part): sound because cached objects are read-only, and it holds because an update that changes only
+    a status keeps every other part the very object it was (informer.Interner). Anything else (an edit, a
+    relist, a new cache) only costs a full reconcile."""
+
+    seen: tuple[Obj, ...]
+    config_version: str | None
+    built: Desired
+
+    def holds(self, seen: tuple[Obj, ...], config_version: str | None) -> bool:
+        return (config_version == self.config_version and len(seen) == len(self.seen)
+                and all(map(unchanged, self.seen, seen)))
+
+
 def _version(obj: Obj | None) -> str | None:
     return obj["metadata"].get("resourceVersion") if obj is not None else None
 
@@ -378,6 +401,7 @@ class Reconciler:
         self._unseen: dict[str, dict[str, Unseen]] = {}  # key -> child ref -> a write the cache lags behind
         # key -> (the ModelAPI's resourceVersion, the status written over it), the last STATUSES_KEPT.
         self._status_unseen: OrderedDict[str, tuple[str | None, dict[str, Any]]] = OrderedDict()
+        self._verified: dict[str, Verified] = {}  # key -> its last reconcile that found nothing to write
 
     async def reconcile(self, key: str) -> Result:
         obj = self._caches.modelapis.get(key)
@@ -387,6 +411,7 @@ class Reconciler:
             self._status_written_at.pop(key, None)
             self._unseen.pop(key, None)
             self._status_unseen.pop(key, None)
+            self._verified.pop(key, None)
             return Result()  # owner references let the garbage collector remove the children
         namespace = obj["metadata"]["namespace"]
         if self._terminating.holds(obj):
@@ -414,21 +439,41 @@ class Reconciler:
             error = SpecError("InvalidSpec", f"spec is invalid: {describe_validation_error(e)}")
             await self._write_status(ctx, status.unreadable(ctx.obj, error, self._now()), self._stored_status(ctx))
             return
-        config_version = self._caches.secret_version(m.metadata.namespace, desired.config_secret(m))
-        built = _build(m, self._settings, config_version)
-        warnings: tuple[str, ...] = ()
-        if isinstance(built, Desired):
-            try:
-                warnings = await self._apply_children(ctx, built)
-                await self._delete_stale(ctx, m, built)
-            except ChildRefused as e:
-                built = SpecError(e.reason, e.message)
-            _log_writes(ctx)
+        built, warnings = await self._converge(ctx, m)
         observed = await self._with_pull_progress(ctx, m, built, self._observe(m, built, warnings))
         stored = self._stored_status(ctx)
         new = status.compute(m, built, observed, self._now(), stored)
         if not status.only_creating(stored, new):
             await self._write_status(ctx, new, stored)
+
+    async def _converge(self, ctx: Context, m: ModelAPI) -> tuple[Desired | SpecError, tuple[str, ...]]:
+        """Build the children and apply those the caches show differ, delete those no longer wanted; or, while
+        the caches hold what the last reconcile that found nothing to write saw (`Verified`), only say what it
+        built. Returns what was built (a SpecError: what the user must fix) and warnings for the status."""
+        config_version = self._caches.secret_version(m.metadata.namespace, desired.config_secret(m))
+        seen = (ctx.obj, *self._caches.owned_by(m.metadata.namespace, m.metadata.uid, CHILD_RESOURCES))
+        verified = self._verified.pop(ctx.key, None)
+        if verified is not None and verified.holds(seen, config_version):
+            self._verified[ctx.key] = replace(verified, seen=seen)  # (the cache's latest: the old ones can go)
+            return verified.built, ()
+        built = _build(m, self._settings, config_version)
+        if isinstance(built, SpecError):
+            return built, ()
+        try:
+            warnings = await self._apply_children(ctx, built)
+            await self._delete_stale(ctx, m, built)
+        except ChildRefused as e:
+            _log_writes(ctx)
+            return SpecError(e.reason, e.message), ()
+        if not warnings and self._nothing_written(ctx):
+            self._verified[ctx.key] = Verified(seen, config_version, replace(built, children=(), generated=()))
+        _log_writes(ctx)
+        return built, warnings
+
+    def _nothing_written(self, ctx: Context) -> bool:
+        """Whether this reconcile found every child as built: nothing written, nothing put off."""
+        out = ctx.outcome
+        return not (out.created or out.updated or out.deleted or ctx.key in self._unseen)
 
     def _now(self) -> str:
         return self._clock().strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -63,7 +63,7 @@ class GeneratedKey:
     key: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Desired:
     children: tuple[dict[str, Any], ...]
     endpoint: str

@@ -46,6 +46,8 @@ Handler = Callable[[EventKind, Obj | None, Obj | None], None]
 """(kind, old, new): add has old=None; delete has new=None and old = the object's last state."""
 Transform = Callable[[Obj], Obj]
 IndexFunc = Callable[[Obj], Iterable[str]]
+"""An object's values in a secondary index. It reads no status and no resourceVersion: an update that changes
+only those keeps the object where it was indexed (`unchanged`)."""
 
 ObjList = list[Obj]
 KeyList = list[str]
@@ -297,6 +299,19 @@ class StoreReader(Protocol):
     def __len__(self) -> int: ...
 
 
+def unchanged(old: Obj, new: Obj) -> bool:
+    """Whether a cached object says what it said before, but for its status and resourceVersion. Parts are
+    compared by identity: sound because cached objects are read-only, and what an update left as it was is
+    the very object it was (Interner: a status update costs only the status). Equal but not the same (a
+    relist without an Interner, a test's new object) reads as changed."""
+    if old is new:
+        return True
+    if old.keys() != new.keys() or old["metadata"].keys() != new["metadata"].keys():
+        return False
+    return (all(v is new[k] for k, v in old.items() if k != "status" and k != "metadata")
+            and all(v is new["metadata"][k] for k, v in old["metadata"].items() if k != "resourceVersion"))
+
+
 class Store:
     """Objects keyed by "namespace/name" (or "name" when cluster-scoped), with secondary indexes."""
 
@@ -344,8 +359,11 @@ class Store:
 
     def _put(self, obj: Obj) -> None:
         key = object_key(obj)
-        self._unindex(key)
+        old = self._objects.get(key)
         self._objects[key] = obj
+        if old is not None and unchanged(old, obj):
+            return  # (a status moved: most updates of pods and Deployments, every status a ModelAPI is written)
+        self._unindex(key)
         indexed = [(name, list(index_func(obj))) for name, index_func in self._indexers.items()]
         for name, values in indexed:
             for value in values:

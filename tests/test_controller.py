@@ -18,7 +18,7 @@ from kaos_modelapi import controller, desired, diff, kube, runtime, status
 from kaos_modelapi.api import ModelAPI
 from kaos_modelapi.controller import SECRET_REF_INDEX, UNSEEN_WRITE_SECONDS, Reconciler, secret_ref_keys
 from kaos_modelapi.events import WARNING, Event, Recorder
-from kaos_modelapi.informer import Change, Interner, Store
+from kaos_modelapi.informer import Change, Interner, Store, unchanged
 from kaos_modelapi.kube import ApiError, Obj, Resource, object_key
 from kaos_modelapi.runtime import Stores, TerminalError
 from kaos_modelapi.settings import GatewayRef, Settings
@@ -233,6 +233,106 @@ async def test_a_child_the_cache_showed_and_lost_is_sent_again_at_once(converged
     stores.add(kube.SERVICE, stores_of(objects)[kube.SERVICE])  # then its deletion
     await r.reconcile(key(objects))
     assert ("apply", "Service/modelapi-mock-api", False) in client.writes()
+
+
+# --- a reconcile that found nothing to write, and what comes after it -----------------------------------
+
+
+def update_cached(stores: Stores, resource: Resource, name: str, edit: Any) -> None:
+    """`edit` a cached object as a watch event would: a new version whose unchanged parts are the old
+    version's very objects (as the informer's Interner leaves them)."""
+    (old,) = [o for o in stores[resource].list() if o["metadata"]["name"] == name]
+    new = copy.deepcopy(old)
+    edit(new)
+    new["metadata"]["resourceVersion"] = str(int(new["metadata"]["resourceVersion"]) + 1)
+    stores[resource].apply(Change("update", old, Interner()(new, old)))
+
+
+def counting_builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    built: list[str] = []
+    original = desired.build
+
+    def build(m: ModelAPI, *args: Any) -> desired.Desired:
+        built.append(m.metadata.name)
+        return original(m, *args)
+
+    monkeypatch.setattr(desired, "build", build)
+    return built
+
+
+def counters_moved(deployment: Obj) -> None:
+    deployment["status"]["updatedReplicas"] = 0  # (a roll's first step)
+    deployment["status"]["observedGeneration"] += 1
+
+
+async def test_a_deployment_status_after_a_reconcile_that_wrote_nothing_updates_the_status_without_a_build(
+        converged: list[Obj], monkeypatch: pytest.MonkeyPatch) -> None:
+    stores = stores_of(converged)
+    r, client = reconciler_over(stores)
+    built = counting_builds(monkeypatch)
+    await r.reconcile(key(converged))
+    assert (client.writes(), built) == ([], ["mock-api"])
+    update_cached(stores, kube.DEPLOYMENT, "modelapi-mock-api", counters_moved)
+    await r.reconcile(key(converged))
+    assert built == ["mock-api"]  # the children are as they were: nothing to build or compare again
+    assert client.writes() == [("apply_status", "ModelAPI/mock-api", True)]
+    assert client.statuses[-1]["deployment"]["updatedReplicas"] == 0
+
+
+def edit_service_port(service: Obj) -> None:
+    service["spec"]["ports"][0]["port"] = 9000
+
+
+def relabel(obj: Obj) -> None:
+    obj["metadata"]["labels"] = {**obj["metadata"]["labels"], "app": "other"}
+
+
+def new_model(modelapi: Obj) -> None:
+    modelapi["spec"]["proxyConfig"]["model"] = "other-model"
+    modelapi["metadata"]["generation"] += 1
+
+
+@pytest.mark.parametrize(("resource", "name", "edit", "write"), [
+    (kube.SERVICE, "modelapi-mock-api", edit_service_port, ("apply", "Service/modelapi-mock-api", False)),
+    (kube.CONFIGMAP, "litellm-config-mock-api", relabel, ("apply", "ConfigMap/litellm-config-mock-api", False)),
+    (kube.DEPLOYMENT, "modelapi-mock-api", relabel, ("apply", "Deployment/modelapi-mock-api", False)),
+    (kube.MODELAPI, "mock-api", new_model, ("apply", "ConfigMap/litellm-config-mock-api", False)),
+], ids=["a child's spec", "a child's labels", "the Deployment's labels", "the ModelAPI's spec"])
+async def test_after_a_reconcile_that_wrote_nothing_any_other_change_is_built_and_compared_again(
+        converged: list[Obj], resource: Resource, name: str, edit: Any, write: tuple[str, str, bool]) -> None:
+    stores = stores_of(converged)
+    r, client = reconciler_over(stores)
+    await r.reconcile(key(converged))
+    update_cached(stores, resource, name, edit)
+    await r.reconcile(key(converged))
+    assert write in client.writes()
+
+
+async def test_after_a_reconcile_that_wrote_nothing_a_lost_child_is_made_again_and_a_stray_one_deleted(
+        converged: list[Obj]) -> None:
+    stores = stores_of(converged)
+    r, client = reconciler_over(stores)
+    await r.reconcile(key(converged))
+    service = stores[kube.SERVICE].get(object_key(of_kind(converged, "Service")))
+    stores[kube.SERVICE].apply(Change("delete", service, None))
+    stray = copy.deepcopy(of_kind(converged, "ConfigMap"))
+    stray["metadata"].update(name="litellm-config-old", uid="00000000-0000-0000-0000-000000000001")
+    stores[kube.CONFIGMAP].apply(Change("add", None, Interner()(controller.strip_managed(stray))))
+    await r.reconcile(key(converged))
+    assert {c[:2] for c in client.writes()} >= {("apply", "Service/modelapi-mock-api"),
+                                                 ("delete", "ConfigMap/litellm-config-old")}
+
+
+def test_an_object_is_unchanged_when_only_its_status_and_version_moved(converged: list[Obj]) -> None:
+    old = controller.strip_managed(copy.deepcopy(of_kind(converged, "Deployment")))
+    moved = copy.deepcopy(old)
+    counters_moved(moved)
+    moved["metadata"]["resourceVersion"] += "0"
+    assert not unchanged(old, moved)  # equal is not enough: only the very same parts are known
+    assert unchanged(old, Interner()(moved, old))
+    annotated = copy.deepcopy(old)
+    annotated["metadata"]["annotations"] = {**annotated["metadata"].get("annotations", {}), "a": "b"}
+    assert not unchanged(old, Interner()(annotated, old))
 
 
 def info_lines(logs: list[dict[str, Any]]) -> list[str]:

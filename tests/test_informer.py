@@ -369,6 +369,26 @@ def test_store_indexes_follow_updates_and_deletes() -> None:
         store.by_index("nope", "x")
 
 
+def test_an_update_of_the_status_alone_keeps_the_indexes_without_asking_the_index_functions() -> None:
+    asked: list[str] = []
+
+    def by_app(o: Obj) -> list[str]:
+        asked.append(o["metadata"]["resourceVersion"])
+        return [o["metadata"].get("labels", {}).get("app", "")]
+
+    store, interner = Store({"app": by_app}), Interner()
+    first = interner({**obj("a", "1", labels={"app": "x"}), "status": {}})
+    store.apply(Change("add", None, first))
+    ready = interner({**copy.deepcopy(first), "status": {"ready": True}}, first)
+    ready["metadata"]["resourceVersion"] = "2"
+    store.apply(Change("update", first, ready))
+    assert (store.by_index("app", "x"), asked) == ([ready], ["1"])
+    relabelled = copy.deepcopy(ready)
+    relabelled["metadata"].update(resourceVersion="3", labels={"app": "y"})
+    store.apply(Change("update", ready, interner(relabelled, ready)))
+    assert (store.by_index("app", "x"), store.by_index("app", "y"), asked) == ([], [relabelled], ["1", "3"])
+
+
 def test_relist_changes_ignores_unchanged_objects() -> None:
     old = {"ns/a": obj("a", "1")}
     assert relist_changes(old, [obj("a", "1")]) == []
