@@ -42,12 +42,23 @@ def deep_size(obj: Any, seen: set[int]) -> int:
     return size
 
 
+def tracked_objects() -> list[Any]:
+    """Every object the cycle collector tracks, frozen ones too: the operator freezes what its start-up made,
+    the informers among it (kaos_modelapi.memory), and gc.get_objects() leaves frozen objects out. Frozen
+    again after, with what else exists now, as the operator's own `settle_collector` does."""
+    gc.unfreeze()
+    try:
+        return gc.get_objects()
+    finally:
+        gc.freeze()
+
+
 def caches() -> dict[str, dict[str, Any]]:
     from kaos_modelapi.informer import Informer
 
     out: dict[str, dict[str, Any]] = {}
     seen: set[int] = set()
-    for informer in (o for o in gc.get_objects() if isinstance(o, Informer)):
+    for informer in (o for o in tracked_objects() if isinstance(o, Informer)):
         name = informer._resource.plural  # (a debugging tool may read a private field)
         objects = informer.store.list()
         entry = out.setdefault(name, {"objects": 0, "kib": 0.0})
