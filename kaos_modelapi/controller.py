@@ -8,6 +8,7 @@ differ from the cache with server-side apply, deletes the children no longer wan
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
@@ -343,10 +344,29 @@ class Verified:
     seen: tuple[Obj, ...]
     config_version: str | None
     built: Desired
+    # Whether a built child sets annotations: if none does, the diff never reads a child's, and a change of
+    # them alone (the Deployment controller's revision, a user's `kubectl annotate`) needs no build.
+    annotated: bool
 
     def holds(self, seen: tuple[Obj, ...], config_version: str | None) -> bool:
-        return (config_version == self.config_version and len(seen) == len(self.seen)
-                and all(map(unchanged, self.seen, seen)))
+        if config_version != self.config_version or len(seen) != len(self.seen) or not unchanged(self.seen[0], seen[0]):
+            return False
+        same = unchanged if self.annotated else _unchanged_but_annotations
+        return all(map(same, self.seen[1:], seen[1:]))
+
+
+_NOT_ANNOTATIONS = ("resourceVersion", "annotations")
+
+
+def _unchanged_but_annotations(old: Obj, new: Obj) -> bool:
+    """`unchanged`, but for the annotations too."""
+    if unchanged(old, new):
+        return True
+    old_meta, new_meta = old["metadata"], new["metadata"]
+    return (old.keys() == new.keys()
+            and all(v is new[k] for k, v in old.items() if k != "status" and k != "metadata")
+            and [k for k in old_meta if k not in _NOT_ANNOTATIONS] == [k for k in new_meta if k not in _NOT_ANNOTATIONS]
+            and all(v is new_meta[k] for k, v in old_meta.items() if k not in _NOT_ANNOTATIONS))
 
 
 def _version(obj: Obj | None) -> str | None:
@@ -466,7 +486,9 @@ class Reconciler:
             _log_writes(ctx)
             return SpecError(e.reason, e.message), ()
         if not warnings and self._nothing_written(ctx):
-            self._verified[ctx.key] = Verified(seen, config_version, replace(built, children=(), generated=()))
+            annotated = any("annotations" in child["metadata"] for child in built.children)
+            self._verified[ctx.key] = Verified(seen, config_version, replace(built, children=(), generated=()),
+                                               annotated)
         _log_writes(ctx)
         return built, warnings
 
@@ -653,23 +675,29 @@ class Reconciler:
                 ctx.outcome.look_again_in(wait)
                 return
         meta = ctx.obj["metadata"]
-        await self._client.apply_status(
+        write = self._client.apply_status(
             {"apiVersion": ctx.obj["apiVersion"], "kind": ctx.obj["kind"],
              "metadata": {"name": meta["name"], "namespace": meta["namespace"]}, "status": new},
             FIELD_MANAGER, force=True)  # the status is ours alone
+        # At info only a new state (Ready's status, reason or message): not a copy of the Deployment's counters.
+        changed = status.ready_changed(old, new)
+        if changed and not status.just_created(old, new):
+            # Sent beside the status, not after it: one wait for the API server, not two. (If the status write
+            # fails, the retry finds the Event already recorded: the recorder does not write it twice.)
+            event = Event(NORMAL if new["phase"] != "Failed" else WARNING, new["conditions"][0]["reason"],
+                          "Reconcile", new["message"])
+            written, _ = await asyncio.gather(write, self._recorder.emit(ctx.obj, event), return_exceptions=True)
+            if isinstance(written, BaseException):
+                raise written
+        else:
+            await write
         ctx.outcome.status_written = True
         self._status_written_at[ctx.key] = now
         self._status_unseen[ctx.key] = (_version(ctx.obj), new)
         self._status_unseen.move_to_end(ctx.key)
         if len(self._status_unseen) > STATUSES_KEPT:
             self._status_unseen.popitem(last=False)
-        # At info only a new state (Ready's status, reason or message): not a copy of the Deployment's counters.
-        changed = status.ready_changed(old, new)
         (ctx.log.info if changed else ctx.log.debug)("status", phase=new["phase"], message=new["message"])
-        if changed and not status.just_created(old, new):
-            kind = NORMAL if new["phase"] != "Failed" else WARNING
-            reason = new["conditions"][0]["reason"]
-            await self._recorder.emit(ctx.obj, Event(kind, reason, "Reconcile", new["message"]))
 
 
 def _log_writes(ctx: Context) -> None:

@@ -4,6 +4,7 @@ those calls is tested in e2e/."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import time
 from datetime import UTC, datetime, timedelta
@@ -202,6 +203,66 @@ async def test_a_new_modelapi_gets_its_children_and_its_first_status_once_its_de
     assert client.writes() == []
 
 
+class OverlapClient(RecordingClient):
+    """Records when each write starts and ends, each taking one turn of the event loop: writes sent together
+    all start before any ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeline: list[tuple[str, str]] = []  # ("start" or "end", "Kind/name")
+
+    async def _timed(self, obj: Obj) -> None:
+        ref = f"{obj['kind']}/{obj['metadata']['name']}"
+        self.timeline.append(("start", ref))
+        await asyncio.sleep(0)
+        self.timeline.append(("end", ref))
+
+    async def apply(self, obj: Obj, field_manager: str, force: bool = False) -> Obj:
+        await self._timed(obj)
+        return await super().apply(obj, field_manager, force)
+
+    async def apply_status(self, obj: Obj, field_manager: str, force: bool = False) -> Obj:
+        await self._timed(obj)
+        return await super().apply_status(obj, field_manager, force)
+
+    async def create(self, obj: Obj, field_manager: str | None = None) -> Obj:
+        await self._timed(obj)
+        return await super().create(obj, field_manager)
+
+
+def overlapping(stores: Stores, settings: Settings) -> tuple[Reconciler, OverlapClient]:
+    client = OverlapClient()
+    recorder = Recorder(client, "test", LOG, clock=lambda: NOW)  # type: ignore[arg-type]
+    return Reconciler(client, stores, settings, recorder, LOG, clock=lambda: NOW), client  # type: ignore[arg-type]
+
+
+def waves(timeline: list[tuple[str, str]]) -> list[list[str]]:
+    """The writes in flight together: a wave ends when a write ends."""
+    found: list[list[str]] = [[]]
+    for what, ref in timeline:
+        if what == "start":
+            if found[-1] and found[-1][-1] == "|":
+                found.append([])
+            found[-1].append(ref)
+        elif found[-1][-1:] != ["|"]:
+            found[-1].append("|")
+    return [[ref for ref in wave if ref != "|"] for wave in found]
+
+
+async def test_a_new_state_and_its_event_are_sent_together(converged: list[Obj]) -> None:
+    objects = [o for o in converged if o["kind"] != "HTTPRoute"]
+    modelapi = of_kind(objects, "ModelAPI")
+    modelapi["status"] = {**modelapi["status"], "phase": "Pending"}
+    modelapi["status"]["conditions"] = [{**modelapi["status"]["conditions"][0], "status": "False",
+                                         "reason": "PodsNotReady"}, *modelapi["status"]["conditions"][1:]]
+    r, client = overlapping(stores_of(objects), Settings())
+    await r.reconcile(key(objects))
+    assert client.event_reasons() == ["Available"]
+    (event,) = client.events
+    name = modelapi["metadata"]["name"]
+    assert waves(client.timeline) == [[f"ModelAPI/{name}", f"Event/{event['metadata']['name']}"]]
+
+
 async def test_a_child_just_applied_is_not_sent_again_before_the_cache_shows_it(converged: list[Obj]) -> None:
     objects = just_applied(converged)
     stores = stores_of(objects)
@@ -277,6 +338,60 @@ async def test_a_deployment_status_after_a_reconcile_that_wrote_nothing_updates_
     assert built == ["mock-api"]  # the children are as they were: nothing to build or compare again
     assert client.writes() == [("apply_status", "ModelAPI/mock-api", True)]
     assert client.statuses[-1]["deployment"]["updatedReplicas"] == 0
+
+
+def new_revision(deployment: Obj) -> None:
+    annotations = deployment["metadata"].setdefault("annotations", {})
+    annotations["deployment.kubernetes.io/revision"] = str(int(annotations.get("deployment.kubernetes.io/revision",
+                                                                               "1")) + 1)
+
+
+def annotate(obj: Obj) -> None:
+    obj["metadata"]["annotations"] = {**(obj["metadata"].get("annotations") or {}), "note": "by hand"}
+
+
+@pytest.mark.parametrize(("resource", "name", "edit", "builds"), [
+    (kube.DEPLOYMENT, "modelapi-mock-api", new_revision, ["mock-api"]),
+    (kube.SERVICE, "modelapi-mock-api", annotate, ["mock-api"]),
+    (kube.MODELAPI, "mock-api", annotate, ["mock-api", "mock-api"]),
+], ids=["the Deployment controller's revision", "a child annotated by hand", "the ModelAPI annotated"])
+async def test_after_a_reconcile_that_wrote_nothing_a_childs_annotations_alone_need_no_build(
+        converged: list[Obj], monkeypatch: pytest.MonkeyPatch, resource: Resource, name: str, edit: Any,
+        builds: list[str]) -> None:
+    """No built child sets annotations, so the diff never reads a child's; a ModelAPI's are its user's."""
+    stores = stores_of(converged)
+    r, client = reconciler_over(stores)
+    built = counting_builds(monkeypatch)
+    await r.reconcile(key(converged))
+    update_cached(stores, resource, name, edit)
+    await r.reconcile(key(converged))
+    assert (built, client.writes()) == (builds, [])
+
+
+async def test_once_a_built_child_sets_annotations_a_change_of_any_childs_is_built_and_compared_again(
+        converged: list[Obj], monkeypatch: pytest.MonkeyPatch) -> None:
+    original = desired.build
+
+    def build(m: ModelAPI, *args: Any) -> desired.Desired:
+        built = original(m, *args)
+        service = of_kind(list(built.children), "Service")
+        service["metadata"]["annotations"] = {"note": "ours"}
+        return built
+
+    monkeypatch.setattr(desired, "build", build)
+    stores = stores_of(converged)
+    r, client = reconciler_over(stores)
+    await r.reconcile(key(converged))
+    assert ("apply", "Service/modelapi-mock-api", False) in client.writes()  # ("ours" was missing)
+    update_cached(stores, kube.SERVICE, "modelapi-mock-api", lambda svc: svc["metadata"].update(
+        annotations={"note": "ours"}))
+    client.calls.clear()
+    await r.reconcile(key(converged))  # now as built: nothing to write, and remembered
+    assert client.writes() == []
+    update_cached(stores, kube.SERVICE, "modelapi-mock-api", lambda svc: svc["metadata"].update(
+        annotations={"note": "by hand"}))
+    await r.reconcile(key(converged))
+    assert ("apply", "Service/modelapi-mock-api", False) in client.writes()
 
 
 def edit_service_port(service: Obj) -> None:
