@@ -230,37 +230,22 @@ class OverlapClient(RecordingClient):
         return await super().create(obj, field_manager)
 
 
-def overlapping(stores: Stores, settings: Settings) -> tuple[Reconciler, OverlapClient]:
-    client = OverlapClient()
-    recorder = Recorder(client, "test", LOG, clock=lambda: NOW)  # type: ignore[arg-type]
-    return Reconciler(client, stores, settings, recorder, LOG, clock=lambda: NOW), client  # type: ignore[arg-type]
-
-
-def waves(timeline: list[tuple[str, str]]) -> list[list[str]]:
-    """The writes in flight together: a wave ends when a write ends."""
-    found: list[list[str]] = [[]]
-    for what, ref in timeline:
-        if what == "start":
-            if found[-1] and found[-1][-1] == "|":
-                found.append([])
-            found[-1].append(ref)
-        elif found[-1][-1:] != ["|"]:
-            found[-1].append("|")
-    return [[ref for ref in wave if ref != "|"] for wave in found]
-
-
 async def test_a_new_state_and_its_event_are_sent_together(converged: list[Obj]) -> None:
     objects = [o for o in converged if o["kind"] != "HTTPRoute"]
     modelapi = of_kind(objects, "ModelAPI")
     modelapi["status"] = {**modelapi["status"], "phase": "Pending"}
     modelapi["status"]["conditions"] = [{**modelapi["status"]["conditions"][0], "status": "False",
                                          "reason": "PodsNotReady"}, *modelapi["status"]["conditions"][1:]]
-    r, client = overlapping(stores_of(objects), Settings())
+    client = OverlapClient()
+    recorder = Recorder(client, "test", LOG, clock=lambda: NOW)  # type: ignore[arg-type]
+    r = Reconciler(client, stores_of(objects), Settings(), recorder, LOG, clock=lambda: NOW)  # type: ignore[arg-type]
     await r.reconcile(key(objects))
     assert client.event_reasons() == ["Available"]
     (event,) = client.events
-    name = modelapi["metadata"]["name"]
-    assert waves(client.timeline) == [[f"ModelAPI/{name}", f"Event/{event['metadata']['name']}"]]
+    # Both in flight at once: one wait for the API server, not two.
+    assert [what for what, _ in client.timeline] == ["start", "start", "end", "end"]
+    assert {ref for _, ref in client.timeline} == {f"ModelAPI/{modelapi['metadata']['name']}",
+                                                   f"Event/{event['metadata']['name']}"}
 
 
 async def test_a_child_just_applied_is_not_sent_again_before_the_cache_shows_it(converged: list[Obj]) -> None:
