@@ -468,9 +468,10 @@ def main(argv: list[str]) -> int:
             dev_node(state)
         elif command == "down":
             print("control plane stopped" if stop(state) else "no control plane was running")
-            from e2e import node
+            from e2e import images, node
 
             node.sweep()  # and any real node whose session crashed
+            images.tidy()  # and what an image build stopped midway left mounted
         elif command == "status":
             if is_running(state):
                 print(f"running (pid {read_pid(state)}): export KUBECONFIG={state / 'kubeconfig'}")

@@ -3,6 +3,7 @@
     python e2e/images.py build [REF...]   # build (unless cached) and print REF<TAB>archive for each
     python e2e/images.py list             # every ref, its cache key and whether its archive is cached
     python e2e/images.py prune            # drop layers no current image uses
+    python e2e/images.py tidy             # remove what a build stopped midway left (make cluster-down runs it)
     python e2e/images.py clean            # remove the whole image cache and its storage
 
 Each image is a docker-archive tarball whose RepoTags carry the exact ref a pod asks for, so
@@ -314,7 +315,11 @@ def build(ref: str, log: Log = say) -> Path:
         if target.is_file():  # another session built it while this one waited
             return target
         started, wall = time.monotonic(), int(time.time())
-        _build_locked(catalog[ref], catalog, target, log)
+        remove_working_containers()  # of a build that was stopped midway
+        try:
+            _build_locked(catalog[ref], catalog, target, log)
+        finally:
+            remove_working_containers()  # (a Ctrl-C stops buildah midway too)
         log(f"built {ref} in {time.monotonic() - started:.0f} s: {target}")
         _forget_old_archives(ref, keep=target.parent)
         _prune_storage(before=wall)
@@ -326,16 +331,42 @@ def build_all(log: Log = say) -> dict[str, Path]:
 
 
 @contextmanager
-def _lock() -> Iterator[None]:
-    """One build at a time across processes (also keeps two sessions from building the same image)."""
+def _lock(wait: bool = True) -> Iterator[bool]:
+    """One build at a time across processes (also keeps two sessions from building the same image). Yields
+    whether it is held: without `wait`, False at once while another process holds it."""
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     with (root / ".lock").open("w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def remove_working_containers() -> None:
+    """Remove buildah's working containers, each with its root filesystem mounted. A build that ends, even
+    failing, removes its own; one stopped midway (Ctrl-C, a killed CI run) leaves them behind. Called while
+    holding the lock, so no build is running and each one is a leftover; the containers podman runs (the
+    tests') are not buildah's and stay."""
+    if shutil.which("buildah") is None or not (cache_root() / "storage").is_dir():
+        return
+    run(buildah_cmd("rm", "--all"))
+
+
+def tidy() -> bool:
+    """What `make cluster-down` runs: the leftovers of a stopped build, unless a build is running now (then
+    it removes them itself when it ends). True if tidied."""
+    if not (cache_root() / "storage").is_dir():
+        return True
+    with _lock(wait=False) as held:
+        if held:
+            remove_working_containers()
+        return held
 
 
 def _build_locked(image: Image, catalog: dict[str, Image], target: Path, log: Log) -> None:
@@ -493,6 +524,9 @@ def main(argv: list[str]) -> int:
     if command == "prune":
         with _lock():
             _prune_storage()
+        return 0
+    if command == "tidy":
+        print("working containers of stopped builds removed" if tidy() else "a build is running: left to it")
         return 0
     if command == "clean":
         with _lock():

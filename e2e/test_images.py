@@ -8,6 +8,7 @@ import json
 import secrets
 import socket
 import subprocess
+import sys
 import tarfile
 import time
 import urllib.error
@@ -167,6 +168,37 @@ def test_operator_source_change_keeps_the_base(tmp_path: Path) -> None:
     edited = images.Image(operator.ref, {**operator.context, "kaos_modelapi/cli.py": changed}, "Dockerfile")
     assert images.image_key(edited, catalog) != images.image_key(operator, catalog)
     assert images.image_key(catalog[images.BASE_REF], catalog) == images.image_key(catalog[images.BASE_REF])
+
+
+def test_cluster_down_removes_what_a_build_stopped_midway_left(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build stopped midway (Ctrl-C, a killed CI run) leaves buildah's working containers behind, their root
+    filesystems mounted; `make cluster-down` runs `images.py tidy`, which removes them unless a build is
+    running (that build removes them when it ends). A private storage: the real one is never touched."""
+    monkeypatch.setenv("KAOS_IMAGES_CACHE", str(tmp_path / "images"))
+    storage = tmp_path / "images" / "storage"
+
+    def tidy() -> str:
+        return images.run([sys.executable, str(images.REPO / "e2e" / "images.py"), "tidy"]).stdout
+
+    def left() -> tuple[list[str], list[str]]:
+        names = images.run(images.buildah_cmd("containers", "--format", "{{.ContainerName}}")).stdout.split()
+        roots = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+        return names, [r for r in roots if r.startswith(str(storage)) and r.endswith("/merged")]
+
+    try:
+        for name in ("kaos-test-stopped-build-1", "kaos-test-stopped-build-2"):  # as `buildah bud` makes them
+            images.run(images.buildah_cmd("from", "--name", name, "scratch"))
+            images.run(images.buildah_cmd("mount", name))
+        names, mounts = left()
+        assert len(names) == 2 and len(mounts) == 2
+        with images._lock():  # a build is running
+            assert "a build is running" in tidy()
+            assert left()[0] == names
+        assert "removed" in tidy()
+        assert left() == ([], [])
+    finally:
+        images.clean()
 
 
 def test_debootstrap_uses_the_mirror_apt_uses() -> None:
