@@ -503,6 +503,29 @@ async def test_apply_status_goes_to_the_status_subresource(
     assert forced["status"] == {"phase": "Other"}
 
 
+async def test_writes_asked_for_metadata_only_answer_with_the_metadata_alone(
+    client: KubeClient, namespace: str, widgets: Resource
+) -> None:
+    """What the reconciler's writes ask for: the API server honours the Accept header on an apply, a status
+    apply, a create and a replace, writes the whole object and answers with its metadata (the new version)."""
+    applied = await client.apply(configmap(namespace, "meta", {"k": "v"}), "e2e", metadata_only=True)
+    stored = await client.get(CONFIGMAP, namespace, "meta")
+    assert (applied["kind"], "data" in applied, stored["data"]) == ("ConfigMap", False, {"k": "v"})
+    assert applied["metadata"]["resourceVersion"] == stored["metadata"]["resourceVersion"]
+    replaced = await client.replace({**stored, "data": {"k": "w"}}, "e2e", metadata_only=True)
+    assert "data" not in replaced
+    assert (await client.get(CONFIGMAP, namespace, "meta"))["data"] == {"k": "w"}
+    created = await client.create(configmap(namespace, "meta-made", {"k": "v"}), "e2e", metadata_only=True)
+    assert "data" not in created and created["metadata"]["uid"]
+
+    widget = {"apiVersion": widgets.api_version, "kind": widgets.kind,
+              "metadata": {"name": "w", "namespace": namespace}}
+    await eventually(lambda: client.apply({**widget, "spec": {"size": 1}}, "e2e"), what="the widget API to be served")
+    status = await client.apply_status({**widget, "status": {"phase": "Ready"}}, "e2e", metadata_only=True)
+    assert (status["kind"], "spec" in status, "status" in status) == (widgets.kind, False, False)
+    assert (await client.get(widgets, namespace, "w"))["status"] == {"phase": "Ready"}
+
+
 async def test_delete_honours_the_uid_precondition_and_404_is_success(client: KubeClient, namespace: str) -> None:
     created = await client.apply(configmap(namespace, "del"), "e2e")
     assert not await client.delete(CONFIGMAP, namespace, "del", "00000000-0000-0000-0000-000000000000")

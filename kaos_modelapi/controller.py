@@ -579,27 +579,27 @@ class Reconciler:
                 raise
             # Apply merges list items by key, so a hand-edited port stays beside ours (a duplicate "http"):
             # only a replace of the whole object removes it. (If ours is what is invalid, this fails too.)
-            await self._client.replace(diff.overlay(live, child), FIELD_MANAGER)
+            await self._client.replace(diff.overlay(live, child), FIELD_MANAGER, metadata_only=True)
             ctx.log.info("replaced hand-edited lists", child=_ref(child), error=e.message)
             await self._recorder.emit(ctx.obj, Event(WARNING, "FieldsReclaimed", "Update",
                                                      f"{_ref(child)}: replaced lists edited by hand ({e.message})"))
 
     async def _apply_taking_fields_back(self, ctx: Context, child: Obj) -> None:
         try:
-            await self._client.apply(child, FIELD_MANAGER)
+            await self._client.apply(child, FIELD_MANAGER, metadata_only=True)
         except ApiError as e:
             if not e.is_conflict():
                 raise
             # Someone else (kubectl edit, another controller) took fields we own: take them back.
             ctx.log.info("taking fields back", child=_ref(child), conflict=e.message)
-            await self._client.apply(child, FIELD_MANAGER, force=True)
+            await self._client.apply(child, FIELD_MANAGER, force=True, metadata_only=True)
             await self._recorder.emit(ctx.obj, Event(WARNING, "FieldsReclaimed", "Update",
                                                      f"{_ref(child)}: reverted changes by {_conflict_managers(e)}"))
 
     async def _create_generated_secret(self, child: Obj, data_key: str) -> None:
         body = dict(child, stringData={data_key: secrets.token_urlsafe(32)})
         try:
-            await self._client.create(body, FIELD_MANAGER)
+            await self._client.create(body, FIELD_MANAGER, metadata_only=True)
         except ApiError as e:
             if not e.is_already_exists():  # the cache was behind: the next event brings it
                 raise
@@ -678,7 +678,7 @@ class Reconciler:
         write = self._client.apply_status(
             {"apiVersion": ctx.obj["apiVersion"], "kind": ctx.obj["kind"],
              "metadata": {"name": meta["name"], "namespace": meta["namespace"]}, "status": new},
-            FIELD_MANAGER, force=True)  # the status is ours alone
+            FIELD_MANAGER, force=True, metadata_only=True)  # the status is ours alone
         # At info only a new state (Ready's status, reason or message): not a copy of the Deployment's counters.
         changed = status.ready_changed(old, new)
         if changed and not status.just_created(old, new):

@@ -24,7 +24,8 @@ REPORTING_CONTROLLER = "kaos.tools/modelapi-controller"
 
 
 class EventWriter(Protocol):
-    async def create(self, obj: dict[str, Any], field_manager: str | None = None) -> dict[str, Any]: ...
+    async def create(self, obj: dict[str, Any], field_manager: str | None = None, *,
+                     metadata_only: bool = False) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class Recorder:
         if self._is_duplicate((str(regarding["metadata"].get("uid")), event.reason, event.note), now):
             return
         try:
-            await self._writer.create(event_object(regarding, event, self._instance, now))
+            await self._writer.create(event_object(regarding, event, self._instance, now), metadata_only=True)
         except ApiError as e:
             if e.is_namespace_terminating():  # the object goes with its namespace: nothing to tell
                 self._log.debug("event not recorded: namespace terminating", reason=event.reason)

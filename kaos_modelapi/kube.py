@@ -440,7 +440,7 @@ class KubeClient:
             sendInitialEvents="true" if initial_events else None,
             resourceVersionMatch="NotOlderThan" if initial_events else None,
         )
-        accept = PARTIAL_METADATA if metadata_only else JSON
+        accept = accept_for(metadata_only)
         # The server ends the stream after timeout_seconds; if it goes silent for much longer the
         # connection is dead and we would rather find out than hang.
         read_timeout = (timeout_seconds + 30) if timeout_seconds else None
@@ -462,42 +462,47 @@ class KubeClient:
 
     # -- writes ---------------------------------------------------------------------------------
 
-    async def apply(self, obj: Mapping[str, Any], field_manager: str, force: bool = False) -> Obj:
+    # The reconciler never reads what a write answers: ``metadata_only`` asks for the object's metadata alone
+    # (PartialObjectMetadata, stamped with its kind), which spares the API server encoding a Deployment's spec
+    # and status and this process reading and decoding them, for every write.
+
+    async def apply(self, obj: Mapping[str, Any], field_manager: str, force: bool = False, *,
+                    metadata_only: bool = False) -> Obj:
         """Server-side apply: ``obj`` is our whole intent for the fields we manage."""
-        return await self._apply(obj, field_manager, force, subresource=None)
+        return await self._apply(obj, field_manager, force, None, metadata_only)
 
-    async def apply_status(self, obj: Mapping[str, Any], field_manager: str, force: bool = False) -> Obj:
+    async def apply_status(self, obj: Mapping[str, Any], field_manager: str, force: bool = False, *,
+                           metadata_only: bool = False) -> Obj:
         """Server-side apply on the status subresource (``obj`` carries identity + ``status``)."""
-        return await self._apply(obj, field_manager, force, subresource="status")
+        return await self._apply(obj, field_manager, force, "status", metadata_only)
 
-    async def _apply(self, obj: Mapping[str, Any], field_manager: str, force: bool, subresource: str | None) -> Obj:
+    async def _apply(self, obj: Mapping[str, Any], field_manager: str, force: bool, subresource: str | None,
+                     metadata_only: bool) -> Obj:
         resource = self.resource_for(obj)
         namespace, name = _identity(obj, resource)
         query = _query(fieldManager=field_manager, force="true" if force else None)
-        result = await self._json(
-            "PATCH",
-            resource.path(namespace, name, subresource),
-            query=query,
-            body=dict(obj),
-            content_type=APPLY_PATCH,
-        )
+        result = await self._json("PATCH", resource.path(namespace, name, subresource), query=query,
+                                  body=dict(obj), content_type=APPLY_PATCH, accept=accept_for(metadata_only))
         return with_type(result, resource)
 
-    async def create(self, obj: Mapping[str, Any], field_manager: str | None = None) -> Obj:
+    async def create(self, obj: Mapping[str, Any], field_manager: str | None = None, *,
+                     metadata_only: bool = False) -> Obj:
         resource = self.resource_for(obj)
         namespace = obj.get("metadata", {}).get("namespace") if resource.namespaced else None
         if resource.namespaced and not namespace:
             raise ValueError(f"{resource.kind} needs metadata.namespace")
         query = _query(fieldManager=field_manager)
-        result = await self._json("POST", resource.path(namespace), query=query, body=dict(obj))
+        result = await self._json("POST", resource.path(namespace), query=query, body=dict(obj),
+                                  accept=accept_for(metadata_only))
         return with_type(result, resource)
 
-    async def replace(self, obj: Mapping[str, Any], field_manager: str) -> Obj:
+    async def replace(self, obj: Mapping[str, Any], field_manager: str, *, metadata_only: bool = False) -> Obj:
         """PUT the whole object (optimistic: ``metadata.resourceVersion`` must be current)."""
         resource = self.resource_for(obj)
         namespace, name = _identity(obj, resource)
         query = _query(fieldManager=field_manager)
-        result = await self._json("PUT", resource.path(namespace, name), query=query, body=dict(obj))
+        result = await self._json("PUT", resource.path(namespace, name), query=query, body=dict(obj),
+                                  accept=accept_for(metadata_only))
         return with_type(result, resource)
 
     async def delete(
@@ -649,6 +654,11 @@ def _env_proxy(url: str) -> str | None:
     if not parts.hostname or urllib.request.proxy_bypass(parts.hostname):
         return None
     return urllib.request.getproxies().get(parts.scheme)
+
+
+def accept_for(metadata_only: bool) -> str:
+    """The Accept header of a request whose answer is read whole, or only as its metadata."""
+    return PARTIAL_METADATA if metadata_only else JSON
 
 
 def _query(**params: str | int | None) -> Query:

@@ -37,6 +37,7 @@ class RecordingClient:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, bool]] = []  # (verb, "Kind/name", force)
+        self.whole_answers: list[str] = []  # writes that asked for the whole object back, not its metadata
         self.events: list[Obj] = []
         self.fail: dict[str, list[ApiError]] = {}
         self.logs: dict[tuple[str, str], str] = {}  # (pod, container) -> what its log's tail reads
@@ -47,28 +48,36 @@ class RecordingClient:
     def resource_for(self, obj: Obj) -> Resource:
         return self._by_type[(obj["apiVersion"], obj["kind"])]
 
-    def _record(self, verb: str, obj: Obj, force: bool = False) -> Obj:
-        self.calls.append((verb, f"{obj['kind']}/{obj['metadata']['name']}", force))
+    def _record(self, verb: str, obj: Obj, force: bool = False, metadata_only: bool = False) -> Obj:
+        ref = f"{obj['kind']}/{obj['metadata']['name']}"
+        self.calls.append((verb, ref, force))
+        if not metadata_only:
+            self.whole_answers.append(f"{verb} {ref}")
         pending = self.fail.get(verb) or []
         if pending:
             raise pending.pop(0)
-        return obj
+        # What the API server answers when asked for metadata only (PartialObjectMetadata, kind stamped).
+        return {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "metadata": obj["metadata"]} \
+            if metadata_only else obj
 
-    async def apply(self, obj: Obj, field_manager: str, force: bool = False) -> Obj:
-        return self._record("apply", obj, force)
+    async def apply(self, obj: Obj, field_manager: str, force: bool = False, *, metadata_only: bool = False) -> Obj:
+        return self._record("apply", obj, force, metadata_only)
 
-    async def apply_status(self, obj: Obj, field_manager: str, force: bool = False) -> Obj:
+    async def apply_status(self, obj: Obj, field_manager: str, force: bool = False, *,
+                           metadata_only: bool = False) -> Obj:
         self.statuses.append(obj["status"])
-        return self._record("apply_status", obj, force)
+        return self._record("apply_status", obj, force, metadata_only)
 
-    async def create(self, obj: Obj, field_manager: str | None = None) -> Obj:
+    async def create(self, obj: Obj, field_manager: str | None = None, *, metadata_only: bool = False) -> Obj:
         if obj["kind"] == "Event":
             self.events.append(obj)
+            if not metadata_only:
+                self.whole_answers.append(f"create Event/{obj['metadata']['name']}")
             return obj
-        return self._record("create", obj)
+        return self._record("create", obj, metadata_only=metadata_only)
 
-    async def replace(self, obj: Obj, field_manager: str) -> Obj:
-        return self._record("replace", obj)
+    async def replace(self, obj: Obj, field_manager: str, *, metadata_only: bool = False) -> Obj:
+        return self._record("replace", obj, metadata_only=metadata_only)
 
     async def delete(self, resource: Resource, namespace: str | None, name: str, uid: str | None = None) -> None:
         self._record("delete", {"kind": resource.kind, "metadata": {"name": name}})
@@ -217,17 +226,18 @@ class OverlapClient(RecordingClient):
         await asyncio.sleep(0)
         self.timeline.append(("end", ref))
 
-    async def apply(self, obj: Obj, field_manager: str, force: bool = False) -> Obj:
+    async def apply(self, obj: Obj, field_manager: str, force: bool = False, *, metadata_only: bool = False) -> Obj:
         await self._timed(obj)
-        return await super().apply(obj, field_manager, force)
+        return await super().apply(obj, field_manager, force, metadata_only=metadata_only)
 
-    async def apply_status(self, obj: Obj, field_manager: str, force: bool = False) -> Obj:
+    async def apply_status(self, obj: Obj, field_manager: str, force: bool = False, *,
+                           metadata_only: bool = False) -> Obj:
         await self._timed(obj)
-        return await super().apply_status(obj, field_manager, force)
+        return await super().apply_status(obj, field_manager, force, metadata_only=metadata_only)
 
-    async def create(self, obj: Obj, field_manager: str | None = None) -> Obj:
+    async def create(self, obj: Obj, field_manager: str | None = None, *, metadata_only: bool = False) -> Obj:
         await self._timed(obj)
-        return await super().create(obj, field_manager)
+        return await super().create(obj, field_manager, metadata_only=metadata_only)
 
 
 async def test_a_new_state_and_its_event_are_sent_together(converged: list[Obj]) -> None:
@@ -540,6 +550,22 @@ async def test_an_invalid_hand_edited_list_is_replaced(converged: list[Obj]) -> 
     assert client.event_reasons() == ["FieldsReclaimed"]
 
 
+async def test_no_write_asks_for_the_whole_object_back(converged: list[Obj]) -> None:
+    """The reconciler reads nothing a write answers, so each asks for the metadata alone: a Deployment's spec
+    and status are neither encoded by the API server nor decoded here. (The fake answers as the server does.)"""
+    edited = copy.deepcopy(converged)
+    of_kind(edited, "Service")["spec"]["ports"][0]["targetPort"] = 9999
+    setups = [(without(converged, "Secret"), None),  # the generated Secret is created
+              (without(converged, "Deployment"), None),  # a child applied, a new status and its Event
+              (edited, conflict()), (edited, invalid())]  # applied with force, replaced; Events
+    for objects, refusal in setups:
+        r, client = reconciler(objects)
+        client.fail["apply"] = [refusal] if refusal else []
+        await r.reconcile(key(objects))
+        assert client.writes() and client.whole_answers == []
+    assert {verb for verb, _, _ in client.calls} >= {"apply", "replace"}
+
+
 async def test_an_unwanted_child_is_deleted(converged: list[Obj]) -> None:
     objects = copy.deepcopy(converged)
     stale = copy.deepcopy(of_kind(objects, "ConfigMap"))
@@ -604,7 +630,7 @@ class TerminatingNamespace:
         self.attempts = 0
         self.created: list[Obj] = []
 
-    async def create(self, obj: Obj, field_manager: str | None = None) -> Obj:
+    async def create(self, obj: Obj, field_manager: str | None = None, *, metadata_only: bool = False) -> Obj:
         if obj["metadata"]["namespace"] == "default" and obj["regarding"]["uid"] != "new":
             self.attempts += 1
             raise ApiError(403, "Forbidden", "events is forbidden: unable to create new content in namespace "
@@ -767,9 +793,9 @@ async def test_a_store_added_to_a_running_hosted_modelapi_moves_its_deployment_t
     applied: list[Obj] = []
     original = client.apply
 
-    async def keep(obj: Obj, field_manager: str, force: bool = False) -> Obj:
+    async def keep(obj: Obj, field_manager: str, force: bool = False, *, metadata_only: bool = False) -> Obj:
         applied.append(copy.deepcopy(obj))
-        return await original(obj, field_manager, force)
+        return await original(obj, field_manager, force, metadata_only=metadata_only)
 
     client.apply = keep  # type: ignore[method-assign]
     await r.reconcile(key(objects))

@@ -255,6 +255,22 @@ async def test_apply_status_targets_the_status_subresource(env: Env) -> None:
     assert env.last.headers["Content-Type"] == "application/apply-patch+yaml"
 
 
+async def test_writes_asked_for_metadata_only_ask_for_partial_object_metadata(env: Env) -> None:
+    partial = {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": {"name": "x"}}
+    for _ in range(4):
+        env.server.reply(body=partial)
+    answers = [await env.client.apply(cm(), "kaos", metadata_only=True),
+               await env.client.apply_status(cm(), "kaos", metadata_only=True),
+               await env.client.create(cm(), "kaos", metadata_only=True),
+               await env.client.replace(cm(), "kaos", metadata_only=True)]
+    assert {r.headers["Accept"] for r in env.server.seen} == {
+        "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"}
+    assert all((a["apiVersion"], a["kind"]) == ("v1", "ConfigMap") for a in answers)
+    env.server.reply(body=cm())
+    await env.client.apply(cm(), "kaos")  # by default, the whole object
+    assert env.last.headers["Accept"] == "application/json"
+
+
 async def test_apply_refuses_unknown_kinds_and_missing_identity(env: Env) -> None:
     with pytest.raises(ValueError):
         await env.client.apply({"apiVersion": "x/v1", "kind": "Nope", "metadata": {"name": "n"}}, "kaos")

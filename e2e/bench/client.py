@@ -18,6 +18,8 @@ import aiohttp
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 
+from kaos_modelapi.kube import accept_for
+
 Obj = dict[str, Any]
 APPLY = "application/apply-patch+yaml"
 MERGE = "application/merge-patch+json"
@@ -87,9 +89,10 @@ class Api:
             self.session = None
 
     async def request(self, method: str, url_path: str, body: Any = None, *, query: dict[str, str] | None = None,
-                      content_type: str = "application/json", missing_ok: bool = False) -> Obj:
+                      content_type: str = "application/json", missing_ok: bool = False,
+                      accept: str = "application/json") -> Obj:
         data = None if body is None else (json.dumps(body) if not isinstance(body, str) else body)
-        headers = {"Content-Type": content_type, "Accept": "application/json"}
+        headers = {"Content-Type": content_type, "Accept": accept}
         async with self._session().request(method, self.host + url_path, data=data, params=query,
                                            headers=headers) as resp:
             text = await resp.text()
@@ -103,15 +106,20 @@ class Api:
     async def get(self, kind: str, namespace: str | None, name: str = "", **query: str) -> Obj:
         return await self.request("GET", path(kind, namespace, name), query=query or None)
 
-    async def create(self, obj: Obj) -> Obj:
+    async def create(self, obj: Obj, *, metadata_only: bool = False) -> Obj:
         meta = obj["metadata"]
-        return await self.request("POST", path(obj["kind"], meta.get("namespace")), obj)
+        return await self.request("POST", path(obj["kind"], meta.get("namespace")), obj,
+                                  accept=accept_for(metadata_only))
 
-    async def apply(self, obj: Obj, manager: str, *, status: bool = False, force: bool = True) -> Obj:
+    async def apply(self, obj: Obj, manager: str, *, status: bool = False, force: bool = True,
+                    metadata_only: bool = False) -> Obj:
+        """``metadata_only``: the answer is the object's metadata alone (PartialObjectMetadata), as the operator
+        asks for it when it does not read the answer."""
         meta = obj["metadata"]
         query = {"fieldManager": manager, "force": "true" if force else "false"}
         url = path(obj["kind"], meta.get("namespace"), meta["name"], "status" if status else "")
-        return await self.request("PATCH", url, obj, query=query, content_type=APPLY)
+        return await self.request("PATCH", url, obj, query=query, content_type=APPLY,
+                                  accept=accept_for(metadata_only))
 
     async def raw(self, url_path: str) -> str:
         async with self._session().get(self.host + url_path) as resp:

@@ -179,11 +179,11 @@ class LimitClient:
                     await self._create(body)
                     self.secrets_made.add(child_name)
                 continue
-            await self.api.apply(child, MANAGER)
+            await self.api.apply(child, MANAGER, metadata_only=True)  # as the operator: the answer is not read
 
     async def _create(self, body: Obj) -> None:
         try:
-            await self.api.create(body)
+            await self.api.create(body, metadata_only=True)
         except ApiError as e:
             if e.status != 409:  # already there: a retried item whose create went through
                 raise
