@@ -93,9 +93,13 @@ def add_run_parser(sub: Any) -> None:
                      help="comma-separated namespaces to watch (default: all)")
     add_settings_flags(run)
     run.add_argument("--workers", type=int, default=4, help="concurrent reconciles")
-    run.add_argument("--kube-api-qps", type=float, default=100.0,
-                     help="requests per second to the API server after a burst (0: no client-side limit)")
-    run.add_argument("--kube-api-burst", type=int, default=200, help="requests allowed at once before --kube-api-qps")
+    # No client-side limit by default, as controller-runtime since 0.21 on SIG API Machinery's advice: the API
+    # server's Priority and Fairness shares it out; a fixed rate only made a large converge wait on itself.
+    run.add_argument("--kube-api-qps", type=float, default=0.0,
+                     help="requests per second to the API server after a burst (0, the default: no client-side "
+                          "limit, API Priority and Fairness applies)")
+    run.add_argument("--kube-api-burst", type=int, default=200,
+                     help="requests allowed at once before --kube-api-qps (when it is set)")
     run.add_argument("--resync-period", type=float, default=600.0, help="seconds between full resyncs")
     run.add_argument("--watch-timeout", type=int, default=300,
                      help="the API server ends each watch after between this many seconds and twice that (a new "

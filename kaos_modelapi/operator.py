@@ -60,7 +60,7 @@ class Options:
     leader_election_id: str
     leader_election_namespace: str
     lease: LeaseTiming
-    kube_api_qps: float = 100.0
+    kube_api_qps: float = 0.0  # none: API Priority and Fairness (cli.py)
     kube_api_burst: int = 200
     watch_timeout: int = 300  # seconds; each watch lasts a random time between this and twice this
     log_level: str = "info"

@@ -121,3 +121,14 @@ def test_the_watch_timeout_is_a_flag_and_must_be_positive() -> None:
     assert options_from_args(build_parser().parse_args(["run", "--watch-timeout", "7"])).watch_timeout == 7
     with pytest.raises(InputError, match="--watch-timeout must be at least 1 second"):
         options_from_args(build_parser().parse_args(["run", "--watch-timeout", "0"]))
+
+
+def test_no_client_side_request_limit_unless_asked() -> None:
+    """API Priority and Fairness shares the API server out (controller-runtime's default since 0.21); a fixed
+    rate set the pace of a large converge. --kube-api-qps still sets one."""
+    from kaos_modelapi.cli import build_parser, options_from_args
+
+    default = options_from_args(build_parser().parse_args(["run"]))
+    assert default.kube_api_qps == 0
+    asked = options_from_args(build_parser().parse_args(["run", "--kube-api-qps", "50", "--kube-api-burst", "100"]))
+    assert (asked.kube_api_qps, asked.kube_api_burst) == (50, 100)
