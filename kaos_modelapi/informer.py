@@ -318,10 +318,14 @@ class Store:
     def __init__(self, indexers: Mapping[str, IndexFunc] | None = None) -> None:
         self._objects: dict[str, Obj] = {}
         self._indexers = dict(indexers or {})
-        self._indices: dict[str, dict[str, set[str]]] = {name: {} for name in self._indexers}
-        # key -> the values each index function gave when the object was put: removing or replacing it
-        # need not run them again (one, the ModelAPI's Secret references, validates the whole object).
-        self._indexed: dict[str, list[tuple[str, KeyList]]] = {}
+        # index -> value -> the keys of the objects it gave that value: one key as itself (most values, an
+        # owner's UID, name one object), several as a set. A set for every value was a third of what a cached
+        # child cost beyond the object itself (about 2 KiB per ModelAPI at N=1000).
+        self._indices: dict[str, dict[str, str | set[str]]] = {name: {} for name in self._indexers}
+        # key -> the values each index function gave when the object was put (none kept for an object that
+        # got none): removing or replacing it need not run them again (one, the ModelAPI's Secret references,
+        # validates the whole object).
+        self._indexed: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {}
 
     def get(self, key: str) -> Obj | None:
         return self._objects.get(key)
@@ -335,7 +339,10 @@ class Store:
     def by_index(self, index: str, value: str) -> ObjList:
         if index not in self._indices:
             raise KeyError(f"no index {index!r}; have {sorted(self._indices)}")
-        return [self._objects[key] for key in sorted(self._indices[index].get(value, ()))]
+        keys = self._indices[index].get(value)
+        if keys is None:
+            return []
+        return [self._objects[keys]] if isinstance(keys, str) else [self._objects[key] for key in sorted(keys)]
 
     def select(self, labels: Mapping[str, str], namespace: str | None = None) -> ObjList:
         return [
@@ -364,10 +371,16 @@ class Store:
         if old is not None and unchanged(old, obj):
             return  # (a status moved: most updates of pods and Deployments, every status a ModelAPI is written)
         self._unindex(key)
-        indexed = [(name, list(index_func(obj))) for name, index_func in self._indexers.items()]
+        indexed = tuple((name, values) for name, index_func in self._indexers.items()
+                        if (values := tuple(index_func(obj))))
         for name, values in indexed:
+            index = self._indices[name]
             for value in values:
-                self._indices[name].setdefault(value, set()).add(key)
+                keys = index.setdefault(value, key)
+                if isinstance(keys, set):
+                    keys.add(key)
+                elif keys != key:
+                    index[value] = {keys, key}
         if indexed:
             self._indexed[key] = indexed
 
@@ -380,10 +393,12 @@ class Store:
             index = self._indices[name]
             for value in values:
                 keys = index.get(value)
-                if keys is not None:
+                if keys == key:
+                    del index[value]
+                elif isinstance(keys, set):
                     keys.discard(key)
-                    if not keys:
-                        del index[value]
+                    if len(keys) == 1:
+                        index[value] = keys.pop()
 
 
 # -- informer ---------------------------------------------------------------------------------------

@@ -369,6 +369,31 @@ def test_store_indexes_follow_updates_and_deletes() -> None:
         store.by_index("nope", "x")
 
 
+def test_store_indexes_agree_with_a_scan_through_any_sequence_of_changes() -> None:
+    """Values named by one object, by several, twice by the same one, by none: whatever was put, replaced and
+    removed, `by_index` answers what a scan of the objects would."""
+    def groups(o: Obj) -> list[str]:
+        return o["metadata"].get("labels", {}).get("groups", "").split()
+
+    rng = random.Random(7)
+    store = Store({"group": groups})
+    live: dict[str, Obj] = {}
+    for version in range(2000):
+        name = f"o{rng.randrange(12)}"
+        old = live.get(name)
+        if old is not None and rng.random() < 0.3:
+            store.apply(Change("delete", old, None))
+            del live[name]
+        else:
+            labels = {"groups": " ".join(rng.choices("abc", k=rng.randrange(4)))}  # (may repeat, may be empty)
+            new = obj(name, str(version), labels=labels)
+            store.apply(Change("update" if old else "add", old, new))
+            live[name] = new
+        for value in "abcd":
+            expected = [live[n] for n in sorted(live) if value in groups(live[n])]
+            assert store.by_index("group", value) == expected, (version, value)
+
+
 def test_an_update_of_the_status_alone_keeps_the_indexes_without_asking_the_index_functions() -> None:
     asked: list[str] = []
 
