@@ -187,8 +187,8 @@ class Controller:
         self._metrics = metrics
         self._log = log
         self.writes_allowed = True
-        # What a user creates or changes in a burst waits until it has passed: their requests are not kept
-        # waiting behind the operator's writes. Held keys, in the order they came.
+        # What a user creates or changes waits until they have stopped for a moment (a burst, until it has
+        # passed): their requests are not kept waiting behind the operator's writes. Held keys, in order.
         self.yielding = BurstYield()
         self._held: dict[str, None] = {}
         self._held_changed = asyncio.Event()
@@ -224,16 +224,17 @@ class Controller:
         self._held_changed.set()
 
     async def _release_held(self) -> None:
-        """Once a burst has passed, queue what it created or changed, behind the work that came meanwhile (an
+        """Once a hold has ended, queue what it created or changed, behind the work that came meanwhile (an
         object created before it turning Ready is told at once, not after the whole burst)."""
         while True:
             await self._held_changed.wait()
-            self._log.info("a burst of changes: their reconciles wait until it has passed")
             while (wait := self.yielding.holding_for()) > 0:
                 await asyncio.sleep(wait)
             self._held_changed.clear()
             held, self._held = self._held, {}
-            self._log.info("the burst has passed: reconciling what it created or changed", keys=len(held))
+            if len(held) > 1:  # (a change made alone is not news)
+                self._log.info("a burst of changes has passed: reconciling what it created or changed",
+                               keys=len(held))
             for key in held:
                 self.queue.add(key, low_priority=True)
 

@@ -12,7 +12,8 @@ Environment:
     BENCH_CRD        a CRD file for that operator (default: `kaos-modelapi crd`)
     BENCH_WORKERS    the limit client's concurrency (default 4, the operator's --workers default)
     BENCH_NOISE      ConfigMaps,Deployments,Secrets of the noise scenario (default 5000,1000,2000)
-    BENCH_APPLY_ROUNDS  rounds of the user's apply on the operator's cluster, with it and without (default 3; 0: none)
+    BENCH_APPLY_ROUNDS  rounds of the user's apply on the operator's cluster, with it and without (default 8 at
+                     N=100, 3 from N=300: scenarios.apply_rounds; 0: none)
     BENCH_QUICK=1    cold, update, restart and resync only (the smoke test)
     BENCH_ONLY=limit the limit client's phase only (no operator)
     BENCH_MIX        default, or peer / peer-kaos: the ModelAPIs both this CRD and KAOS's accept, spelled for
@@ -113,7 +114,8 @@ def options_from_env() -> scenarios.Options:
         a, b, c = (int(x) for x in noise.split(","))
         options.noise = (a, b, c)
     options.full = os.environ.get("BENCH_QUICK", "") not in ("1", "true")
-    options.apply_rounds = int(os.environ.get("BENCH_APPLY_ROUNDS", options.apply_rounds))
+    if rounds := os.environ.get("BENCH_APPLY_ROUNDS"):
+        options.apply_rounds = int(rounds)
     return options
 
 
