@@ -23,7 +23,7 @@ import pydantic
 import structlog
 
 from . import desired, diff, kube, status
-from .api import ModelAPI, describe_validation_error
+from .api import ModelAPI, describe_validation_error, read_modelapi
 from .desired import Desired, SpecError
 from .events import NORMAL, WARNING, Event, Recorder
 from .informer import OWNER_UID_INDEX, StoreReader, unchanged
@@ -146,7 +146,7 @@ def secret_ref_keys(obj: Obj) -> list[str]:
     """Index function: a ModelAPI -> the keys of the Secrets it references, so that a Secret event finds
     its ModelAPIs without scanning them all. An object the models cannot read references nothing."""
     try:
-        m = ModelAPI.model_validate(obj)
+        m = read_modelapi(obj)
     except pydantic.ValidationError:
         return []
     return sorted({key_for(m.metadata.namespace, ref.name) for ref in desired.secret_refs(m)})
@@ -454,7 +454,7 @@ class Reconciler:
 
     async def _reconcile(self, ctx: Context) -> None:
         try:
-            m = ModelAPI.model_validate(ctx.obj)
+            m = read_modelapi(ctx.obj)
         except pydantic.ValidationError as e:
             error = SpecError("InvalidSpec", f"spec is invalid: {describe_validation_error(e)}")
             await self._write_status(ctx, status.unreadable(ctx.obj, error, self._now()), self._stored_status(ctx))

@@ -584,6 +584,17 @@ async def test_a_changed_status_is_written_once_and_an_unchanged_one_never(conve
     assert client.writes() == [("apply_status", "ModelAPI/mock-api", True)]
 
 
+async def test_a_status_of_another_shape_is_rewritten_and_does_not_make_the_spec_unreadable(
+        converged: list[Obj]) -> None:
+    objects = copy.deepcopy(converged)  # e.g. written by another version of the operator
+    of_kind(objects, "ModelAPI")["status"].update(phase="Degraded", conditions="Ready")
+    r, client = reconciler(objects)
+    await r.reconcile(key(objects))
+    assert client.writes() == [("apply_status", "ModelAPI/mock-api", True)]
+    (written,) = client.statuses
+    assert written["phase"] == "Ready" and written["conditions"][0]["type"] == "Ready"
+
+
 async def test_a_child_the_api_server_refuses_fails_the_status_once_and_is_not_retried(
         converged: list[Obj]) -> None:
     objects = copy.deepcopy(converged)
