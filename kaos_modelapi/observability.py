@@ -76,12 +76,20 @@ class Metrics:
                                 ["code", "method"], registry=registry)
         self.leader = Gauge("leader_election_master_status", "1 when this process is the leader", ["name"],
                             registry=registry)
-        for result in ("success", "error", "requeue", "requeue_after"):
-            self.reconcile_total.labels(controller, result)
-        self.reconcile_errors.labels(controller)
-        self.terminal_errors.labels(controller)
-        for metric in (self.depth, self.adds, self.retries):
-            metric.labels(controller)
+        # Each series of this controller bound once: `labels()` looks it up under a lock, about ten times a
+        # reconcile otherwise.
+        self._results = {result: self.reconcile_total.labels(controller, result)
+                         for result in ("success", "error", "requeue", "requeue_after")}
+        self._errors = self.reconcile_errors.labels(controller)
+        self._terminal = self.terminal_errors.labels(controller)
+        self._time = self.reconcile_time.labels(controller)
+        self._active = self.active_workers.labels(controller)
+        self._depth = self.depth.labels(controller)
+        self._adds = self.adds.labels(controller)
+        self._queue_duration = self.queue_duration.labels(controller)
+        self._work_time = self.work_time.labels(controller)
+        self._retries = self.retries.labels(controller)
+        self._requests: dict[tuple[str, int], Any] = {}
 
     def track_unfinished_work(self, unfinished_work: Callable[[], tuple[float, float]]) -> None:
         """Read the queue's in-flight work when scraped: (total seconds, longest single one)."""
@@ -95,23 +103,42 @@ class Metrics:
         self.registry.register(_PhaseCollector(list_modelapis))
 
     def on_response(self, method: str, code: int) -> None:
-        self.requests.labels(str(code), method.upper()).inc()
+        series = self._requests.get((method, code))
+        if series is None:
+            series = self._requests[method, code] = self.requests.labels(str(code), method.upper())
+        series.inc()
+
+    def reconcile_started(self) -> None:
+        self._active.inc()
+
+    def reconcile_ended(self, result: str | None, seconds: float, *, terminal: bool = False) -> None:
+        """`result` as controller-runtime counts it: success, error, requeue or requeue_after; None for a
+        reconcile cancelled at shutdown, which counts in none of them."""
+        self._active.dec()
+        self._time.observe(seconds)
+        if result is None:
+            return
+        self._results[result].inc()
+        if result == "error":
+            self._errors.inc()
+            if terminal:
+                self._terminal.inc()
 
     # The work queue's QueueMetrics hooks.
     def depth_changed(self, depth: int) -> None:
-        self.depth.labels(self._queue).set(depth)
+        self._depth.set(depth)
 
     def added(self) -> None:
-        self.adds.labels(self._queue).inc()
+        self._adds.inc()
 
     def queue_latency(self, seconds: float) -> None:
-        self.queue_duration.labels(self._queue).observe(seconds)
+        self._queue_duration.observe(seconds)
 
     def work_duration(self, seconds: float) -> None:
-        self.work_time.labels(self._queue).observe(seconds)
+        self._work_time.observe(seconds)
 
     def retried(self) -> None:
-        self.retries.labels(self._queue).inc()
+        self._retries.inc()
 
 
 def configure_logging(level: str, fmt: str) -> structlog.typing.FilteringBoundLogger:

@@ -281,32 +281,29 @@ class Controller:
 
     async def _process(self, key: str) -> None:
         started = time.monotonic()
-        m = self._metrics
-        m.active_workers.labels(self.name).inc()
+        self._metrics.reconcile_started()
+        result: str | None = None  # (None: cancelled, at shutdown; counted as no result)
+        terminal = False
         # Every log line of this reconcile carries its key and id, however deep it is written.
         with structlog.contextvars.bound_contextvars(**{self.name: key, "reconcile_id": uuid.uuid4().hex[:12]}):
             try:
-                result = await self._reconciler.reconcile(key)
+                outcome = await self._reconciler.reconcile(key)
             except TerminalError as e:
-                m.reconcile_total.labels(self.name, "error").inc()
-                m.reconcile_errors.labels(self.name).inc()
-                m.terminal_errors.labels(self.name).inc()
+                result, terminal = "error", True
                 self._log.info("reconcile failed for good; not retrying", error=str(e))
                 self.queue.forget(key)
             except Exception as e:  # one object failing must never stop the others
-                m.reconcile_total.labels(self.name, "error").inc()
-                m.reconcile_errors.labels(self.name).inc()
+                result = "error"
                 self._log.warning("reconcile failed; retrying with backoff", error=str(e) or type(e).__name__,
                                   retries=self.queue.num_requeues(key))
                 self.queue.add_rate_limited(key, at_least=e.wait_asked() if isinstance(e, ApiError) else 0.0)
             else:
                 self.queue.forget(key)
-                if result.requeue_after is not None:
-                    m.reconcile_total.labels(self.name, "requeue_after").inc()
-                    self.queue.add_after(key, result.requeue_after)
+                if outcome.requeue_after is not None:
+                    result = "requeue_after"
+                    self.queue.add_after(key, outcome.requeue_after)
                 else:
-                    m.reconcile_total.labels(self.name, "success").inc()
+                    result = "success"
             finally:
                 self.queue.done(key)
-                m.active_workers.labels(self.name).dec()
-                m.reconcile_time.labels(self.name).observe(time.monotonic() - started)
+                self._metrics.reconcile_ended(result, time.monotonic() - started, terminal=terminal)

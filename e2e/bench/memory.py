@@ -1,10 +1,15 @@
 """The operator's memory on a cold converge of N ModelAPIs, alone (issue 14's memory targets), in a few minutes.
 
     .venv/bin/python e2e/bench/memory.py 1000          # RSS idle, peak (VmHWM) and after the converge
+    .venv/bin/python e2e/bench/memory.py 100 3         # and after each of 2 more batches of 100
     MEMTRACE=1 .venv/bin/python e2e/bench/memory.py 1000   # and what the process holds (tracemalloc)
 
 On a fresh private control plane (stand-in node), as `make bench` runs the operator: start-up with a canary
-(idle RSS), then `kubectl apply` of N ModelAPIs of the bench's mix until all are Ready. With MEMTRACE=1 the
+(idle RSS), then `kubectl apply` of N ModelAPIs of the bench's mix until all are Ready; with a number of
+batches, again N into a namespace of their own, each once the one before has converged. What each further
+batch adds per ModelAPI is the cost of one more (`batches_kib_per_modelapi`); the first batch also pays once
+for what the first burst of work brings in (more connections to the API server, each variant's shared
+parts, the PodSpec schema), which "above idle" divides by N. With MEMTRACE=1 the
 operator runs under e2e/bench/memtrace.py and a tracemalloc snapshot is taken idle and converged: the report
 adds the bytes each cache holds per object, the top allocation sites, and what grew between the two. Under
 tracemalloc the process is larger and slower: its RSS figures are not the operator's.
@@ -20,6 +25,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +62,7 @@ def top_lines(folder: Path) -> str:
     return "\n".join(out)
 
 
-async def run(n: int, trace: bool) -> dict[str, Any]:
+async def run(n: int, trace: bool, batches: int = 1) -> dict[str, Any]:
     options = scenarios.Options()
     folder = Path(tempfile.mkdtemp(prefix="kaos-memtrace-")) if trace else Path()
     if trace:
@@ -77,6 +83,11 @@ async def run(n: int, trace: bool) -> dict[str, Any]:
             if "rss_mib" in cold:
                 result["peak_kib_per_modelapi"] = round((cold["peak_rss_mib"] - idle["rss_mib"]) * 1024 / n, 1)
                 result["rss_kib_per_modelapi"] = round((cold["rss_mib"] - idle["rss_mib"]) * 1024 / n, 1)
+                result["batches_rss_mib"] = rss = [idle["rss_mib"], cold["rss_mib"]]
+                for batch in range(2, batches + 1):
+                    more = (await scenarios.converge_in(c, options.ns(f"op{batch}"), n, [0], r.op))[0]
+                    rss.append(more["rss_mib"])
+                result["batches_kib_per_modelapi"] = [round((b - a) * 1024 / n, 1) for a, b in pairwise(rss)]
             if trace:
                 result["converged"] = await snapshot(r.op, folder, 2)
                 print(top_lines(folder), flush=True)
@@ -89,7 +100,8 @@ async def run(n: int, trace: bool) -> dict[str, Any]:
 
 def main() -> int:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
-    result = asyncio.run(run(n, os.environ.get("MEMTRACE", "") in ("1", "true")))
+    batches = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    result = asyncio.run(run(n, os.environ.get("MEMTRACE", "") in ("1", "true"), batches))
     print(json.dumps(result, indent=1))
     return 0
 

@@ -391,7 +391,7 @@ class Run:
                     self.op.stop()  # (what it does after the apply returned is not the user's wait)
                 await self.c.admin.request("DELETE", f"/api/v1/namespaces/{namespace}")
                 await self.c.gone(namespace, 300 + n)
-        with_s, without_s = statistics.median(times["with"]), statistics.median(times["without"])
+        with_s, without_s = (round(statistics.median(times[mode]), 2) for mode in ("with", "without"))
         return {"with_s": times["with"], "without_s": times["without"], "median_with_s": with_s,
                 "median_without_s": without_s, "ratio": round(with_s / without_s, 2)}
 
