@@ -355,6 +355,21 @@ class Verified:
         return all(map(same, self.seen[1:], seen[1:]))
 
 
+@dataclass(frozen=True, slots=True)
+class Built:
+    """What a reconcile that wrote some children built, from which ModelAPI and config Secret version. The
+    next reconcile (most often woken by those very writes coming back through the watches) diffs the cache
+    against it without building again while the ModelAPI says what it said (`unchanged`) and the Secret is
+    at that version: a build depends on nothing else (and the settings, fixed for the process's life)."""
+
+    source: Obj
+    config_version: str | None
+    built: Desired
+
+    def holds(self, source: Obj, config_version: str | None) -> bool:
+        return config_version == self.config_version and unchanged(self.source, source)
+
+
 _NOT_ANNOTATIONS = ("resourceVersion", "annotations")
 
 
@@ -422,6 +437,7 @@ class Reconciler:
         # key -> (the ModelAPI's resourceVersion, the status written over it), the last STATUSES_KEPT.
         self._status_unseen: OrderedDict[str, tuple[str | None, dict[str, Any]]] = OrderedDict()
         self._verified: dict[str, Verified] = {}  # key -> its last reconcile that found nothing to write
+        self._built: dict[str, Built] = {}  # key -> what its last reconcile built, when that one wrote
 
     async def reconcile(self, key: str) -> Result:
         obj = self._caches.modelapis.get(key)
@@ -432,6 +448,7 @@ class Reconciler:
             self._unseen.pop(key, None)
             self._status_unseen.pop(key, None)
             self._verified.pop(key, None)
+            self._built.pop(key, None)
             return Result()  # owner references let the garbage collector remove the children
         namespace = obj["metadata"]["namespace"]
         if self._terminating.holds(obj):
@@ -476,7 +493,9 @@ class Reconciler:
         if verified is not None and verified.holds(seen, config_version):
             self._verified[ctx.key] = replace(verified, seen=seen)  # (the cache's latest: the old ones can go)
             return verified.built, ()
-        built = _build(m, self._settings, config_version)
+        last = self._built.pop(ctx.key, None)
+        built = last.built if last is not None and last.holds(ctx.obj, config_version) else \
+            _build(m, self._settings, config_version)
         if isinstance(built, SpecError):
             return built, ()
         try:
@@ -489,6 +508,8 @@ class Reconciler:
             annotated = any("annotations" in child["metadata"] for child in built.children)
             self._verified[ctx.key] = Verified(seen, config_version, replace(built, children=(), generated=()),
                                                annotated)
+        else:
+            self._built[ctx.key] = Built(ctx.obj, config_version, built)
         _log_writes(ctx)
         return built, warnings
 

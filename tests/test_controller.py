@@ -389,6 +389,43 @@ async def test_once_a_built_child_sets_annotations_a_change_of_any_childs_is_bui
     assert ("apply", "Service/modelapi-mock-api", False) in client.writes()
 
 
+async def test_after_a_reconcile_that_wrote_the_next_compares_what_it_built_without_building_again(
+        converged: list[Obj], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reconcile woken by its own writes coming back: a build depends on the ModelAPI (and its config
+    Secret's version) alone, and neither moved."""
+    objects = just_applied(converged)
+    stores = stores_of(objects)
+    r, client = reconciler_over(stores)
+    built = counting_builds(monkeypatch)
+    await r.reconcile(key(objects))
+    assert ("apply", "Service/modelapi-mock-api", False) in client.writes()
+    caught_up = stores_of([*objects, *without(converged, "ModelAPI")])
+    for resource in (kube.CONFIGMAP, kube.SECRET, kube.DEPLOYMENT, kube.SERVICE, kube.POD):
+        stores.add(resource, caught_up[resource])
+    client.calls.clear()
+    await r.reconcile(key(objects))
+    assert [w for w in client.writes() if w[0] != "apply_status"] == []  # every child compared, as built
+    assert built == ["mock-api"]
+    update_cached(stores, kube.SERVICE, "modelapi-mock-api", edit_service_port)
+    await r.reconcile(key(objects))  # (after one that wrote nothing: built and compared again, as before)
+    assert (built, ("apply", "Service/modelapi-mock-api", False) in client.writes()) == (["mock-api"] * 2, True)
+
+
+async def test_after_a_reconcile_that_wrote_a_new_spec_is_built_again(converged: list[Obj],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    objects = just_applied(converged)
+    stores = stores_of(objects)
+    r, client = reconciler_over(stores)
+    built = counting_builds(monkeypatch)
+    await r.reconcile(key(objects))
+    update_cached(stores, kube.MODELAPI, "mock-api", new_model)
+    client.calls.clear()
+    await r.reconcile(key(objects))
+    assert built == ["mock-api", "mock-api"]
+    # (What the first built would not send again: the cache has yet to show it.)
+    assert ("apply", "ConfigMap/litellm-config-mock-api", False) in client.writes()
+
+
 def edit_service_port(service: Obj) -> None:
     service["spec"]["ports"][0]["port"] = 9000
 
