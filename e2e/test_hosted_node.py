@@ -28,7 +28,7 @@ from e2e.node import Net
 from e2e.ollama_registry import RunningRegistry, running_registry
 from e2e.operator_process import Kubectl, OperatorProcess, wait_until
 from e2e.tiny_model import registry_model
-from kaos_modelapi import ollama
+from kaos_modelapi import desired, ollama
 
 pytestmark = pytest.mark.cluster
 
@@ -240,10 +240,11 @@ async def test_an_unknown_model_fails_the_pull_the_pod_and_the_status(
 
 
 # --- the model store --------------------------------------------------------------------------------------
-# The local cluster has no storage provisioner: the test makes a PersistentVolume by hand (a hostPath folder
-# in the test's temporary folder, storage class kaos-static, pre-bound to the claim the operator will
-# create), as the administrator of a cluster with static volumes would. The control plane runs the
-# PersistentVolume binder and the protection controllers (e2e/controlplane/main.go).
+# The local cluster has no storage provisioner: the test makes a PersistentVolume by hand (a local volume:
+# a folder in the test's temporary folder on the real node, storage class kaos-static, pre-bound to the
+# claim the operator will create), as the administrator of a cluster with static volumes would. The control
+# plane runs the PersistentVolume binder and the protection controllers (e2e/controlplane/main.go). A local
+# volume, unlike a hostPath one, is given to the pod's fsGroup by the kubelet, as most volumes are.
 
 STORE_CLASS = "kaos-static"
 
@@ -253,7 +254,9 @@ def static_volume(name: str, folder: Path, namespace: str, claim: str) -> Obj:
     return {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
             "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
                      "storageClassName": STORE_CLASS, "persistentVolumeReclaimPolicy": "Retain",
-                     "hostPath": {"path": str(folder), "type": "DirectoryOrCreate"},
+                     "local": {"path": str(folder)},
+                     "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                         {"key": "kubernetes.io/hostname", "operator": "In", "values": [node.NODE_NAME]}]}]}},
                      "claimRef": {"namespace": namespace, "name": claim}}}
 
 
@@ -286,6 +289,10 @@ async def test_a_restart_and_a_roll_find_the_model_in_the_store(
     kubectl, namespace, registry = hosted_env
     claim = "modelapi-store-models"
     volume = f"kaos-store-{namespace}"
+    # As a store an earlier operator's pods (root) began: root's, and only root may write in it.
+    (tmp_path / "store" / "models").mkdir(parents=True)
+    for folder in (tmp_path / "store", tmp_path / "store" / "models"):
+        folder.chmod(0o755)
     kubectl.run("apply", "-f", "-", stdin=json.dumps(static_volume(volume, tmp_path / "store", namespace, claim)))
     try:
         start = len(registry.registry.seen())
@@ -325,6 +332,9 @@ async def test_a_restart_and_a_roll_find_the_model_in_the_store(
                               pv["status"]["phase"] == "Released" and pv, 60, "the volume Released")
         assert released["spec"]["persistentVolumeReclaimPolicy"] == "Retain"
         assert (tmp_path / "store" / "models" / "manifests").is_dir()
+        # Written by the pods' user, in the group the kubelet gave the volume to.
+        blob = next((tmp_path / "store" / "models" / "blobs").iterdir()).stat()
+        assert (blob.st_uid, blob.st_gid) == (desired.NON_ROOT_UID, desired.NON_ROOT_UID)
     finally:
         kubectl.run("delete", "pv", volume, "--wait=false", check=False)
 

@@ -1,11 +1,13 @@
 """Pod Security Standards (README, "Pod Security"): the API server's PodSecurity admission, on the real node.
 
-- A namespace labelled `pod-security.kubernetes.io/enforce=restricted` admits the Proxy pods the operator
-  generates (non-root 65532, read-only root, no privilege escalation, no capabilities, RuntimeDefault seccomp)
-  and they serve a mock answer to a client pod; it refuses Hosted pods (root, as the Ollama image), and the
-  ModelAPI says so. The operator's own pod (Helm chart and kustomize) is admitted there too.
-- A namespace that enforces `baseline` admits the Hosted pods, which pull the tiny model from the stand-in
-  registry (e2e/test_hosted_node.py's setup) and answer /api/tags and /api/chat.
+- A namespace labelled `pod-security.kubernetes.io/enforce=restricted` admits the pods the operator
+  generates (non-root 65532, no privilege escalation, no capabilities, RuntimeDefault seccomp; Proxy with a
+  read-only root, Hosted with its model volume given to the user's group): the Proxy pods serve a mock
+  answer to a client pod, the Hosted pods pull the tiny model from the stand-in registry (e2e/
+  test_hosted_node.py's setup) and answer /api/tags and /api/chat. A podSpec that makes a pod root again
+  is refused there, and the ModelAPI says so. The operator's own pod (Helm chart and kustomize) is admitted
+  there too.
+- A namespace that enforces `baseline` admits that root pod.
 
 Everything is applied at once by the module's fixture so that LiteLLM and Ollama start side by side.
 """
@@ -63,9 +65,14 @@ def apply(kubectl: Kubectl, namespace: str, *objs: Obj) -> None:
     kubectl.apply(json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objs)}), namespace)
 
 
-def mock(name: str) -> Obj:
+def mock(name: str, pod_spec: Obj | None = None) -> Obj:
     return {"apiVersion": "kaos.tools/v1alpha1", "kind": "ModelAPI", "metadata": {"name": name},
-            "spec": {"mode": "Proxy", "proxyConfig": {"model": MOCK_MODEL}, "podSpec": node.on_real_node({})}}
+            "spec": {"mode": "Proxy", "proxyConfig": {"model": MOCK_MODEL},
+                     "podSpec": node.on_real_node(pod_spec or {})}}
+
+
+# A user's podSpec that runs the pod as root again.
+AS_ROOT = {"securityContext": {"runAsNonRoot": False, "runAsUser": 0}}
 
 
 def client_pod() -> Obj:
@@ -81,8 +88,9 @@ def env(kubectl: Kubectl, crd: str, operator: OperatorProcess, node_images: dict
     try:
         for name, level in ((e.restricted, "restricted"), (e.baseline, "baseline"), (e.client, None)):
             create_namespace(kubectl, name, level)
-        apply(kubectl, e.restricted, mock("mock"), hosted("rooted", MODEL, pod_registry))
-        apply(kubectl, e.baseline, ca_configmap(pod_registry), hosted("tiny", MODEL, pod_registry))
+        apply(kubectl, e.restricted, mock("mock"), mock("rooted", AS_ROOT), ca_configmap(pod_registry),
+              hosted("tiny", MODEL, pod_registry))
+        apply(kubectl, e.baseline, mock("rooted", AS_ROOT))
         apply(kubectl, e.client, client_pod())
         yield e
     finally:
@@ -145,19 +153,24 @@ def test_proxy_pods_are_admitted_by_restricted_and_serve(env: Env) -> None:
     assert reply["choices"][0]["message"]["content"] == "admitted by restricted"
 
 
-def test_hosted_pods_are_refused_by_restricted_and_the_status_says_why(env: Env) -> None:
+def test_a_pod_made_root_by_its_podspec_is_refused_by_restricted_and_the_status_says_why(env: Env) -> None:
     status = env.kubectl.wait_phase("rooted", env.restricted, "Failed", 120)
     assert status["conditions"][0]["reason"] == "FailedCreate"
     assert 'violates PodSecurity "restricted:latest"' in status["message"], status["message"]
-    assert "runAsNonRoot != true" in status["message"]
+    assert "runAsUser=0" in status["message"]
     assert f"kubectl describe replicaset -n {env.restricted} -l modelapi=rooted" in status["message"]
     assert pods(env, env.restricted, "rooted") == []
+    # `baseline` lets root run.
+    wait_ready(env.kubectl, env.baseline, "rooted", READY_TIMEOUT)
+    (pod,) = pods(env, env.baseline, "rooted")
+    assert pod["spec"]["securityContext"]["runAsUser"] == 0
 
 
-def test_hosted_pods_are_admitted_by_baseline_and_serve(env: Env) -> None:
-    status = wait_ready(env.kubectl, env.baseline, "tiny", READY_TIMEOUT)
-    (pod,) = pods(env, env.baseline, "tiny")
+def test_hosted_pods_are_admitted_by_restricted_and_serve(env: Env) -> None:
+    status = wait_ready(env.kubectl, env.restricted, "tiny", READY_TIMEOUT)
+    (pod,) = pods(env, env.restricted, "tiny")
     assert pod["spec"]["nodeName"] == node.NODE_NAME
+    assert pod["spec"]["securityContext"]["runAsUser"] == desired.NON_ROOT_UID
     for c in [*pod["spec"]["initContainers"], *pod["spec"]["containers"]]:
         assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}, c["name"]
     wait_client(env.kubectl, env.client)
@@ -165,5 +178,5 @@ def test_hosted_pods_are_admitted_by_baseline_and_serve(env: Env) -> None:
     tags = wait_until(lambda: env.call(f"{url}/api/tags"), 60, "an answer from Ollama")
     assert [m["name"] for m in tags["models"]] == [MODEL]
     answer = env.call(f"{url}/api/chat", {"model": MODEL, "stream": False, "options": {"num_predict": 4, "seed": 7},
-                                          "messages": [{"role": "user", "content": "hello from baseline"}]})
+                                          "messages": [{"role": "user", "content": "hello from restricted"}]})
     assert answer["done"] is True and answer["message"]["role"] == "assistant"

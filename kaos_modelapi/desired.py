@@ -165,9 +165,10 @@ def secret_refs(m: ModelAPI) -> tuple[SecretRef, ...]:
 
 
 # --- security defaults ------------------------------------------------------------------------------------
-# What every generated container tolerates: no privilege escalation, no capabilities, the runtime's default
-# seccomp profile. Proxy pods add a non-root user and a read-only root (the `restricted` Pod Security
-# Standard); Hosted pods run as root, as the Ollama image does (`baseline`; README, "Pod Security").
+# What every generated pod meets: the `restricted` Pod Security Standard (README, "Pod Security"): a
+# non-root user, no privilege escalation, no capabilities, the runtime's default seccomp profile. Proxy
+# pods add a read-only root; Hosted pods add the user's group to their model volume (`fsGroup`: a model
+# store written by an earlier pod, as root, included), since Ollama writes its models there.
 # A podSpec override merges over these field by field (or replaces them with `$patch: replace`).
 
 _RUNTIME_DEFAULT_SECCOMP = {"type": "RuntimeDefault"}
@@ -180,11 +181,12 @@ def _container_security(read_only_root: bool) -> dict[str, Any]:
     return security
 
 
-def _pod_security(non_root: bool) -> dict[str, Any]:
-    if not non_root:
-        return {"seccompProfile": dict(_RUNTIME_DEFAULT_SECCOMP)}
-    return {"runAsNonRoot": True, "runAsUser": NON_ROOT_UID, "runAsGroup": NON_ROOT_UID,
-            "seccompProfile": dict(_RUNTIME_DEFAULT_SECCOMP)}
+def _pod_security(writes_volumes: bool) -> dict[str, Any]:
+    security: dict[str, Any] = {"runAsNonRoot": True, "runAsUser": NON_ROOT_UID, "runAsGroup": NON_ROOT_UID}
+    if writes_volumes:
+        # Only when the volume's root is not already the group's: a model store holds gigabytes of files.
+        security |= {"fsGroup": NON_ROOT_UID, "fsGroupChangePolicy": "OnRootMismatch"}
+    return {**security, "seccompProfile": dict(_RUNTIME_DEFAULT_SECCOMP)}
 
 
 # --- Proxy (LiteLLM) ------------------------------------------------------------------------------------
@@ -301,7 +303,7 @@ def _proxy_pod_spec(m: ModelAPI, s: Settings, plan: _ProxyPlan) -> dict[str, Any
         "securityContext": _container_security(read_only_root=True),
     }
     return {
-        "securityContext": _pod_security(non_root=True),
+        "securityContext": _pod_security(writes_volumes=False),
         "containers": [container],
         "volumes": [plan.config_volume, {"name": "litellm-runtime", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
         # A stopping pod finishes its requests in flight, up to the HTTPRoute's default timeout (streamed answers
@@ -331,14 +333,16 @@ def _proxy_children(m: ModelAPI) -> tuple[_ProxyPlan, list[dict[str, Any]], tupl
 def _hosted_pod_spec(m: ModelAPI, s: Settings) -> dict[str, Any]:
     hc = m.spec.hostedConfig
     assert hc is not None
-    user_env = _env_dicts(hc.env)
+    # The user's variables win over the state folders as over any other (moving them is theirs to do).
+    env = merge_env([{"name": "HOME", "value": ollama.DATA_DIR},
+                     {"name": "OLLAMA_MODELS", "value": ollama.MODELS_DIR}], _env_dicts(hc.env))
     data_mount = [{"name": ollama.VOLUME_NAME, "mountPath": ollama.DATA_DIR}]
     pull: dict[str, Any] = {
         "name": INIT_CONTAINER,
         "image": s.ollama_image,
         "command": ["/bin/sh", "-c", ollama.PULL_SCRIPT],
         # The model name reaches the shell only through the environment, never inside the script text.
-        "env": merge_env(user_env, [{"name": ollama.ENV_MODEL, "value": hc.model}]),
+        "env": merge_env(env, [{"name": ollama.ENV_MODEL, "value": hc.model}]),
         "volumeMounts": data_mount,
         "securityContext": _container_security(read_only_root=False),
     }
@@ -347,7 +351,7 @@ def _hosted_pod_spec(m: ModelAPI, s: Settings) -> dict[str, Any]:
         "image": s.ollama_image,
         "ports": [{"name": "http", "containerPort": ollama.PORT, "protocol": "TCP"}],
         # The readiness probe reads the model's name from the environment too (the operator's value wins).
-        "env": merge_env(merge_env([{"name": "OLLAMA_HOST", "value": f"0.0.0.0:{ollama.PORT}"}], user_env),
+        "env": merge_env(merge_env([{"name": "OLLAMA_HOST", "value": f"0.0.0.0:{ollama.PORT}"}], env),
                          [{"name": ollama.ENV_MODEL, "value": hc.model}]),
         "volumeMounts": data_mount,
         "livenessProbe": _http_probe(ollama.LIVENESS_PATH, periodSeconds=15, failureThreshold=4),
@@ -357,8 +361,7 @@ def _hosted_pod_spec(m: ModelAPI, s: Settings) -> dict[str, Any]:
         "securityContext": _container_security(read_only_root=False),
     }
     return {
-        # Root, as in the Ollama image: its state root is /root/.ollama (README, "Pod Security").
-        "securityContext": _pod_security(non_root=False),
+        "securityContext": _pod_security(writes_volumes=True),
         "initContainers": [pull],
         "containers": [serve],
         "volumes": [_model_volume(m)],

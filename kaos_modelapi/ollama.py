@@ -8,9 +8,14 @@ OLLAMA_VERSION: Final = "0.12.6"
 DEFAULT_IMAGE: Final = f"docker.io/ollama/ollama:{OLLAMA_VERSION}"
 
 PORT: Final = 11434
-# Ollama's state root in the official image (runs as root; models under models/). The shared emptyDir
-# volume is mounted here in the pull-model init container and in the serving container.
-DATA_DIR: Final = "/root/.ollama"
+# Where the model volume (an emptyDir, or the ModelAPI's model store) is mounted, in the pull-model init
+# container and in the serving container. The official image runs as root with its state under
+# /root/.ollama, which no other user may reach; the pods run as a non-root user instead (the `restricted`
+# Pod Security Standard) with HOME here, so Ollama's key pair goes under .ollama/, and the models under
+# models/ (OLLAMA_MODELS), where the image kept them in its state root: a model store written by an
+# earlier root pod keeps its models.
+DATA_DIR: Final = "/var/lib/ollama"
+MODELS_DIR: Final = f"{DATA_DIR}/models"
 VOLUME_NAME: Final = "ollama-data"
 PULL_CONTAINER: Final = "pull-model"
 

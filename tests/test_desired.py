@@ -449,11 +449,27 @@ def test_proxy_pods_meet_the_restricted_standard_as_the_nonroot_user(proxy_confi
     assert all(set(v) - {"name"} <= {"emptyDir", "configMap", "secret"} for v in pod["volumes"])
 
 
-def test_hosted_pods_run_as_root_like_the_ollama_image_with_no_privilege_or_capability() -> None:
-    pod = pod_of(children(modelapi(HOSTED)))
-    assert pod["securityContext"] == {"seccompProfile": RUNTIME_DEFAULT}
+@pytest.mark.parametrize("store", [False, True], ids=["emptyDir", "model store"])
+def test_hosted_pods_meet_the_restricted_standard_as_the_nonroot_user_owning_their_model_volume(
+        store: bool) -> None:
+    pod = pod_of(children(modelapi(_with_store() if store else HOSTED)))
+    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                                      "fsGroup": 65532, "fsGroupChangePolicy": "OnRootMismatch",
+                                      "seccompProfile": RUNTIME_DEFAULT}
     for c in [*pod["initContainers"], *pod["containers"]]:
         assert c["securityContext"] == NO_PRIVILEGE, c["name"]
+        # Ollama's state (its key pair under $HOME/.ollama, the models) on the volume, not under /root.
+        assert (env_of(c)["HOME"], env_of(c)["OLLAMA_MODELS"]) == (ollama.DATA_DIR, f"{ollama.DATA_DIR}/models")
+        assert c["volumeMounts"] == [{"name": "ollama-data", "mountPath": ollama.DATA_DIR}]
+    assert all(set(v) - {"name"} <= {"emptyDir", "persistentVolumeClaim"} for v in pod["volumes"])
+
+
+def test_a_users_env_moves_ollamas_state_folders() -> None:
+    spec = copy.deepcopy(HOSTED)
+    spec["hostedConfig"]["env"] = [{"name": "OLLAMA_MODELS", "value": "/models"}]
+    pod = pod_of(children(modelapi(spec)))
+    for c in [*pod["initContainers"], *pod["containers"]]:
+        assert (env_of(c)["HOME"], env_of(c)["OLLAMA_MODELS"]) == (ollama.DATA_DIR, "/models")
 
 
 def test_a_podspec_security_context_wins_field_by_field_or_replaces_with_a_directive() -> None:

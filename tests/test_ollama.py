@@ -20,7 +20,8 @@ def test_image_is_a_pinned_release() -> None:
 
 def test_constants() -> None:
     assert ollama.PORT == 11434
-    assert ollama.DATA_DIR == "/root/.ollama"
+    assert ollama.DATA_DIR == "/var/lib/ollama"  # (not under /root, which only root may enter in the image)
+    assert ollama.MODELS_DIR == "/var/lib/ollama/models"
     assert ollama.LIVENESS_PATH.startswith("/")
 
 
