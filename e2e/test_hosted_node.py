@@ -339,6 +339,33 @@ async def test_a_restart_and_a_roll_find_the_model_in_the_store(
         kubectl.run("delete", "pv", volume, "--wait=false", check=False)
 
 
+async def test_a_store_the_pods_user_may_not_write_fails_the_pull_and_says_why(
+    hosted_env: tuple[Kubectl, str, RunningRegistry], tmp_path: Path,
+) -> None:
+    """A hostPath volume is not given to the pod's fsGroup: root's folder stays root's (README, "Pod
+    Security": chown it to 65532)."""
+    kubectl, namespace, registry = hosted_env
+    claim, volume = "modelapi-rootstore-models", f"kaos-rootstore-{namespace}"
+    (tmp_path / "store").mkdir(mode=0o755)
+    pv = static_volume(volume, tmp_path / "store", namespace, claim)
+    del pv["spec"]["local"], pv["spec"]["nodeAffinity"]
+    pv["spec"]["hostPath"] = {"path": str(tmp_path / "store"), "type": "Directory"}
+    kubectl.run("apply", "-f", "-", stdin=json.dumps(pv))
+    try:
+        apply(kubectl, namespace, hosted("rootstore", MODEL, registry,
+                                         modelStore={"size": "64Mi", "storageClassName": STORE_CLASS}))
+        status = kubectl.wait_phase("rootstore", namespace, "Failed", READY_TIMEOUT)
+        assert status["conditions"][0]["reason"] == "ModelPullFailed"
+        hint = f"kubectl logs -n {namespace} -l modelapi=rootstore -c {ollama.PULL_CONTAINER}"
+        assert hint in status["message"]
+        # What the hint shows: Ollama could not write its state into the volume.
+        log = kubectl.run(*hint.split()[1:], "--tail", "-1", check=False).stdout
+        assert f"mkdir {ollama.DATA_DIR}/.ollama: permission denied" in log, log
+    finally:
+        kubectl.run("delete", "modelapi", "-n", namespace, "rootstore", "--wait=false", check=False)
+        kubectl.run("delete", "pv", volume, "--wait=false", check=False)
+
+
 async def test_a_single_node_store_with_replicas_is_refused_naming_the_field(kubectl: Kubectl, crd: str,
                                                                               namespace: str) -> None:
     spec = {"mode": "Hosted", "replicas": 2,
