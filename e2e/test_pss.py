@@ -109,6 +109,14 @@ def dry_run_pod(e: Env, namespace: str, spec: Obj) -> tuple[int, str]:
     return done.returncode, done.stderr
 
 
+def no_api_token(pod: Obj) -> bool:
+    """Whether the ServiceAccount admission left the pod without the API token volume it adds by default."""
+    volumes = [v for v in pod["spec"].get("volumes") or [] if "projected" in v]
+    mounts = [m for c in [*pod["spec"].get("initContainers", []), *pod["spec"]["containers"]]
+              for m in c.get("volumeMounts") or [] if m["mountPath"].startswith("/var/run/secrets/kubernetes.io")]
+    return pod["spec"]["automountServiceAccountToken"] is False and not volumes and not mounts
+
+
 # --- the tests -----------------------------------------------------------------------------------------
 
 
@@ -140,6 +148,7 @@ def test_proxy_pods_are_admitted_by_restricted_and_serve(env: Env) -> None:
     (pod,) = pods(env, env.restricted, "mock")
     assert pod["spec"]["nodeName"] == node.NODE_NAME
     assert pod["spec"]["securityContext"]["runAsUser"] == desired.NON_ROOT_UID
+    assert no_api_token(pod)
     (container,) = pod["status"]["containerStatuses"]
     assert container["ready"] and container["restartCount"] == 0
     wait_client(env.kubectl, env.client)
@@ -173,6 +182,7 @@ def test_hosted_pods_are_admitted_by_restricted_and_serve(env: Env) -> None:
     assert pod["spec"]["securityContext"]["runAsUser"] == desired.NON_ROOT_UID
     for c in [*pod["spec"]["initContainers"], *pod["spec"]["containers"]]:
         assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}, c["name"]
+    assert no_api_token(pod)
     wait_client(env.kubectl, env.client)
     url = status["endpoint"]
     tags = wait_until(lambda: env.call(f"{url}/api/tags"), 60, "an answer from Ollama")

@@ -435,6 +435,12 @@ def _rolling_update(m: ModelAPI) -> dict[str, Any] | None:
     return None
 
 
+# Neither LiteLLM nor Ollama calls the Kubernetes API: their pods (which serve whatever agents send) get no
+# ServiceAccount token, nor the namespace's Services as environment variables (FOO_SERVICE_HOST, FOO_PORT,
+# ...: seven or more per Service, thousands in a large namespace, read by nothing in them).
+_ISOLATION = {"automountServiceAccountToken": False, "enableServiceLinks": False}
+
+
 def _spread(m: ModelAPI, pod_spec: dict[str, Any]) -> dict[str, Any]:
     """Pods spread over nodes, softly. Always present, whatever the replica count: scaling must never change
     the pod template (that would roll every pod). Pods of the same revision only, so a roll is not skewed."""
@@ -539,7 +545,7 @@ def build(m: ModelAPI, s: Settings, config_secret_version: str | None = None) ->
         pod_spec, port, model = _hosted_pod_spec(m, s), ollama.PORT, m.spec.hostedConfig.model
         config_data = None
     notes = (*notes, *_ignored_block(m))
-    pod_spec = _apply_override(m, _spread(m, pod_spec))
+    pod_spec = _apply_override(m, _spread(m, {**pod_spec, **_ISOLATION}))
     children += [_deployment(m, pod_spec, config_data), _service(m, port)]
     if (budget := _disruption_budget(m)) is not None:
         children.append(budget)

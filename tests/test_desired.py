@@ -472,6 +472,15 @@ def test_a_users_env_moves_ollamas_state_folders() -> None:
         assert (env_of(c)["HOME"], env_of(c)["OLLAMA_MODELS"]) == (ollama.DATA_DIR, "/models")
 
 
+@pytest.mark.parametrize("spec", [PROXY, HOSTED], ids=["Proxy", "Hosted"])
+def test_pods_get_no_api_token_and_no_service_links_unless_the_podspec_asks(spec: dict[str, Any]) -> None:
+    pod = pod_of(children(modelapi(spec)))
+    assert (pod["automountServiceAccountToken"], pod["enableServiceLinks"]) == (False, False)
+    asked = {**copy.deepcopy(spec), "podSpec": {"serviceAccountName": "reader", "automountServiceAccountToken": True}}
+    pod = pod_of(children(modelapi(asked)))
+    assert (pod["serviceAccountName"], pod["automountServiceAccountToken"]) == ("reader", True)
+
+
 def test_a_podspec_security_context_wins_field_by_field_or_replaces_with_a_directive() -> None:
     spec = copy.deepcopy(PROXY)
     spec["podSpec"] = {"securityContext": {"runAsUser": 1000, "fsGroup": 1000},
