@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +55,13 @@ def ca_configmap(registry: RunningRegistry) -> Obj:
             "data": {"ca.crt": registry.ca.ca_cert.read_text()}}
 
 
-def hosted(name: str, model: str, registry: RunningRegistry, **hosted_extra: Any) -> Obj:
-    """A Hosted ModelAPI as a user behind a proxy writes it, placed on the real node."""
+def hosted(name: str, model: str, registry: RunningRegistry, place: Callable[[Obj], Obj] = node.on_real_node,
+           **hosted_extra: Any) -> Obj:
+    """A Hosted ModelAPI as a user behind a proxy writes it (the proxy's CA mounted from a ConfigMap,
+    `ca_configmap`), placed on the real node."""
     env = registry.client_env(ca_file=f"{CA_DIR}/ca.crt")
     mount = [{"name": CA_CONFIGMAP, "mountPath": CA_DIR, "readOnly": True}]
-    pod_spec = node.on_real_node({
+    pod_spec = place({
         "initContainers": [{"name": ollama.PULL_CONTAINER, "volumeMounts": mount}],
         "containers": [{"name": "model-api", "volumeMounts": mount}],
         "volumes": [{"name": CA_CONFIGMAP, "configMap": {"name": CA_CONFIGMAP}}],

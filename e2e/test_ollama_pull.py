@@ -31,11 +31,12 @@ def hosted(model: str, **standin: str) -> dict[str, Any]:
 
 
 def run_pull(tmp_path: Path, model: str, **standin: str) -> tuple[Finished, list[dict[str, Any]]]:
-    state = tmp_path / "ollama-state"
-    state.mkdir()
-    modelapi = ModelAPI.model_validate(hosted(model, FAKE_OLLAMA_STATE=str(state), **standin))
+    # The stand-in keeps its state in the container's /tmp (an emptyDir of the pod, found here).
+    modelapi = ModelAPI.model_validate(hosted(model, FAKE_OLLAMA_STATE="/tmp/ollama-state", **standin))
     children = build(modelapi, Settings()).children
     pod = Pod.from_objects(children, tmp_path / "pod", extra_path=[STANDINS_DIR])
+    state = pod.mounts_root / "tmp" / "ollama-state"
+    state.mkdir()
     finished = pod.run(INIT_CONTAINER, timeout=RUN_TIMEOUT)
     calls_file = state / "calls.jsonl"
     calls = [json.loads(line) for line in calls_file.read_text().splitlines()] if calls_file.exists() else []
@@ -56,7 +57,7 @@ def test_rendered_init_container_is_the_pull_script(tmp_path: Path) -> None:
     assert pod.environment(INIT_CONTAINER)[ollama.ENV_MODEL] == "smollm2:135m"
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     serving = {m["name"]: m["mountPath"] for m in pod.container("model-api")["volumeMounts"]}
-    assert mounts == serving == {ollama.VOLUME_NAME: ollama.DATA_DIR}
+    assert mounts == serving == {ollama.VOLUME_NAME: ollama.DATA_DIR, "tmp": "/tmp"}
 
 
 def test_waits_for_a_slow_server_then_pulls_the_model_from_the_environment(tmp_path: Path) -> None:
@@ -125,11 +126,13 @@ def test_a_server_that_exits_fails_at_once(tmp_path: Path) -> None:
     ],
 )
 def test_shell_metacharacters_in_the_model_name_run_nothing(tmp_path: Path, template: str) -> None:
-    canary = tmp_path / "pwned"
-    model = template.format(canary=canary)
+    # The canary in the container's /tmp, which the local pod keeps in its emptyDir's folder (and rewrites
+    # the path to, in the environment the process gets, as it does every mount path).
+    model = template.format(canary="/tmp/pwned")
     finished, calls = run_pull(tmp_path, model)
-    assert not canary.exists(), f"model name {model!r} ran a command"
+    local_tmp = tmp_path / "pod" / "volumes" / "tmp"
+    assert not (local_tmp / "pwned").exists(), f"model name {model!r} ran a command"
     (pull,) = events(calls, "pull")
     # The stand-in got the name as one argument; only the kubelet's own $$ -> $ unescaping applies.
-    assert pull["argv"] == ["pull", model.replace("$$", "$")]
+    assert pull["argv"] == ["pull", model.replace("$$", "$").replace("/tmp/", f"{local_tmp}/")]
     assert finished.returncode == 0, finished.stderr

@@ -6,7 +6,7 @@ pinned release (built from source by e2e/ollama_build.py), pulling a tiny genera
 The model reference is the one a user writes (`kaos-tiny:random`, meaning registry.ollama.ai/library/
 kaos-tiny:random). The only additions are what a cluster behind a corporate proxy sets through
 hostedConfig.env: HTTPS_PROXY (the stand-in's CONNECT proxy, which reaches nothing but the stand-in) and
-SSL_CERT_FILE (the session's test CA).
+SSL_CERT_FILE (the session's test CA, mounted from a ConfigMap through podSpec, as on a node).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import pytest
 from e2e import ollama_build
 from e2e.ollama_registry import REGISTRY_HOST, RunningRegistry, running_registry
 from e2e.pod import E2E_DIR, Finished, Image, Pod, Process, wait_for
+from e2e.test_hosted_node import ca_configmap, hosted
 from e2e.test_litellm_datapath import keyless_client
 from e2e.test_litellm_datapath import modelapi as proxy_modelapi
 from e2e.test_litellm_datapath import render as render_proxy
@@ -67,19 +68,13 @@ def ollama_image(binary: Path) -> Image:
                  home="/root")
 
 
-def hosted(model: str, env: dict[str, str]) -> Obj:
-    return {
-        "apiVersion": "kaos.tools/v1alpha1",
-        "kind": "ModelAPI",
-        "metadata": {"name": "tiny", "namespace": "e2e", "uid": "uid-tiny"},
-        "spec": {"mode": "Hosted",
-                 "hostedConfig": {"model": model, "env": [{"name": k, "value": v} for k, v in env.items()]}},
-    }
-
-
 def hosted_pod(binary: Path, registry: RunningRegistry, model: str, root: Path) -> Pod:
-    children = build(ModelAPI.model_validate(hosted(model, registry.client_env())), Settings()).children
-    return Pod.from_objects(children, root, extra_path=[binary.parent],
+    """The pod the operator renders for a Hosted ModelAPI (the stand-in registry's CA mounted as on a node),
+    its containers run here."""
+    modelapi = hosted("tiny", model, registry, place=lambda spec: spec)
+    modelapi["metadata"] |= {"namespace": "e2e", "uid": "uid-tiny"}
+    children = build(ModelAPI.model_validate(modelapi), Settings()).children
+    return Pod.from_objects([*children, ca_configmap(registry)], root, extra_path=[binary.parent],
                             images={ollama.DEFAULT_IMAGE: ollama_image(binary)})
 
 
@@ -146,7 +141,7 @@ def test_the_init_container_pulls_the_model_from_the_registry(served: Served, re
     fetched = {r.path.rsplit("/", 1)[1] for r in seen if r.path.startswith("/direct/") and r.method == "GET"}
     assert fetched == set(registry_model().blobs)
     assert registry.connects.allowed and not registry.connects.refused
-    # The model landed in the pod's volume (mounted at /root/.ollama), where the serving container reads it.
+    # The model landed in the pod's volume (mounted at ollama.DATA_DIR), where the serving container reads it.
     models = served.pod.mounts_root / ollama.VOLUME_NAME / "models"
     assert (models / "manifests" / REGISTRY_HOST / "library" / "kaos-tiny" / "random").is_file()
 

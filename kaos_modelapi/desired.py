@@ -166,19 +166,17 @@ def secret_refs(m: ModelAPI) -> tuple[SecretRef, ...]:
 
 # --- security defaults ------------------------------------------------------------------------------------
 # What every generated pod meets: the `restricted` Pod Security Standard (README, "Pod Security"): a
-# non-root user, no privilege escalation, no capabilities, the runtime's default seccomp profile. Proxy
-# pods add a read-only root; Hosted pods add the user's group to their model volume (`fsGroup`: a model
-# store written by an earlier pod, as root, included), since Ollama writes its models there.
+# non-root user, no privilege escalation, no capabilities, the runtime's default seccomp profile; and a
+# read-only root filesystem (what they write goes to emptyDirs). Hosted pods add the user's group to their
+# model volume (`fsGroup`: a model store written by an earlier pod, as root, included), since Ollama writes
+# its models there.
 # A podSpec override merges over these field by field (or replaces them with `$patch: replace`).
 
 _RUNTIME_DEFAULT_SECCOMP = {"type": "RuntimeDefault"}
 
 
-def _container_security(read_only_root: bool) -> dict[str, Any]:
-    security: dict[str, Any] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
-    if read_only_root:
-        security["readOnlyRootFilesystem"] = True
-    return security
+def _container_security() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True}
 
 
 def _pod_security(writes_volumes: bool) -> dict[str, Any]:
@@ -300,7 +298,7 @@ def _proxy_pod_spec(m: ModelAPI, s: Settings, plan: _ProxyPlan) -> dict[str, Any
         # A stopping pod keeps serving until the endpoint controllers and kube-proxy have taken it out of the
         # Service; then LiteLLM (uvicorn) gets SIGTERM and finishes the requests in flight.
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
-        "securityContext": _container_security(read_only_root=True),
+        "securityContext": _container_security(),
     }
     return {
         "securityContext": _pod_security(writes_volumes=False),
@@ -336,7 +334,8 @@ def _hosted_pod_spec(m: ModelAPI, s: Settings) -> dict[str, Any]:
     # The user's variables win over the state folders as over any other (moving them is theirs to do).
     env = merge_env([{"name": "HOME", "value": ollama.DATA_DIR},
                      {"name": "OLLAMA_MODELS", "value": ollama.MODELS_DIR}], _env_dicts(hc.env))
-    data_mount = [{"name": ollama.VOLUME_NAME, "mountPath": ollama.DATA_DIR}]
+    # Ollama writes only its state (the model volume) and temporary files: the root filesystem is read-only.
+    data_mount = [{"name": ollama.VOLUME_NAME, "mountPath": ollama.DATA_DIR}, {"name": "tmp", "mountPath": "/tmp"}]
     pull: dict[str, Any] = {
         "name": INIT_CONTAINER,
         "image": s.ollama_image,
@@ -344,7 +343,7 @@ def _hosted_pod_spec(m: ModelAPI, s: Settings) -> dict[str, Any]:
         # The model name reaches the shell only through the environment, never inside the script text.
         "env": merge_env(env, [{"name": ollama.ENV_MODEL, "value": hc.model}]),
         "volumeMounts": data_mount,
-        "securityContext": _container_security(read_only_root=False),
+        "securityContext": _container_security(),
     }
     serve: dict[str, Any] = {
         "name": CONTAINER,
@@ -358,13 +357,13 @@ def _hosted_pod_spec(m: ModelAPI, s: Settings) -> dict[str, Any]:
         "readinessProbe": {"exec": {"command": ["/bin/sh", "-c", ollama.READY_SCRIPT]},
                            "periodSeconds": ollama.READY_PERIOD_SECONDS,
                            "timeoutSeconds": ollama.READY_TIMEOUT_SECONDS},
-        "securityContext": _container_security(read_only_root=False),
+        "securityContext": _container_security(),
     }
     return {
         "securityContext": _pod_security(writes_volumes=True),
         "initContainers": [pull],
         "containers": [serve],
-        "volumes": [_model_volume(m)],
+        "volumes": [_model_volume(m), {"name": "tmp", "emptyDir": {}}],
     }
 
 

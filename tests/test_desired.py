@@ -175,6 +175,7 @@ def test_env_secret_refs_are_reported_unless_optional() -> None:
 
 HOSTED = {"mode": "Hosted", "hostedConfig": {"model": "smollm2:135m",
                                              "env": [{"name": "OLLAMA_DEBUG", "value": "false"}]}}
+TMP_MOUNT = {"name": "tmp", "mountPath": "/tmp"}  # (what Ollama writes but its state: the root is read-only)
 
 
 def test_hosted_pulls_in_an_init_container_and_serves_on_11434() -> None:
@@ -195,8 +196,8 @@ def test_hosted_pulls_in_an_init_container_and_serves_on_11434() -> None:
     assert serve["readinessProbe"]["exec"]["command"] == ["/bin/sh", "-c", ollama.READY_SCRIPT]
     assert env_of(serve)[ollama.ENV_MODEL] == "smollm2:135m"
     mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"] + serve["volumeMounts"]}
-    assert mounts == {"ollama-data": ollama.DATA_DIR}
-    assert pod["volumes"] == [{"name": "ollama-data", "emptyDir": {}}]
+    assert mounts == {"ollama-data": ollama.DATA_DIR, "tmp": "/tmp"}
+    assert pod["volumes"] == [{"name": "ollama-data", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
     assert objs["Service/modelapi-m"]["spec"]["ports"][0]["port"] == 11434
     assert built.endpoint == "http://modelapi-m.ns.svc.cluster.local:11434"
     assert built.model == "smollm2:135m"
@@ -368,9 +369,10 @@ def test_a_model_store_is_a_claim_the_modelapi_owns_mounted_where_ollama_keeps_m
                              "storageClassName": "fast"}
     assert claim["metadata"]["ownerReferences"][0]["kind"] == "ModelAPI"
     pod = objs["Deployment/modelapi-m"]["spec"]["template"]["spec"]
-    assert pod["volumes"] == [{"name": "ollama-data", "persistentVolumeClaim": {"claimName": "modelapi-m-models"}}]
+    assert pod["volumes"] == [{"name": "ollama-data", "persistentVolumeClaim": {"claimName": "modelapi-m-models"}},
+                              {"name": "tmp", "emptyDir": {}}]
     for c in (container(objs, "pull-model", "initContainers"), container(objs, "model-api")):
-        assert c["volumeMounts"] == [{"name": "ollama-data", "mountPath": ollama.DATA_DIR}]
+        assert c["volumeMounts"] == [{"name": "ollama-data", "mountPath": ollama.DATA_DIR}, TMP_MOUNT]
 
 
 @pytest.mark.parametrize(("store", "strategy"), [
@@ -457,10 +459,10 @@ def test_hosted_pods_meet_the_restricted_standard_as_the_nonroot_user_owning_the
                                       "fsGroup": 65532, "fsGroupChangePolicy": "OnRootMismatch",
                                       "seccompProfile": RUNTIME_DEFAULT}
     for c in [*pod["initContainers"], *pod["containers"]]:
-        assert c["securityContext"] == NO_PRIVILEGE, c["name"]
+        assert c["securityContext"] == {**NO_PRIVILEGE, "readOnlyRootFilesystem": True}, c["name"]
         # Ollama's state (its key pair under $HOME/.ollama, the models) on the volume, not under /root.
         assert (env_of(c)["HOME"], env_of(c)["OLLAMA_MODELS"]) == (ollama.DATA_DIR, f"{ollama.DATA_DIR}/models")
-        assert c["volumeMounts"] == [{"name": "ollama-data", "mountPath": ollama.DATA_DIR}]
+        assert c["volumeMounts"] == [{"name": "ollama-data", "mountPath": ollama.DATA_DIR}, TMP_MOUNT]
     assert all(set(v) - {"name"} <= {"emptyDir", "persistentVolumeClaim"} for v in pod["volumes"])
 
 
