@@ -1,8 +1,8 @@
 """Pod Security Standards (README, "Pod Security"): the API server's PodSecurity admission, on the real node.
 
 - A namespace labelled `pod-security.kubernetes.io/enforce=restricted` admits the pods the operator
-  generates (non-root 65532, no privilege escalation, no capabilities, RuntimeDefault seccomp; Proxy with a
-  read-only root, Hosted with its model volume given to the user's group): the Proxy pods serve a mock
+  generates (non-root 65532, read-only root, no privilege escalation, no capabilities, RuntimeDefault
+  seccomp; Hosted with its model volume given to the user's group): the Proxy pods serve a mock
   answer to a client pod, the Hosted pods pull the tiny model from the stand-in registry (e2e/
   test_hosted_node.py's setup) and answer /api/tags and /api/chat. A podSpec that makes a pod root again
   is refused there, and the ModelAPI says so. The operator's own pod (Helm chart and kustomize) is admitted
