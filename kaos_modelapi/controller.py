@@ -494,8 +494,10 @@ class Reconciler:
             self._verified[ctx.key] = replace(verified, seen=seen)  # (the cache's latest: the old ones can go)
             return verified.built, ()
         last = self._built.pop(ctx.key, None)
-        built = last.built if last is not None and last.holds(ctx.obj, config_version) else \
-            _build(m, self._settings, config_version)
+        if last is not None and last.holds(ctx.obj, config_version):
+            built: Desired | SpecError = last.built
+        else:
+            built = _build(m, self._settings, config_version)
         if isinstance(built, SpecError):
             return built, ()
         try:

@@ -89,7 +89,7 @@ class Metrics:
         self._queue_duration = self.queue_duration.labels(controller)
         self._work_time = self.work_time.labels(controller)
         self._retries = self.retries.labels(controller)
-        self._requests: dict[tuple[str, int], Any] = {}
+        self._requests: dict[tuple[str, int], Counter] = {}
 
     def track_unfinished_work(self, unfinished_work: Callable[[], tuple[float, float]]) -> None:
         """Read the queue's in-flight work when scraped: (total seconds, longest single one)."""
