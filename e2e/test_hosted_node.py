@@ -108,8 +108,8 @@ def client_call(kubectl: Kubectl, namespace: str, url: str, body: Obj | None = N
 
 def first_answer(kubectl: Kubectl, namespace: str, url: str, body: Obj | None = None) -> Obj:
     """The first call to a Service just Ready: its endpoints reach kube-proxy's rules a moment after the pod's
-    readiness, and until then a connection is refused (kaos-http's exit 7), as on any cluster. Any other
-    failure fails at once."""
+    readiness, and until then a connection is refused or lost (kaos-http's exit 7, within its connect
+    timeout), as on any cluster. Any other failure fails at once."""
     def call() -> Obj | None:
         try:
             return client_call(kubectl, namespace, url, body)

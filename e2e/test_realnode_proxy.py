@@ -51,12 +51,12 @@ class Env:
     client_ns: str  # the client pod: another namespace
 
     def http(self, url: str, body: Obj | None = None) -> tuple[int, str]:
-        """A request from the client pod: (kaos-http's exit code, the body)."""
+        """A request from the client pod: (kaos-http's exit code, the body; what it said too, if it failed)."""
         cmd = ["exec", "-n", self.client_ns, "client", "--", "kaos-http", "-m", "60"]
         if body is not None:
             cmd += ["-d", json.dumps(body)]
         done = self.kubectl.run(*cmd, url, check=False)
-        return done.returncode, done.stdout
+        return done.returncode, done.stdout if done.returncode == 0 else f"{done.stdout}{done.stderr}"
 
     def chat(self, endpoint: str, body: Obj) -> Obj:
         code, out = self.http(f"{endpoint}/v1/chat/completions", body)
