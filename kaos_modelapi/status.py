@@ -31,6 +31,8 @@ PULLING = "PullingModel"
 CREATING = "Creating"  # the first reconcile: children sent, no Deployment in the cache yet
 PODS_NOT_READY = "PodsNotReady"
 LOADING = "LoadingModel"
+AVAILABLE = "Available"
+ROLLING_OUT = "RollingOut"
 # Where every new ModelAPI starts: a first status saying so is no news (just_created). (A pull, minutes long,
 # and the model's loading are: each has its Event.)
 ON_THE_WAY = frozenset({CREATING, PODS_NOT_READY})
@@ -38,6 +40,10 @@ _SIZE = r"[0-9.]+ [KMGT]?B"
 _PROGRESS_LINE = re.compile(rf"^{re.escape(ollama.PROGRESS_PREFIX)}(\d{{1,3}})% ({_SIZE})/({_SIZE})\s*$")
 # The progress as the status message shows it: "pulling model M: 42% (57/135 MB)".
 _SHOWN = re.compile(r": (\d{1,3})% \(([^()]*)\)")
+# The Deployment's pod counts in the messages of these reasons ("2 of 3 pods ready", "(1/3)"): like the counters
+# status.deployment mirrors, they move with every pod that starts or rolls and say no new state.
+_COUNTED = frozenset({AVAILABLE, ROLLING_OUT, PODS_NOT_READY})
+_COUNTS = re.compile(r"\d+ of \d+ pods|\(\d+/\d+\)")
 
 
 @dataclass(frozen=True)
@@ -186,8 +192,8 @@ def _deployment_verdict(m: ModelAPI, deployment: dict[str, Any], pods: tuple[dic
     available = _condition(deployment, "Available").get("status") == "True"
     if available and ready > 0:
         if updated < wanted or st.get("replicas", 0) > wanted:
-            return Verdict("Ready", "RollingOut", f"rolling out: {updated} of {wanted} pods updated")
-        return Verdict("Ready", "Available", f"{ready} of {wanted} pods ready")
+            return Verdict("Ready", ROLLING_OUT, f"rolling out: {updated} of {wanted} pods updated")
+        return Verdict("Ready", AVAILABLE, f"{ready} of {wanted} pods ready")
     if wanted == 0:
         return Verdict("Pending", "ScaledToZero", "the Deployment is scaled to 0 replicas")
     live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
@@ -285,12 +291,21 @@ def ready_condition(previous: Mapping[str, Any], v: Verdict, generation: int | N
 
 
 def ready_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    """Whether the Ready condition says something new (what an Event reports)."""
+    """Whether the Ready condition says something new (what an Event reports): not a pull's progress (it would
+    be an Event every PROGRESS_STEP points) nor the pods counted so far (one a pod, on every start or roll)."""
     before, after = ready_of(old), ready_of(new)
     if any(before.get(k) != after.get(k) for k in ("status", "reason")):
         return True
-    # A pull's progress is not news (it would be an Event every PROGRESS_STEP points).
-    return _without_progress(str(before.get("message"))) != _without_progress(str(after.get("message")))
+    return _news(before) != _news(after)
+
+
+def _news(ready: Mapping[str, Any]) -> str:
+    return _without_counts(ready, _without_progress(str(ready.get("message"))))
+
+
+def _without_counts(ready: Mapping[str, Any], message: str) -> str:
+    """`message` without its pod counts, if the Ready condition `ready` has a reason whose message has them."""
+    return _COUNTS.sub("#", message) if ready.get("reason") in _COUNTED else message
 
 
 def just_created(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
@@ -308,9 +323,19 @@ MIRRORED = frozenset({"deployment", "replicas", "readiness"})
 
 
 def mirror_only(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    """Whether `new` differs from the stored status `old` only in what mirrors the Deployment."""
-    return bool(old) and old != new and all(old.get(k) == new.get(k) for k in old.keys() | new.keys()
-                                            if k not in MIRRORED)
+    """Whether `new` differs from the stored status `old` only in what mirrors the Deployment (its counters, and
+    the pod counts in the message)."""
+    return bool(old) and old != new and _unmirrored(old) == _unmirrored(new)
+
+
+def _unmirrored(st: Mapping[str, Any]) -> dict[str, Any]:
+    ready = ready_of(st)
+    kept = {k: v for k, v in st.items() if k not in MIRRORED}
+    if ready.get("reason") in _COUNTED:
+        kept["message"] = _without_counts(ready, str(st.get("message")))
+        kept["conditions"] = [{**c, "message": _without_counts(ready, str(c.get("message")))} if c is ready else c
+                              for c in st.get("conditions") or []]
+    return kept
 
 
 def only_creating(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:

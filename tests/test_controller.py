@@ -335,6 +335,29 @@ async def test_a_deployment_status_after_a_reconcile_that_wrote_nothing_updates_
     assert client.statuses[-1]["deployment"]["updatedReplicas"] == 0
 
 
+async def test_pods_counted_during_a_roll_are_written_as_the_counters_are_and_tell_no_event(
+        converged: list[Obj]) -> None:
+    stores = stores_of(converged)
+    clock = [100.0]
+    r, client = reconciler_over(stores, clock)
+    await r.reconcile(key(converged))
+    update_cached(stores, kube.DEPLOYMENT, "modelapi-mock-api", counters_moved)  # a roll begins: news
+    await r.reconcile(key(converged))
+    assert (len(client.statuses), client.event_reasons()) == (1, ["RollingOut"])
+    assert client.statuses[-1]["message"] == "rolling out: 0 of 1 pods updated"
+
+    def one_more_updated(deployment: Obj) -> None:
+        deployment["status"].update(updatedReplicas=1, replicas=2)  # (the new pod up, the old one going)
+
+    clock[0] += 0.3
+    update_cached(stores, kube.DEPLOYMENT, "modelapi-mock-api", one_more_updated)
+    assert (await r.reconcile(key(converged))).requeue_after == pytest.approx(0.7)  # put off, as counters are
+    clock[0] += 1.0
+    await r.reconcile(key(converged))
+    assert client.statuses[-1]["message"] == "rolling out: 1 of 1 pods updated"
+    assert (len(client.statuses), client.event_reasons()) == (2, ["RollingOut"])
+
+
 def new_revision(deployment: Obj) -> None:
     annotations = deployment["metadata"].setdefault("annotations", {})
     annotations["deployment.kubernetes.io/revision"] = str(int(annotations.get("deployment.kubernetes.io/revision",

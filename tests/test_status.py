@@ -294,3 +294,25 @@ def test_progress_alone_is_no_news_for_an_event() -> None:
         init=[{"name": "pull-model", "state": {"terminated": {"exitCode": 0}}}],
         containers=[{"name": "model-api", "state": {"running": {}}, "ready": False}]),)))
     assert status.ready_changed(later, loading)
+
+
+def test_pods_counted_so_far_are_no_news_but_a_new_state_is() -> None:
+    def at(ready: int, updated: int = 3, available: bool = True) -> dict[str, Any]:
+        return compute(MOCK, status.Observed(deployment(replicas=3, ready=ready, updated=updated,
+                                                        available=available)))
+
+    waiting, starting, one, three = at(0, available=False), at(1, available=False), at(1), at(3)
+    assert (waiting["message"], one["message"]) == ("waiting for pods to become ready (0/3)", "1 of 3 pods ready")
+    rolling, rolled_one = at(3, updated=0), at(3, updated=1)
+    assert not status.ready_changed(waiting, starting)
+    assert not status.ready_changed(one, three)
+    assert not status.ready_changed(rolling, rolled_one)
+    # Each is written, as the counters it goes with are: at most once a second (the controller's MIRROR_INTERVAL).
+    assert status.mirror_only(waiting, starting) and status.mirror_only(one, three)
+    assert status.mirror_only(rolling, rolled_one)
+    for before, after in ((starting, one), (three, rolling), (rolled_one, three)):
+        assert status.ready_changed(before, after)  # Ready, rolling out, rolled out: a state each
+        assert not status.mirror_only(before, after)
+    noted = compute(MOCK, status.Observed(deployment(replicas=3, ready=1, available=True),
+                                            (), warnings=("the cluster has no httproutes API",)))
+    assert status.ready_changed(one, noted) and not status.mirror_only(one, noted)  # (a note is news)
