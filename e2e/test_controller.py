@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,9 @@ async def test_kubectl_scale_modelapi_scales_its_pods_without_rolling_them(
     assert scale["spec"]["replicas"] == 3 and scale["status"]["selector"] == "app=modelapi,modelapi=scaled"
     assert template_hash(kubectl, "scaled", namespace) == running  # scaling never rolls the pods
     assert pods_run_only(kubectl, "scaled", namespace, running)
+    wait_until(lambda: kubectl.status("scaled", namespace)["message"] == "3 of 3 pods ready", 30, "the pods counted")
+    said = [e["reason"] for e in sorted(events_for(kubectl, "scaled", namespace), key=lambda e: e["eventTime"])]
+    assert all(a != b for a, b in pairwise(said)), said  # each Event a new state, not one a pod counted
 
     kubectl.run("scale", "modelapi/scaled", "-n", namespace, "--replicas=1")
     wait_until(lambda: kubectl.status("scaled", namespace).get("readiness") == "1/1", 60, "1 of 1 pods ready")
