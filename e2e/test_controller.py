@@ -200,6 +200,9 @@ async def test_kubectl_scale_modelapi_scales_its_pods_without_rolling_them(
     wait_until(lambda: kubectl.status("scaled", namespace)["message"] == "3 of 3 pods ready", 30, "the pods counted")
     said = [e["reason"] for e in sorted(events_for(kubectl, "scaled", namespace), key=lambda e: e["eventTime"])]
     assert all(a != b for a, b in pairwise(said)), said  # each Event a new state, not one a pod counted
+    # While the new pods start, the Deployment is not Available (maxUnavailable 0 wants all three), yet the first
+    # pod serves: the ModelAPI stays Ready (an autoscaler's scale-up must not page anyone), saying how many are.
+    assert "PodsNotReady" not in said and said[0] == "Available", said
 
     kubectl.run("scale", "modelapi/scaled", "-n", namespace, "--replicas=1")
     wait_until(lambda: kubectl.status("scaled", namespace).get("readiness") == "1/1", 60, "1 of 1 pods ready")

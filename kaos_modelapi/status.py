@@ -33,6 +33,7 @@ PODS_NOT_READY = "PodsNotReady"
 LOADING = "LoadingModel"
 AVAILABLE = "Available"
 ROLLING_OUT = "RollingOut"
+PARTLY_READY = "PodsPartlyReady"  # some pods serve, not all the Deployment wants
 # Where every new ModelAPI starts: a first status saying so is no news (just_created). (A pull, minutes long,
 # and the model's loading are: each has its Event.)
 ON_THE_WAY = frozenset({CREATING, PODS_NOT_READY})
@@ -42,7 +43,7 @@ _PROGRESS_LINE = re.compile(rf"^{re.escape(ollama.PROGRESS_PREFIX)}(\d{{1,3}})% 
 _SHOWN = re.compile(r": (\d{1,3})% \(([^()]*)\)")
 # The Deployment's pod counts in the messages of these reasons ("2 of 3 pods ready", "(1/3)"): like the counters
 # status.deployment mirrors, they move with every pod that starts or rolls and say no new state.
-_COUNTED = frozenset({AVAILABLE, ROLLING_OUT, PODS_NOT_READY})
+_COUNTED = frozenset({AVAILABLE, ROLLING_OUT, PARTLY_READY, PODS_NOT_READY})
 _COUNTS = re.compile(r"\d+ of \d+ pods|\(\d+/\d+\)")
 
 
@@ -196,6 +197,18 @@ def _deployment_verdict(m: ModelAPI, deployment: dict[str, Any], pods: tuple[dic
         return Verdict("Ready", AVAILABLE, f"{ready} of {wanted} pods ready")
     if wanted == 0:
         return Verdict("Pending", "ScaledToZero", "the Deployment is scaled to 0 replicas")
+    waiting = _waiting_verdict(m, deployment, pods, ready, wanted)
+    if ready > 0:
+        # Some pods serve while the others start or fail (a scale-up, a pod replaced): the endpoint answers, so
+        # Ready (the Deployment is not Available: with maxUnavailable 0 that takes every pod); and why not all.
+        why = "" if waiting.reason == PODS_NOT_READY else f"; {waiting.message}"
+        return Verdict("Ready", PARTLY_READY, f"{ready} of {wanted} pods ready{why}")
+    return waiting
+
+
+def _waiting_verdict(m: ModelAPI, deployment: dict[str, Any], pods: tuple[dict[str, Any], ...], ready: int,
+                     wanted: int) -> Verdict:
+    """Why the Deployment's pods are not all ready."""
     live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
     for pod in live:
         verdict = _pod_verdict(m, pod)

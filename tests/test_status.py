@@ -296,23 +296,39 @@ def test_progress_alone_is_no_news_for_an_event() -> None:
     assert status.ready_changed(later, loading)
 
 
-def test_pods_counted_so_far_are_no_news_but_a_new_state_is() -> None:
-    def at(ready: int, updated: int = 3, available: bool = True) -> dict[str, Any]:
-        return compute(MOCK, status.Observed(deployment(replicas=3, ready=ready, updated=updated,
-                                                        available=available)))
+def at(ready: int, updated: int = 3, available: bool = True, replicas: int = 3,
+       pods: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+    return compute(MOCK, status.Observed(deployment(replicas=replicas, ready=ready, updated=updated,
+                                                    available=available), pods))
 
-    waiting, starting, one, three = at(0, available=False), at(1, available=False), at(1), at(3)
-    assert (waiting["message"], one["message"]) == ("waiting for pods to become ready (0/3)", "1 of 3 pods ready")
+
+def test_pods_counted_so_far_are_no_news_but_a_new_state_is() -> None:
+    waiting, partly, more, one, three = (at(0, available=False, replicas=1), at(1, available=False),
+                                         at(2, available=False), at(1), at(3))
+    assert (waiting["message"], partly["message"]) == ("waiting for pods to become ready (0/1)", "1 of 3 pods ready")
     rolling, rolled_one = at(3, updated=0), at(3, updated=1)
-    assert not status.ready_changed(waiting, starting)
-    assert not status.ready_changed(one, three)
-    assert not status.ready_changed(rolling, rolled_one)
-    # Each is written, as the counters it goes with are: at most once a second (the controller's MIRROR_INTERVAL).
-    assert status.mirror_only(waiting, starting) and status.mirror_only(one, three)
-    assert status.mirror_only(rolling, rolled_one)
-    for before, after in ((starting, one), (three, rolling), (rolled_one, three)):
-        assert status.ready_changed(before, after)  # Ready, rolling out, rolled out: a state each
+    for before, after in ((waiting, at(0, available=False)), (partly, more), (one, three), (rolling, rolled_one)):
+        assert not status.ready_changed(before, after)
+        # Each is written, as the counters it goes with are: at most once a second (the controller's
+        # MIRROR_INTERVAL).
+        assert status.mirror_only(before, after)
+    for before, after in ((waiting, partly), (more, three), (three, rolling), (rolled_one, three)):
+        assert status.ready_changed(before, after)  # ready, all ready, rolling out, rolled out: a state each
         assert not status.mirror_only(before, after)
     noted = compute(MOCK, status.Observed(deployment(replicas=3, ready=1, available=True),
-                                            (), warnings=("the cluster has no httproutes API",)))
+                                          (), warnings=("the cluster has no httproutes API",)))
     assert status.ready_changed(one, noted) and not status.mirror_only(one, noted)  # (a note is news)
+
+
+def test_some_pods_ready_serve_the_endpoint_and_the_others_say_why_not() -> None:
+    partly = at(1, available=False)  # a scale-up from 1 to 3: the Deployment is not Available until all are
+    assert (partly["phase"], partly["ready"], partly["message"]) == ("Ready", True, "1 of 3 pods ready")
+    assert partly["conditions"][0]["status"] == "True" and partly["conditions"][0]["reason"] == "PodsPartlyReady"
+    unschedulable = pod()
+    unschedulable["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                              "message": "0/1 nodes are available: 1 Insufficient cpu."}]
+    stuck = at(1, available=False, pods=(unschedulable,))
+    assert (stuck["phase"], stuck["message"]) == (
+        "Ready", "1 of 3 pods ready; pod cannot be scheduled: 0/1 nodes are available: 1 Insufficient cpu.")
+    assert status.ready_changed(partly, stuck)
+    assert at(0, available=False, pods=(unschedulable,))["phase"] == "Pending"  # none serves: as before
