@@ -67,6 +67,11 @@ def events_for(kubectl: Kubectl, name: str, namespace: str) -> list[dict[str, An
     return [e for e in items if e.get("regarding", {}).get("name") == name]
 
 
+def reasons_said(kubectl: Kubectl, name: str, namespace: str) -> list[str]:
+    """The reasons of the Events about ModelAPI `name`, oldest first."""
+    return [e["reason"] for e in sorted(events_for(kubectl, name, namespace), key=lambda e: e["eventTime"])]
+
+
 def reconciles(operator: OperatorProcess) -> float:
     return metric_value(operator.metrics(), "controller_runtime_reconcile_total", controller="modelapi")
 
@@ -198,7 +203,7 @@ async def test_kubectl_scale_modelapi_scales_its_pods_without_rolling_them(
     assert template_hash(kubectl, "scaled", namespace) == running  # scaling never rolls the pods
     assert pods_run_only(kubectl, "scaled", namespace, running)
     wait_until(lambda: kubectl.status("scaled", namespace)["message"] == "3 of 3 pods ready", 30, "the pods counted")
-    said = [e["reason"] for e in sorted(events_for(kubectl, "scaled", namespace), key=lambda e: e["eventTime"])]
+    said = reasons_said(kubectl, "scaled", namespace)
     assert all(a != b for a, b in pairwise(said)), said  # each Event a new state, not one a pod counted
     # While the new pods start, the Deployment is not Available (maxUnavailable 0 wants all three), yet the first
     # pod serves: the ModelAPI stays Ready (an autoscaler's scale-up must not page anyone), saying how many are.
@@ -208,6 +213,8 @@ async def test_kubectl_scale_modelapi_scales_its_pods_without_rolling_them(
     wait_until(lambda: kubectl.status("scaled", namespace).get("readiness") == "1/1", 60, "1 of 1 pods ready")
     wait_until(lambda: kubectl.get("poddisruptionbudget", "modelapi-scaled", namespace) is None, 30,
                "no PDB for one pod")
+    wait_until(lambda: kubectl.status("scaled", namespace)["message"] == "1 of 1 pods ready", 30, "the pods counted")
+    assert "RollingOut" not in reasons_said(kubectl, "scaled", namespace)  # a scale, either way, is not a roll
 
 
 async def test_deleting_a_modelapi_removes_its_children(kubectl: Kubectl, operator: OperatorProcess,

@@ -192,9 +192,11 @@ def _deployment_verdict(m: ModelAPI, deployment: dict[str, Any], pods: tuple[dic
     ready, updated = st.get("readyReplicas", 0), st.get("updatedReplicas", 0)
     available = _condition(deployment, "Available").get("status") == "True"
     if available and ready > 0:
-        if updated < wanted or st.get("replicas", 0) > wanted:
+        # A roll is pods of an older template still running; fewer pods, or more, of the current one than wanted
+        # is a scale that the Deployment controller has not caught up with (the counts are its last ones).
+        if updated < st.get("replicas", 0):
             return Verdict("Ready", ROLLING_OUT, f"rolling out: {updated} of {wanted} pods updated")
-        return Verdict("Ready", AVAILABLE, f"{ready} of {wanted} pods ready")
+        return Verdict("Ready", AVAILABLE, f"{min(ready, wanted)} of {wanted} pods ready")
     if wanted == 0:
         return Verdict("Pending", "ScaledToZero", "the Deployment is scaled to 0 replicas")
     waiting = _waiting_verdict(m, deployment, pods, ready, wanted)

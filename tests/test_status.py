@@ -332,3 +332,15 @@ def test_some_pods_ready_serve_the_endpoint_and_the_others_say_why_not() -> None
         "Ready", "1 of 3 pods ready; pod cannot be scheduled: 0/1 nodes are available: 1 Insufficient cpu.")
     assert status.ready_changed(partly, stuck)
     assert at(0, available=False, pods=(unschedulable,))["phase"] == "Pending"  # none serves: as before
+
+
+def test_a_scale_is_not_a_roll_even_before_the_deployment_controller_counted_it() -> None:
+    def seen(wanted: int, pods: int, updated: int) -> dict[str, Any]:
+        d = deployment(replicas=pods, ready=pods, updated=updated, available=True)
+        d["spec"]["replicas"] = wanted  # (the spec the operator applied; the status is the controller's last)
+        return compute(MOCK, status.Observed(d))
+
+    up, down, rolling = seen(3, 1, 1), seen(1, 3, 3), seen(1, 2, 1)
+    assert (status.ready_of(up)["reason"], up["message"]) == ("Available", "1 of 3 pods ready")
+    assert (status.ready_of(down)["reason"], down["message"]) == ("Available", "1 of 1 pods ready")
+    assert (status.ready_of(rolling)["reason"], rolling["message"]) == ("RollingOut", "rolling out: 1 of 1 pods updated")
