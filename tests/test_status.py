@@ -343,4 +343,5 @@ def test_a_scale_is_not_a_roll_even_before_the_deployment_controller_counted_it(
     up, down, rolling = seen(3, 1, 1), seen(1, 3, 3), seen(1, 2, 1)
     assert (status.ready_of(up)["reason"], up["message"]) == ("Available", "1 of 3 pods ready")
     assert (status.ready_of(down)["reason"], down["message"]) == ("Available", "1 of 1 pods ready")
-    assert (status.ready_of(rolling)["reason"], rolling["message"]) == ("RollingOut", "rolling out: 1 of 1 pods updated")
+    assert (status.ready_of(rolling)["reason"], rolling["message"]) == (
+        "RollingOut", "rolling out: 1 of 1 pods updated")
