@@ -194,18 +194,21 @@ def _deployment_verdict(m: ModelAPI, deployment: dict[str, Any], pods: tuple[dic
     if available and ready > 0:
         # A roll is pods of an older template still running; fewer pods, or more, of the current one than wanted
         # is a scale that the Deployment controller has not caught up with (the counts are its last ones).
-        if updated < st.get("replicas", 0):
-            return Verdict("Ready", ROLLING_OUT, f"rolling out: {updated} of {wanted} pods updated")
-        return Verdict("Ready", AVAILABLE, f"{min(ready, wanted)} of {wanted} pods ready")
-    if wanted == 0:
+        if updated >= st.get("replicas", 0):
+            return Verdict("Ready", AVAILABLE, f"{min(ready, wanted)} of {wanted} pods ready")
+        serving = Verdict("Ready", ROLLING_OUT, f"rolling out: {updated} of {wanted} pods updated")
+    elif wanted == 0:
         return Verdict("Pending", "ScaledToZero", "the Deployment is scaled to 0 replicas")
+    else:  # (not Available: with maxUnavailable 0, that takes every pod the Deployment wants)
+        serving = Verdict("Ready", PARTLY_READY, f"{ready} of {wanted} pods ready")
     waiting = _waiting_verdict(m, deployment, pods, ready, wanted)
-    if ready > 0:
-        # Some pods serve while the others start or fail (a scale-up, a pod replaced): the endpoint answers, so
-        # Ready (the Deployment is not Available: with maxUnavailable 0 that takes every pod); and why not all.
-        why = "" if waiting.reason == PODS_NOT_READY else f"; {waiting.message}"
-        return Verdict("Ready", PARTLY_READY, f"{ready} of {wanted} pods ready{why}")
-    return waiting
+    if ready == 0:
+        return waiting
+    # Some pods serve while the others start, roll or fail (a scale-up, a roll, a pod replaced): the endpoint
+    # answers, so Ready; and why not all are, unless they are only on their way.
+    if waiting.reason == PODS_NOT_READY:
+        return serving
+    return replace(serving, message=f"{serving.message}; {waiting.message}")
 
 
 def _waiting_verdict(m: ModelAPI, deployment: dict[str, Any], pods: tuple[dict[str, Any], ...], ready: int,

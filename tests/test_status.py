@@ -345,3 +345,19 @@ def test_a_scale_is_not_a_roll_even_before_the_deployment_controller_counted_it(
     assert (status.ready_of(down)["reason"], down["message"]) == ("Available", "1 of 1 pods ready")
     assert (status.ready_of(rolling)["reason"], rolling["message"]) == (
         "RollingOut", "rolling out: 1 of 1 pods updated")
+
+
+def test_a_roll_stuck_on_a_failing_new_pod_says_so_while_the_old_pods_serve() -> None:
+    crashing = {"name": "model-api", "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {"terminated": {"exitCode": 3}}}
+    serving_old = pod(containers=[{"name": "model-api", "ready": True, "state": {"running": {}}}])
+    failing_new = pod(containers=[crashing])
+    rolling = deployment(replicas=1, ready=1, updated=1, available=True)
+    rolling["status"]["replicas"] = 2  # the old pod and the new one
+    plain = compute(MOCK, status.Observed(rolling, (serving_old,)))
+    stuck = compute(MOCK, status.Observed(rolling, (serving_old, failing_new)))
+    assert (plain["phase"], plain["message"]) == ("Ready", "rolling out: 1 of 1 pods updated")
+    assert (stuck["phase"], status.ready_of(stuck)["reason"]) == ("Ready", "RollingOut")
+    assert stuck["message"].startswith("rolling out: 1 of 1 pods updated; container model-api is failing: "
+                                       "CrashLoopBackOff (last exit code 3); see kubectl logs")
+    assert status.ready_changed(plain, stuck)  # an Event says the roll is stuck, and why
