@@ -344,6 +344,24 @@ async def test_status_reports_model_pull_and_failing_container(kubectl: Kubectl,
     assert "model-api" in st["message"] and "kubectl logs" in st["message"]
 
 
+async def test_a_roll_held_up_by_a_crashing_pod_says_why_while_the_old_pod_serves(
+        kubectl: Kubectl, operator: OperatorProcess, namespace: str) -> None:
+    kubectl.apply(modelapi_yaml("stuck", mock()), namespace)
+    kubectl.wait_phase("stuck", namespace, "Ready")
+    crashing = dict(mock(), podSpec={"containers": [
+        {"name": "model-api", "env": [{"name": "KAOS_FAKE_EXIT_CODE", "value": "1"}]}]})
+    kubectl.apply(modelapi_yaml("stuck", crashing), namespace)  # a new pod template: a roll, whose pod crashes
+
+    def says_why() -> dict[str, Any] | None:
+        st = kubectl.status("stuck", namespace)
+        return st if "model-api is failing" in st.get("message", "") else None
+
+    st = wait_until(says_why, 60, "the roll's message naming the failing container")
+    assert (st["phase"], st["ready"], ready_condition(st)["reason"]) == ("Ready", True, "RollingOut")
+    assert st["message"].startswith("rolling out: ")
+    assert "RollingOut" in reasons_said(kubectl, "stuck", namespace)
+
+
 async def test_a_store_added_later_moves_the_deployment_to_recreate(kubectl: Kubectl, operator: OperatorProcess,
                                                                     namespace: str) -> None:
     """A Deployment made without a strategy carries the API server's rollingUpdate defaults, which no field
