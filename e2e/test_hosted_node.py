@@ -215,6 +215,38 @@ async def test_a_slow_pull_shows_its_progress_in_the_status_before_ready(
     print(f"\nprogress shown in the status: {shown}")
 
 
+async def test_a_scale_up_shows_the_new_pods_pull_while_the_first_pod_serves(
+    hosted_env: tuple[Kubectl, str, RunningRegistry],
+) -> None:
+    kubectl, namespace, registry = hosted_env
+    apply(kubectl, namespace, hosted("scaled", MODEL, registry))
+    wait_ready(kubectl, namespace, "scaled")
+    # The second pod pulls the model into a store of its own (emptyDir), slowly, while the first serves.
+    registry.registry.blob_rate = 16_000
+    shown: list[str] = []
+    phases: set[str] = set()
+    progress = re.compile(rf"^1 of 2 pods ready; pulling model {re.escape(MODEL)}: (\d{{1,3}})% \(\d+/\d+ KB\)$")
+
+    def progress_or_both_ready() -> Obj | None:
+        st = kubectl.status("scaled", namespace)
+        phases.add(st.get("phase") or "")
+        message = st.get("message") or ""
+        if progress.match(message) and message not in shown:
+            shown.append(message)
+        return st if st.get("readiness") == "2/2" else None
+
+    try:
+        kubectl.run("scale", "modelapi/scaled", "-n", namespace, "--replicas=2")
+        wait_until(progress_or_both_ready, READY_TIMEOUT, "ModelAPI scaled 2 of 2 pods ready")
+    finally:
+        registry.registry.blob_rate = None
+    assert phases == {"Ready"}  # the first pod served all along
+    assert shown, "no progress of the new pod's pull in the status message"
+    percents = [int(progress.match(m)[1]) for m in shown]  # type: ignore[index]
+    assert percents == sorted(percents), shown
+    print(f"\nprogress shown in the status: {shown}")
+
+
 async def test_an_unknown_model_fails_the_pull_the_pod_and_the_status(
     hosted_env: tuple[Kubectl, str, RunningRegistry],
 ) -> None:

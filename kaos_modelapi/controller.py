@@ -291,9 +291,7 @@ class Outcome:
     updated: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     status_written: bool = False
-    requeue_after: float | None = None  # a status write put off, a write the cache has not shown yet
-    phase: str = ""
-    reason: str = ""
+    requeue_after: float | None = None  # a status write put off, a write the cache has not shown yet, a pull
 
     def look_again_in(self, seconds: float) -> None:
         self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
@@ -463,11 +461,7 @@ class Reconciler:
             raise
         finally:
             _log_writes(ctx)  # (what was written before a failure)
-        outcome = ctx.outcome
-        # Nothing in the API changes while a pull goes on: look at its progress again a little later.
-        later = [t for t in (status.PULL_POLL_SECONDS if outcome.reason == status.PULLING else None,
-                             outcome.requeue_after) if t is not None]
-        return Result(requeue_after=min(later) if later else None)
+        return Result(requeue_after=ctx.outcome.requeue_after)
 
     async def _reconcile(self, ctx: Context) -> None:
         try:
@@ -658,6 +652,8 @@ class Reconciler:
         if pod is None:
             self._pull_reads.pop(ctx.key, None)
             return observed
+        # Nothing in the API changes while a pull goes on: look at its progress again a little later.
+        ctx.outcome.look_again_in(status.PULL_POLL_SECONDS)
         now, last = self._clock(), self._pull_reads.get(ctx.key)
         # (a requeue comes back after PULL_POLL_SECONDS, give or take the timer: it always reads)
         if last is not None and last[1] == pod and (now - last[0]).total_seconds() < 0.9 * status.PULL_POLL_SECONDS:
@@ -687,8 +683,6 @@ class Reconciler:
         return ctx.obj.get("status") or {}
 
     async def _write_status(self, ctx: Context, new: dict[str, Any], old: dict[str, Any]) -> None:
-        ctx.outcome.phase = new["phase"]
-        ctx.outcome.reason = status.ready_of(new).get("reason", "")
         if new == old:
             return
         now = self._monotonic()

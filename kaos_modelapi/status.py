@@ -108,7 +108,7 @@ class Verdict:
     phase: str
     reason: str
     message: str
-    pod: str | None = None  # the pod the verdict is about, when one pod decided it
+    pulling: str | None = None  # the pod pulling the model the message speaks of, if any: its progress is shown
 
     @property
     def ready(self) -> bool:
@@ -176,7 +176,7 @@ def _pod_verdict(m: ModelAPI, pod: dict[str, Any]) -> Verdict | None:
                            f"init container {init.get('name')} {failure}; see {_logs_hint(m, init.get('name', ''))}")
         if "running" in (init.get("state") or {}) and init.get("name") == INIT_CONTAINER and m.spec.hostedConfig:
             return Verdict("Pending", PULLING, f"pulling model {m.spec.hostedConfig.model}",
-                           pod.get("metadata", {}).get("name"))
+                           pulling=pod.get("metadata", {}).get("name"))
     for container in status.get("containerStatuses") or []:
         failure = _container_failure(container)
         if failure:
@@ -208,7 +208,7 @@ def _deployment_verdict(m: ModelAPI, deployment: dict[str, Any], pods: tuple[dic
     # answers, so Ready; and why not all are, unless they are only on their way.
     if waiting.reason == PODS_NOT_READY:
         return serving
-    return replace(serving, message=f"{serving.message}; {waiting.message}")
+    return replace(serving, message=f"{serving.message}; {waiting.message}", pulling=waiting.pulling)
 
 
 def _waiting_verdict(m: ModelAPI, deployment: dict[str, Any], pods: tuple[dict[str, Any], ...], ready: int,
@@ -265,17 +265,17 @@ def verdict(m: ModelAPI, built: Desired | SpecError, observed: Observed) -> Verd
 
 
 def pulling_pod(m: ModelAPI, built: Desired | SpecError, observed: Observed) -> str | None:
-    """The pod whose pull-model log to read: the one the status says is pulling the model, if any."""
-    v = verdict(m, built, observed)
-    return v.pod if v.reason == PULLING else None
+    """The pod whose pull-model log to read: the one the status says is pulling the model, if any (the only
+    pod, or a new one beside pods that serve: a scale-up, a roll)."""
+    return verdict(m, built, observed).pulling
 
 
 def _with_progress(v: Verdict, observed: Observed, previous: Mapping[str, Any]) -> Verdict:
-    if v.reason != PULLING:
+    if v.pulling is None:
         return v
-    shown = _shown_progress(str(ready_of(previous).get("message") or "")) if ready_of(previous).get(
-        "reason") == PULLING else None
-    text = progress_text(shown, observed.pulls.get(v.pod or ""))
+    before = ready_of(previous)
+    shown = _shown_progress(str(before.get("message") or "")) if before.get("reason") == v.reason else None
+    text = progress_text(shown, observed.pulls.get(v.pulling))
     return replace(v, message=v.message + text)
 
 

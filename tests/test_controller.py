@@ -852,6 +852,26 @@ async def test_no_log_is_read_unless_a_model_is_pulled(converged: list[Obj]) -> 
     assert client.log_reads == []
 
 
+async def test_a_scale_up_shows_the_new_pods_pull_and_looks_at_it_again(converged: list[Obj]) -> None:
+    objects = hosted_pulling(converged)
+    deployment = of_kind(objects, "Deployment")
+    deployment["spec"]["replicas"] = 2  # e.g. `kubectl scale`: one pod serves, the new one pulls the model
+    deployment["status"].update(replicas=2, updatedReplicas=2, readyReplicas=1, availableReplicas=1)
+    pulling = objects[-1]
+    serving = copy.deepcopy(pulling)
+    serving["metadata"]["name"] = "modelapi-mock-api-1-y"
+    serving["status"] = {"initContainerStatuses": [{"name": "pull-model", "state": {"terminated": {"exitCode": 0}}}],
+                         "containerStatuses": [{"name": "model-api", "state": {"running": {}}, "ready": True}]}
+    r, client = reconciler([*objects, serving])
+    client.logs[("modelapi-mock-api-1-x", "pull-model")] = "pull-model: progress 42% 57 MB/135 MB\n"
+    result = await r.reconcile(key(objects))
+    assert result.requeue_after == status.PULL_POLL_SECONDS
+    assert [read[:2] for read in client.log_reads] == [("modelapi-mock-api-1-x", "pull-model")]
+    (written,) = client.statuses
+    assert (written["phase"], written["message"]) == (
+        "Ready", "1 of 2 pods ready; pulling model smollm2:135m: 42% (57/135 MB)")
+
+
 async def test_a_store_added_to_a_running_hosted_modelapi_moves_its_deployment_to_recreate(
         converged: list[Obj]) -> None:
     objects = hosted_pulling(converged)

@@ -284,6 +284,30 @@ def test_an_unread_progress_keeps_what_is_shown_and_a_restarted_pull_shows_the_t
         "pulling model smollm2:135m: 5% (6/135 MB)"  # a new pod pulls from the start
 
 
+def test_a_new_pod_pulling_beside_one_that_serves_shows_its_progress() -> None:
+    # A scale-up from 1 to 2 (or a roll): one pod serves, the new one pulls the model for minutes.
+    serving = {"metadata": {"name": "q"}, "status": {"initContainerStatuses": [
+        {"name": "pull-model", "state": {"terminated": {"exitCode": 0}}}],
+        "containerStatuses": [{"name": "model-api", "state": {"running": {}}, "ready": True}]}}
+    built = desired.build(HOSTED, Settings())
+
+    def scaled(progress: status.PullProgress | None, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+        observed = status.Observed(deployment(replicas=2, ready=1, updated=2), (serving, PULLING_POD),
+                                   pulls={"p": progress} if progress is not None else {})
+        return status.compute(HOSTED, built, observed, NOW, previous)
+
+    assert status.pulling_pod(HOSTED, built, status.Observed(deployment(replicas=2, ready=1, updated=2),
+                                                             (serving, PULLING_POD))) == "p"
+    first = scaled(status.PullProgress(42, "57 MB", "135 MB"))
+    assert (first["phase"], first["conditions"][0]["reason"]) == ("Ready", "PodsPartlyReady")
+    assert first["message"] == "1 of 2 pods ready; pulling model smollm2:135m: 42% (57/135 MB)"
+    assert scaled(status.PullProgress(45, "61 MB", "135 MB"), first) == first  # not every percent is a write
+    later = scaled(status.PullProgress(62, "83 MB", "135 MB"), first)
+    assert later["message"] == "1 of 2 pods ready; pulling model smollm2:135m: 62% (83/135 MB)"
+    assert not status.ready_changed(first, later)
+    assert scaled(None, later) == later  # a log unread this time keeps what is shown
+
+
 def test_progress_alone_is_no_news_for_an_event() -> None:
     first = pulling(status.PullProgress(42, "57 MB", "135 MB"), {})
     later = pulling(status.PullProgress(62, "83 MB", "135 MB"), first)

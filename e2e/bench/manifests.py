@@ -90,9 +90,9 @@ def modelapi(i: int, namespace: str, revision: int = 0, prefix: str = "m") -> di
             "metadata": {"name": f"{prefix}-{i}", "namespace": namespace}, "spec": _spec(i, revision)}
 
 
-def modelapis(n: int, namespace: str, revision: int = 0) -> list[dict[str, Any]]:
+def modelapis(n: int, namespace: str, revision: int = 0, prefix: str = "m") -> list[dict[str, Any]]:
     """N ModelAPIs; `revision` > 0 changes every spec's pod environment, so every config hash changes (a roll)."""
-    return [modelapi(i, namespace, revision) for i in range(n)]
+    return [modelapi(i, namespace, revision, prefix) for i in range(n)]
 
 
 def dump(objects: list[dict[str, Any]]) -> str:

@@ -85,7 +85,9 @@ async def run(n: int, trace: bool, batches: int = 1) -> dict[str, Any]:
                 result["rss_kib_per_modelapi"] = round((cold["rss_mib"] - idle["rss_mib"]) * 1024 / n, 1)
                 result["batches_rss_mib"] = rss = [idle["rss_mib"], cold["rss_mib"]]
                 for batch in range(2, batches + 1):
-                    more = (await scenarios.converge_in(c, options.ns(f"op{batch}"), n, [0], r.op))[0]
+                    # (names of their own: the same names again would share the first batch's strings)
+                    more = (await scenarios.converge_in(c, options.ns(f"op{batch}"), n, [0], r.op,
+                                                        prefix=f"b{batch}"))[0]
                     rss.append(more["rss_mib"])
                 result["batches_kib_per_modelapi"] = [round((b - a) * 1024 / n, 1) for a, b in pairwise(rss)]
             if trace:

@@ -184,15 +184,16 @@ class Cluster:
 
 
 async def converge(c: Cluster, actor: str, namespace: str, n: int, revision: int,
-                   tracker: Tracker, op: OperatorProcess | None) -> dict[str, Any]:
-    """Apply N ModelAPIs (revision 0: create; > 0: change every spec) and time the convergence."""
+                   tracker: Tracker, op: OperatorProcess | None, prefix: str = "m") -> dict[str, Any]:
+    """Apply N ModelAPIs named `prefix`-i (revision 0: create; > 0: change every spec) and time the
+    convergence."""
     if revision:
         tracker.reset(await c.deployments(namespace))
     before, cpu0 = await c.counts(), op.cpu() if op else 0.0
     if op:
         op.reset_peak()
     began = time.monotonic()
-    docs = manifests.modelapis(n, namespace, revision)
+    docs = manifests.modelapis(n, namespace, revision, prefix)
     apply_s = await asyncio.to_thread(kubectl_apply, c.kubeconfig, docs)
     timeout = 120 + n * 0.6
     try:
@@ -466,12 +467,12 @@ async def attempt(out: dict[str, Any], name: str, scenario: Awaitable[dict[str, 
 
 
 async def converge_in(c: Cluster, namespace: str, n: int, revisions: list[int],
-                      op: OperatorProcess) -> list[dict[str, Any]]:
+                      op: OperatorProcess, prefix: str = "m") -> list[dict[str, Any]]:
     tracker = await tracked(c, namespace)
     out: dict[str, Any] = {}
     try:
         for revision in revisions:
-            await attempt(out, str(revision), converge(c, "operator", namespace, n, revision, tracker, op))
+            await attempt(out, str(revision), converge(c, "operator", namespace, n, revision, tracker, op, prefix))
     finally:
         await tracker.stop()
     return [out[str(r)] for r in revisions]
