@@ -147,6 +147,28 @@ async def test_config_change_rolls_pods_and_route_change_does_not(kubectl: Kubec
     assert template_hash(kubectl, "edit", namespace) == second
 
 
+async def test_a_gateway_writing_its_routes_status_wakes_no_reconcile(kubectl: Kubectl, operator: OperatorProcess,
+                                                                      namespace: str) -> None:
+    kubectl.apply(modelapi_yaml("routed", mock()), namespace)
+    kubectl.wait_phase("routed", namespace, "Ready")
+    route = "modelapi-routed"
+    wait_until(lambda: kubectl.get("httproute", route, namespace), 30, "the HTTPRoute")
+    before = reconciles(operator)
+    # What a Gateway's controller writes into the routes it serves, again and again (a reconfiguration, a
+    # restart): the operator never reads a route's status.
+    for i in range(10):
+        condition = {"type": "Accepted", "status": "True", "reason": "Accepted", "message": f"accepted ({i})",
+                     "lastTransitionTime": f"2026-11-29T00:00:{i:02d}Z", "observedGeneration": 1}
+        parents = [{"parentRef": {"name": GATEWAY_NAME, "namespace": GATEWAY_NAMESPACE},
+                    "controllerName": "example.com/gateway-controller", "conditions": [condition]}]
+        kubectl.run("patch", "httproute", route, "-n", namespace, "--subresource=status", "--type=merge",
+                    "-p", json.dumps({"status": {"parents": parents}}))
+    # Then a label, on the same watch stream after them: that reaches the cache, and wakes its ModelAPI once.
+    kubectl.run("label", "httproute", route, "-n", namespace, "example.com/team=a")
+    wait_until(lambda: reconciles(operator) > before, 30, "the label's reconcile")
+    assert reconciles(operator) - before < 5  # (one a status write, 10 or more, when the cache kept them)
+
+
 async def test_mode_switch_leaves_exactly_the_right_children(kubectl: Kubectl, operator: OperatorProcess,
                                                              namespace: str) -> None:
     proxy_children = {"ConfigMap/litellm-config-switch", "Secret/litellm-master-key-switch",

@@ -68,15 +68,22 @@ Log = structlog.typing.FilteringBoundLogger
 # every child the builder makes survives the transform). Each is a value of its own (a time, an IP), which
 # sharing equal parts (informer.Interner) cannot fold.
 SERVER_ASSIGNED = {"Service": ("clusterIP", "clusterIPs")}
+# The one child whose status the reconciler reads (status.py). The others' (an HTTPRoute's, written by the
+# Gateway's controller; a PodDisruptionBudget's, at every pod that turns ready or goes; a claim's) are left out
+# of the cache: never read, they cost memory and, each time they moved, a reconcile that found nothing to do.
+STATUS_READ = frozenset({"Deployment"})
 
 
 def strip_managed(obj: Obj) -> Obj:
     meta = obj["metadata"]
     meta.pop("managedFields", None)
     meta.pop("creationTimestamp", None)
+    kind = obj.get("kind", "")
     spec = obj.get("spec") or {}
-    for key in SERVER_ASSIGNED.get(obj.get("kind", ""), ()):
+    for key in SERVER_ASSIGNED.get(kind, ()):
         spec.pop(key, None)
+    if kind not in STATUS_READ:
+        obj.pop("status", None)
     return obj
 
 

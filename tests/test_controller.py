@@ -1000,6 +1000,26 @@ def test_children_are_cached_without_managed_fields() -> None:
     assert controller.strip_managed(service)["spec"] == {"type": "ClusterIP"}
 
 
+def test_a_childs_status_is_cached_only_for_the_deployment_whose_status_is_read() -> None:
+    route = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+             "metadata": {"name": "modelapi-m", "resourceVersion": "1"}, "spec": {"rules": [{}]}}
+    accepted = {**route, "metadata": {**route["metadata"], "resourceVersion": "2"}, "status": {"parents": [{
+        "parentRef": {"name": "gw"}, "controllerName": "example.com/gateway", "conditions": [
+            {"type": "Accepted", "status": "True", "lastTransitionTime": NOW, "observedGeneration": 1}]}]}}
+    budget = {"kind": "PodDisruptionBudget", "metadata": {"name": "modelapi-m", "resourceVersion": "1"},
+              "spec": {"maxUnavailable": 1}, "status": {"currentHealthy": 1, "desiredHealthy": 1}}
+    healthier = {**budget, "metadata": {**budget["metadata"], "resourceVersion": "2"},
+                 "status": {"currentHealthy": 2, "desiredHealthy": 1}}
+    owned = controller.owned(kube.HTTPROUTE).transform
+    # What the Gateway's controller writes, and a pod turning ready, move no field a reconcile reads: no wake.
+    for old, new in ((route, accepted), (budget, healthier)):
+        cached_old, cached_new = owned(copy.deepcopy(old)), owned(copy.deepcopy(new))
+        assert "status" not in cached_new
+        assert not runtime.changed_beyond_version("update", cached_old, cached_new)
+    deployment = {"kind": "Deployment", "metadata": {"name": "d"}, "status": {"readyReplicas": 1}}
+    assert owned(copy.deepcopy(deployment))["status"] == {"readyReplicas": 1}
+
+
 BUILDER_VARIANTS = [
     {"mode": "Proxy", "proxyConfig": {"apiBase": "http://b:1"}, "replicas": 2},
     {"mode": "Proxy", "proxyConfig": {"model": "m", "env": [{"name": "A", "value": "1"}]},
