@@ -306,4 +306,6 @@ class Controller:
                     result = "success"
             finally:
                 self.queue.done(key)
-                self._metrics.reconcile_ended(result, time.monotonic() - started, terminal=terminal)
+                seconds = time.monotonic() - started
+                self._metrics.reconcile_ended(result, seconds, terminal=terminal)
+                self._log.debug("reconciled", result=result, seconds=round(seconds, 4))
