@@ -26,7 +26,7 @@ from . import desired, diff, kube, status
 from .api import ModelAPI, describe_validation_error, read_modelapi
 from .desired import Desired, SpecError
 from .events import NORMAL, WARNING, Event, Recorder
-from .informer import OWNER_UID_INDEX, StoreReader, unchanged
+from .informer import Stamp, StoreReader, same_but_annotations, stamp
 from .kube import ApiError, KubeClient, Obj, Resource, TerminatingNamespaces, key_for, object_key
 from .runtime import Builder, CacheSpec, Result, Stores, TerminalError, changed_beyond_version
 from .settings import Settings
@@ -45,6 +45,7 @@ PULL_LOG_LINES = 40
 PULL_LOG_BYTES = 32 * 1024
 PULL_LOG_TIMEOUT = 5.0
 POD_OWNER_INDEX = "modelapi"
+CONTROLLER_UID_INDEX = "controller"
 # A status that only copies the Deployment's moving counters is written at most once a second per ModelAPI
 # (the latest then): a pod starting or a roll moves them several times within a second, and each write was
 # a request, a watch event and a reconcile. A new state (Ready, its reason, a generation) is written at once.
@@ -66,7 +67,7 @@ Log = structlog.typing.FilteringBoundLogger
 # Set by the API server on every child, never by `desired.build` and never read: the diff compares only what
 # desired sets, so a field it never sets can be left out of the cache (tests/test_controller.py checks that
 # every child the builder makes survives the transform). Each is a value of its own (a time, an IP), which
-# sharing equal parts (informer.Interner) cannot fold.
+# packing an object against another of its kind (informer.Packer) cannot shrink.
 SERVER_ASSIGNED = {"Service": ("clusterIP", "clusterIPs")}
 # The one child whose status the reconciler reads (status.py). The others' (an HTTPRoute's, written by the
 # Gateway's controller; a PodDisruptionBudget's, at every pod that turns ready or goes; a claim's) are left out
@@ -166,14 +167,24 @@ def pod_modelapi_keys(obj: Obj) -> list[str]:
     return [] if name is None else [key_for(obj["metadata"].get("namespace"), name)]
 
 
+def controlling_modelapi_uid(obj: Obj) -> list[str]:
+    """Index function: a child -> the UID of the ModelAPI that controls it, so that a reconcile finds its
+    children (and their stamps) by key, unpacking none that it does not read."""
+    owner = desired.controlling_modelapi(obj)
+    return [] if owner is None else [owner[1]]
+
+
+CHILD_INDEXERS = {CONTROLLER_UID_INDEX: controlling_modelapi_uid}
+
+
 def owned(resource: Resource, optional: bool = False) -> CacheSpec:
-    return CacheSpec(resource, desired.MANAGED_SELECTOR, strip_managed, optional=optional)
+    return CacheSpec(resource, desired.MANAGED_SELECTOR, strip_managed, indexers=CHILD_INDEXERS, optional=optional)
 
 
 MODELAPIS = CacheSpec(kube.MODELAPI, transform=modelapi_cached, indexers={SECRET_REF_INDEX: secret_ref_keys})
 # One Secret cache, metadata only, never any data: it answers "does a referenced Secret exist, at which
 # version" and "is our generated key Secret there".
-SECRETS = CacheSpec(kube.SECRET, transform=secret_identity, metadata_only=True)
+SECRETS = CacheSpec(kube.SECRET, transform=secret_identity, metadata_only=True, indexers=CHILD_INDEXERS)
 PODS = CacheSpec(kube.POD, desired.MANAGED_SELECTOR, pod_status_only,
                  indexers={POD_OWNER_INDEX: pod_modelapi_keys})
 
@@ -264,15 +275,22 @@ class Caches:
     def child(self, resource: Resource) -> StoreReader | None:
         return self.stores.get(resource)
 
+    def owned_keys(self, resource: Resource, namespace: str, uid: str) -> list[str]:
+        store = self.stores.get(resource)
+        if store is None:
+            return []
+        inside = f"{namespace}/"  # (an owner reference across namespaces is not one the garbage collector honours)
+        return [key for key in store.keys_by_index(CONTROLLER_UID_INDEX, uid) if key.startswith(inside)]
+
     def owned(self, resource: Resource, namespace: str, uid: str) -> list[Obj]:
         store = self.stores.get(resource)
         if store is None:
             return []
-        return [o for o in store.by_index(OWNER_UID_INDEX, uid)
-                if o["metadata"].get("namespace") == namespace and _controller_uid(o) == uid]
+        return [obj for key in self.owned_keys(resource, namespace, uid) if (obj := store.get(key)) is not None]
 
-    def owned_by(self, namespace: str, uid: str, resources: Iterable[Resource]) -> list[Obj]:
-        return [child for resource in resources for child in self.owned(resource, namespace, uid)]
+    def owned_stamps(self, namespace: str, uid: str, resources: Iterable[Resource]) -> list[Stamp]:
+        return [mark for resource in resources for key in self.owned_keys(resource, namespace, uid)
+                if (mark := self.stores[resource].stamp(key)) is not None]
 
     def pods_of(self, namespace: str, name: str) -> tuple[Obj, ...]:
         return tuple(self.stores[kube.POD].by_index(POD_OWNER_INDEX, key_for(namespace, name)))
@@ -337,56 +355,43 @@ class Unseen:
 
 @dataclass(frozen=True, slots=True)
 class Verified:
-    """A reconcile that found every child as built and wrote none: what it saw (the ModelAPI, then each child
-    it owns, as cached), the config Secret's version it built with, and what it built but the children.
+    """A reconcile that found every child as built and wrote none: the stamps of what it saw (the ModelAPI,
+    then each child it owns, as cached), the config Secret's version it built with, and what it built but the
+    children.
 
     While the caches hold the same, a build and a diff would find the same again, so a reconcile woken by a
-    Deployment's or a pod's status (most of them) only computes the status. "The same" is `unchanged` (`is` on
-    each part): sound because cached objects are read-only, and it holds because an update that changes only
-    a status keeps every other part the very object it was (informer.Interner). Anything else (an edit, a
-    relist, a new cache) only costs a full reconcile."""
+    Deployment's or a pod's status (most of them) only computes the status. "The same" is equal stamps: the
+    same objects but for their status and resourceVersion. Anything else (an edit, a new child) only costs a
+    full reconcile."""
 
-    seen: tuple[Obj, ...]
+    seen: tuple[Stamp, ...]
     config_version: str | None
     built: Desired
     # Whether a built child sets annotations: if none does, the diff never reads a child's, and a change of
     # them alone (the Deployment controller's revision, a user's `kubectl annotate`) needs no build.
     annotated: bool
 
-    def holds(self, seen: tuple[Obj, ...], config_version: str | None) -> bool:
-        if config_version != self.config_version or len(seen) != len(self.seen) or not unchanged(self.seen[0], seen[0]):
+    def holds(self, seen: tuple[Stamp, ...], config_version: str | None) -> bool:
+        if config_version != self.config_version or len(seen) != len(self.seen) or self.seen[0] != seen[0]:
             return False
-        same = unchanged if self.annotated else _unchanged_but_annotations
-        return all(map(same, self.seen[1:], seen[1:]))
+        if self.annotated:
+            return self.seen[1:] == seen[1:]
+        return all(map(same_but_annotations, self.seen[1:], seen[1:]))
 
 
 @dataclass(frozen=True, slots=True)
 class Built:
-    """What a reconcile that wrote some children built, from which ModelAPI and config Secret version. The
-    next reconcile (most often woken by those very writes coming back through the watches) diffs the cache
-    against it without building again while the ModelAPI says what it said (`unchanged`) and the Secret is
-    at that version: a build depends on nothing else (and the settings, fixed for the process's life)."""
+    """What a reconcile that wrote some children built, from which ModelAPI (its stamp) and config Secret
+    version. The next reconcile (most often woken by those very writes coming back through the watches) diffs
+    the cache against it without building again while the ModelAPI says what it said and the Secret is at that
+    version: a build depends on nothing else (and the settings, fixed for the process's life)."""
 
-    source: Obj
+    source: Stamp
     config_version: str | None
     built: Desired
 
-    def holds(self, source: Obj, config_version: str | None) -> bool:
-        return config_version == self.config_version and unchanged(self.source, source)
-
-
-_NOT_ANNOTATIONS = ("resourceVersion", "annotations")
-
-
-def _unchanged_but_annotations(old: Obj, new: Obj) -> bool:
-    """`unchanged`, but for the annotations too."""
-    if unchanged(old, new):
-        return True
-    old_meta, new_meta = old["metadata"], new["metadata"]
-    return (old.keys() == new.keys()
-            and all(v is new[k] for k, v in old.items() if k != "status" and k != "metadata")
-            and [k for k in old_meta if k not in _NOT_ANNOTATIONS] == [k for k in new_meta if k not in _NOT_ANNOTATIONS]
-            and all(v is new_meta[k] for k, v in old_meta.items() if k not in _NOT_ANNOTATIONS))
+    def holds(self, source: Stamp, config_version: str | None) -> bool:
+        return config_version == self.config_version and self.source == source
 
 
 def _version(obj: Obj | None) -> str | None:
@@ -489,13 +494,13 @@ class Reconciler:
         the caches hold what the last reconcile that found nothing to write saw (`Verified`), only say what it
         built. Returns what was built (a SpecError: what the user must fix) and warnings for the status."""
         config_version = self._caches.secret_version(m.metadata.namespace, desired.config_secret(m))
-        seen = (ctx.obj, *self._caches.owned_by(m.metadata.namespace, m.metadata.uid, CHILD_RESOURCES))
+        seen = (stamp(ctx.obj), *self._caches.owned_stamps(m.metadata.namespace, m.metadata.uid, CHILD_RESOURCES))
         verified = self._verified.pop(ctx.key, None)
         if verified is not None and verified.holds(seen, config_version):
             self._verified[ctx.key] = replace(verified, seen=seen)  # (the cache's latest: the old ones can go)
             return verified.built, ()
         last = self._built.pop(ctx.key, None)
-        if last is not None and last.holds(ctx.obj, config_version):
+        if last is not None and last.holds(seen[0], config_version):
             built: Desired | SpecError = last.built
         else:
             built = _build(m, self._settings, config_version)
@@ -512,7 +517,7 @@ class Reconciler:
             self._verified[ctx.key] = Verified(seen, config_version, replace(built, children=(), generated=()),
                                                annotated)
         else:
-            self._built[ctx.key] = Built(ctx.obj, config_version, built)
+            self._built[ctx.key] = Built(seen[0], config_version, built)
         _log_writes(ctx)
         return built, warnings
 

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from . import __version__, controller
 from .events import Recorder
-from .informer import Informer, Interner, MultiNamespaceInformer, informer_for_namespaces
+from .informer import Informer, MultiNamespaceInformer, informer_for_namespaces
 from .kube import NAMESPACE, ApiError, ConfigError, KubeClient, Obj, Resource, TerminatingNamespaces, load_api_client
 from .leader import LeaderElector, LeaseTiming
 from .memory import release_periodically, set_imports_aside, settle_collector
@@ -81,8 +81,6 @@ class Manager:
         self._informers: dict[Resource, AnyInformer] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._synced = False
-        # One for all caches: the children of one ModelAPI share its owner reference and labels across kinds.
-        self._interner = Interner()
 
     def add(self, ctrl: Controller) -> None:
         for spec in ctrl.caches():
@@ -135,7 +133,7 @@ class Manager:
         def make(namespace: str | None) -> Informer:
             return Informer(self.client, spec.resource, self.log, namespace=namespace,
                             label_selector=spec.label_selector, metadata_only=spec.metadata_only,
-                            transform=spec.transform, indexers=spec.indexers, interner=self._interner,
+                            transform=spec.transform, indexers=spec.indexers,
                             watch_list=True,
                             watch_timeout=(self.watch_timeout, 2 * self.watch_timeout))
 

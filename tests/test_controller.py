@@ -19,7 +19,7 @@ from kaos_modelapi import controller, desired, diff, kube, runtime, status
 from kaos_modelapi.api import ModelAPI
 from kaos_modelapi.controller import SECRET_REF_INDEX, UNSEEN_WRITE_SECONDS, Reconciler, secret_ref_keys
 from kaos_modelapi.events import WARNING, Event, Recorder
-from kaos_modelapi.informer import Change, Interner, Store, unchanged
+from kaos_modelapi.informer import Change, Store, same_but_annotations, stamp
 from kaos_modelapi.kube import ApiError, Obj, Resource, object_key
 from kaos_modelapi.runtime import Stores, TerminalError
 from kaos_modelapi.settings import GatewayRef, Settings
@@ -107,13 +107,12 @@ def stores_of(objects: list[Obj]) -> Stores:
     client = RecordingClient()
     for obj in objects:
         by_resource.setdefault(client.resource_for(obj), []).append(obj)
-    shared = Interner()  # as the informers keep them: transformed, equal parts shared
     for spec in controller.watches(Settings()).sources:
         if spec.cache.resource in stores:
             continue
         store = Store(spec.cache.indexers)
         for obj in by_resource.get(spec.cache.resource, []):
-            store.apply(Change("add", None, shared(spec.cache.transform(copy.deepcopy(obj)))))
+            store.apply(Change("add", None, spec.cache.transform(copy.deepcopy(obj))))
         stores.add(spec.cache.resource, store)
     return stores
 
@@ -295,13 +294,12 @@ async def test_a_child_the_cache_showed_and_lost_is_sent_again_at_once(converged
 
 
 def update_cached(stores: Stores, resource: Resource, name: str, edit: Any) -> None:
-    """`edit` a cached object as a watch event would: a new version whose unchanged parts are the old
-    version's very objects (as the informer's Interner leaves them)."""
+    """`edit` a cached object as a watch event would: a new version of it."""
     (old,) = [o for o in stores[resource].list() if o["metadata"]["name"] == name]
     new = copy.deepcopy(old)
     edit(new)
     new["metadata"]["resourceVersion"] = str(int(new["metadata"]["resourceVersion"]) + 1)
-    stores[resource].apply(Change("update", old, Interner()(new, old)))
+    stores[resource].apply(Change("update", old, new))
 
 
 def counting_builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -487,22 +485,38 @@ async def test_after_a_reconcile_that_wrote_nothing_a_lost_child_is_made_again_a
     stores[kube.SERVICE].apply(Change("delete", service, None))
     stray = copy.deepcopy(of_kind(converged, "ConfigMap"))
     stray["metadata"].update(name="litellm-config-old", uid="00000000-0000-0000-0000-000000000001")
-    stores[kube.CONFIGMAP].apply(Change("add", None, Interner()(controller.strip_managed(stray))))
+    stores[kube.CONFIGMAP].apply(Change("add", None, controller.strip_managed(stray)))
     await r.reconcile(key(converged))
     assert {c[:2] for c in client.writes()} >= {("apply", "Service/modelapi-mock-api"),
                                                  ("delete", "ConfigMap/litellm-config-old")}
 
 
-def test_an_object_is_unchanged_when_only_its_status_and_version_moved(converged: list[Obj]) -> None:
+async def test_an_object_that_names_the_modelapi_as_an_owner_but_not_its_controller_is_left_alone(
+        converged: list[Obj]) -> None:
+    stores = stores_of(converged)
+    r, client = reconciler_over(stores)
+    await r.reconcile(key(converged))
+    theirs = copy.deepcopy(of_kind(converged, "ConfigMap"))
+    theirs["metadata"].update(name="dashboards", uid="00000000-0000-0000-0000-000000000002")
+    meta = theirs["metadata"]
+    meta["ownerReferences"] = [{**ref, "controller": False} for ref in meta["ownerReferences"]]
+    stores[kube.CONFIGMAP].apply(Change("add", None, controller.strip_managed(theirs)))
+    await r.reconcile(key(converged))
+    assert ("delete", "ConfigMap/dashboards") not in {c[:2] for c in client.writes()}
+
+
+def test_an_objects_stamp_moves_with_all_but_its_status_and_version(converged: list[Obj]) -> None:
     old = controller.strip_managed(copy.deepcopy(of_kind(converged, "Deployment")))
     moved = copy.deepcopy(old)
     counters_moved(moved)
     moved["metadata"]["resourceVersion"] += "0"
-    assert not unchanged(old, moved)  # equal is not enough: only the very same parts are known
-    assert unchanged(old, Interner()(moved, old))
+    assert stamp(old) == stamp(moved)
     annotated = copy.deepcopy(old)
     annotated["metadata"]["annotations"] = {**annotated["metadata"].get("annotations", {}), "a": "b"}
-    assert not unchanged(old, Interner()(annotated, old))
+    assert stamp(old) != stamp(annotated) and same_but_annotations(stamp(old), stamp(annotated))
+    scaled = copy.deepcopy(old)
+    scaled["spec"]["replicas"] = 1.0  # (equal in Python, not in JSON)
+    assert not same_but_annotations(stamp(old), stamp(scaled))
 
 
 def info_lines(logs: list[dict[str, Any]]) -> list[str]:
@@ -1043,7 +1057,7 @@ def test_every_field_the_builder_sets_survives_the_child_cache(spec: dict[str, A
     for child in built.children:
         live = copy.deepcopy(child)
         live["metadata"].update(uid="x", resourceVersion="1", creationTimestamp="t", managedFields=[{}])
-        cached = Interner()(controller.strip_managed(live))
+        cached = controller.strip_managed(live)
         assert not diff.needs_apply(child, cached), child["kind"]
 
 

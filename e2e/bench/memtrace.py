@@ -5,8 +5,7 @@ snapshot shows the imports too. Each SIGUSR2 writes, into the folder MEMTRACE_OU
 
 - `N.snap`, a tracemalloc snapshot (load it with `tracemalloc.Snapshot.load`);
 - `N.json`, the traced memory now and its peak since the last signal, and what each informer's cache holds:
-  objects and bytes per kind (a deep size, each object counted once, so strings shared with another cache or
-  with the interpreter count where first met).
+  entries and bytes per kind (keys, packed objects and stamps, each counted once), and a sample object.
 """
 
 from __future__ import annotations
@@ -59,13 +58,13 @@ def caches() -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     seen: set[int] = set()
     for informer in (o for o in tracked_objects() if isinstance(o, Informer)):
-        name = informer._resource.plural  # (a debugging tool may read a private field)
-        objects = informer.store.list()
+        name = informer._resource.plural  # (a debugging tool may read private fields)
+        entries = informer.store._entries
         entry = out.setdefault(name, {"objects": 0, "kib": 0.0})
-        if objects and "sample" not in entry:
-            entry["sample"] = objects[-1]
-        entry["objects"] += len(objects)
-        entry["kib"] += round(sum(deep_size(o, seen) for o in objects) / 1024, 1)
+        if entries and "sample" not in entry:
+            entry["sample"] = informer.store.get(next(reversed(entries)))
+        entry["objects"] += len(entries)
+        entry["kib"] += round(sum(deep_size(k, seen) + deep_size(v, seen) for k, v in entries.items()) / 1024, 1)
     for entry in out.values():
         entry["bytes_per_object"] = round(entry["kib"] * 1024 / entry["objects"]) if entry["objects"] else 0
     return out
