@@ -8,9 +8,9 @@ On a fresh private control plane (stand-in node), as `make bench` runs the opera
 (idle RSS), then `kubectl apply` of N ModelAPIs of the bench's mix until all are Ready; with a number of
 batches, again N into a namespace of their own, each once the one before has converged. What each further
 batch adds per ModelAPI is the cost of one more (`batches_kib_per_modelapi`); the first batch also pays once
-for what the first burst of work brings in (more connections to the API server, each variant's shared
-parts, the PodSpec schema), which "above idle" divides by N. With MEMTRACE=1 the
-operator runs under e2e/bench/memtrace.py and a tracemalloc snapshot is taken idle and converged: the report
+for what the first burst of work brings in (more connections to the API server, the PodSpec schema), which
+"above idle" divides by N. With MEMTRACE=1 the operator runs under e2e/bench/memtrace.py and a tracemalloc
+snapshot is taken idle and converged: the report
 adds the bytes each cache holds per object, the top allocation sites, and what grew between the two. Under
 tracemalloc the process is larger and slower: its RSS figures are not the operator's.
 """
