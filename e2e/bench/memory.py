@@ -10,9 +10,9 @@ batches, again N into a namespace of their own, each once the one before has con
 batch adds per ModelAPI is the cost of one more (`batches_kib_per_modelapi`); the first batch also pays once
 for what the first burst of work brings in (more connections to the API server, the PodSpec schema), which
 "above idle" divides by N. With MEMTRACE=1 the operator runs under e2e/bench/memtrace.py and a tracemalloc
-snapshot is taken idle and converged: the report
-adds the bytes each cache holds per object, the top allocation sites, and what grew between the two. Under
-tracemalloc the process is larger and slower: its RSS figures are not the operator's.
+snapshot is taken idle and converged: the report adds the bytes each cache holds per object, the top
+allocation sites, and what grew between the two. Under tracemalloc the process is larger and slower: its RSS
+figures are not the operator's.
 """
 
 from __future__ import annotations
