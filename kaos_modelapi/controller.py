@@ -281,12 +281,6 @@ class Caches:
         inside = f"{namespace}/"  # (an owner reference across namespaces is not one the garbage collector honours)
         return [key for key in store.keys_by_index(CONTROLLER_UID_INDEX, uid) if key.startswith(inside)]
 
-    def owned(self, resource: Resource, namespace: str, uid: str) -> list[Obj]:
-        store = self.stores.get(resource)
-        if store is None:
-            return []
-        return [obj for key in self.owned_keys(resource, namespace, uid) if (obj := store.get(key)) is not None]
-
     def owned_stamps(self, namespace: str, uid: str, resources: Iterable[Resource]) -> list[Stamp]:
         return [mark for resource in resources for key in self.owned_keys(resource, namespace, uid)
                 if (mark := self.stores[resource].stamp(key)) is not None]
@@ -297,11 +291,6 @@ class Caches:
     def secret_version(self, namespace: str, name: str | None) -> str | None:
         secret = self.stores[kube.SECRET].get(key_for(namespace, name)) if name else None
         return secret["metadata"].get("resourceVersion") if secret else None
-
-
-def _controller_uid(obj: Obj) -> str | None:
-    owner = desired.controlling_modelapi(obj)
-    return owner[1] if owner else None
 
 
 # --- the reconciler --------------------------------------------------------------------------------------
@@ -633,14 +622,17 @@ class Reconciler:
                 raise
 
     async def _delete_stale(self, ctx: Context, m: ModelAPI, built: Desired) -> None:
+        """Delete the children it controls that were not built. Found by key ("namespace/name"): a child
+        is unpacked only to be deleted (for its UID), not at every reconcile that writes."""
         wanted = {_ref(c) for c in built.children}
+        namespace = m.metadata.namespace
         for resource in CHILD_RESOURCES:
-            for child in self._caches.owned(resource, m.metadata.namespace, m.metadata.uid):
-                ref = f"{resource.kind}/{child['metadata']['name']}"
-                if ref in wanted:
+            for key in self._caches.owned_keys(resource, namespace, m.metadata.uid):
+                name = key.partition("/")[2]
+                ref = f"{resource.kind}/{name}"
+                if ref in wanted or (child := self._caches.stores[resource].get(key)) is None:
                     continue
-                await self._client.delete(resource, m.metadata.namespace, child["metadata"]["name"],
-                                          child["metadata"].get("uid"))
+                await self._client.delete(resource, namespace, name, child["metadata"].get("uid"))
                 ctx.outcome.deleted.append(ref)
 
     # --- status -----------------------------------------------------------------------------------------
@@ -648,7 +640,7 @@ class Reconciler:
     def _observe(self, m: ModelAPI, built: Desired | SpecError, warnings: tuple[str, ...]) -> status.Observed:
         ns, name = m.metadata.namespace, m.metadata.name
         deployment = self._caches.stores[kube.DEPLOYMENT].get(key_for(ns, desired.workload_name(name)))
-        if deployment is not None and _controller_uid(deployment) != m.metadata.uid:
+        if deployment is not None and controlling_modelapi_uid(deployment) != [m.metadata.uid]:
             deployment = None
         missing: tuple[desired.SecretRef, ...] = ()
         if isinstance(built, Desired):

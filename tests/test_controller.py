@@ -43,6 +43,7 @@ class RecordingClient:
         self.logs: dict[tuple[str, str], str] = {}  # (pod, container) -> what its log's tail reads
         self.log_reads: list[tuple[str, str, int, int]] = []
         self.statuses: list[Obj] = []
+        self.deleted_uids: list[str | None] = []  # each delete's UID precondition
         self._by_type = {(r.api_version, r.kind): r for r in kube.DEFAULT_RESOURCES}
 
     def resource_for(self, obj: Obj) -> Resource:
@@ -80,6 +81,7 @@ class RecordingClient:
         return self._record("replace", obj, metadata_only=metadata_only)
 
     async def delete(self, resource: Resource, namespace: str | None, name: str, uid: str | None = None) -> None:
+        self.deleted_uids.append(uid)
         self._record("delete", {"kind": resource.kind, "metadata": {"name": name}})
 
     async def log_tail(self, namespace: str, pod: str, container: str, lines: int, limit_bytes: int,
@@ -648,6 +650,7 @@ async def test_an_unwanted_child_is_deleted(converged: list[Obj]) -> None:
     r, client = reconciler([*objects, stale])
     await r.reconcile(key(objects))
     assert client.writes() == [("delete", "ConfigMap/litellm-config-old", False)]
+    assert client.deleted_uids == ["00000000-0000-0000-0000-000000000001"]  # (a same-named replacement stays)
     assert client.events == []
 
 
