@@ -407,3 +407,27 @@ def test_an_api_server_answering_429_then_500_for_a_while(
     finally:
         proxy.close()
     delete_namespace(private.kubectl, "f-errors")
+
+
+def test_an_operator_started_while_the_api_server_is_not_ready_starts_once_it_is(
+    private: Private, run_operator: Callable[..., OperatorProcess], tmp_path: Path
+) -> None:
+    """At its start the server answers 429 (as it does while a resource's storage is (re)initializing, e.g. just
+    after its CRD was installed: seen by the benchmark) or 503 (a server still starting): the operator asks
+    again as the server asks, instead of exiting, and serves once it answers."""
+    proxy = FaultProxy(private.ports["apiserver"], private.pki)
+    try:
+        via = kubeconfig_via(private.kubeconfig, proxy.start(), tmp_path / "kubeconfig")
+        for status in (429, 503):
+            proxy.fail(status, 4)
+            operator = run_operator(via, name=f"operator-{status}")  # (waits for /readyz: caches synced)
+            assert proxy.injected.get(status), f"the operator started before the proxy answered {status}"
+            log = (tmp_path / f"operator-{status}.log").read_text()
+            assert "the API server is not ready; asking again" in log, log[-2000:]
+            if status == 503:
+                names = burst(private.kubectl, "f-not-ready", 4)
+                wait_converged(private.kubectl, "f-not-ready", names, time.monotonic())
+            operator.stop()
+    finally:
+        proxy.close()
+    delete_namespace(private.kubectl, "f-not-ready")

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
+import random
 import signal
 import socket
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 import uvloop
@@ -29,7 +31,7 @@ from prometheus_client import CollectorRegistry
 
 from . import __version__, controller
 from .events import Recorder
-from .informer import Informer, MultiNamespaceInformer, informer_for_namespaces
+from .informer import Backoff, Informer, MultiNamespaceInformer, informer_for_namespaces
 from .kube import NAMESPACE, ApiError, ConfigError, KubeClient, Obj, Resource, TerminatingNamespaces, load_api_client
 from .leader import LeaderElector, LeaseTiming
 from .memory import release_periodically, set_imports_aside, settle_collector
@@ -39,6 +41,8 @@ from .settings import Settings
 
 OPTIONAL_API_RECHECK_SECONDS = 30.0
 PREFLIGHT_TIMEOUT_SECONDS = 30.0
+STARTUP_BACKOFF = Backoff(initial=0.5, cap=5.0)
+T = TypeVar("T")
 AnyInformer = Informer | MultiNamespaceInformer
 Log = structlog.typing.FilteringBoundLogger
 
@@ -81,6 +85,7 @@ class Manager:
         self._informers: dict[Resource, AnyInformer] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._synced = False
+        self._rng = random.Random()
 
     def add(self, ctrl: Controller) -> None:
         for spec in ctrl.caches():
@@ -98,13 +103,14 @@ class Manager:
     async def preflight(self) -> None:
         """One small list per cache before any informer starts, so that what would only retry forever in
         the informers (a missing CRD, RBAC that forbids a list, an unreachable server) stops the start with
-        a StartupError instead."""
+        a StartupError instead. A server that answers it is busy or not ready yet is asked again."""
+        deadline = asyncio.get_running_loop().time() + PREFLIGHT_TIMEOUT_SECONDS
         try:
-            async with asyncio.timeout(PREFLIGHT_TIMEOUT_SECONDS):
+            async with asyncio.timeout_at(deadline):
                 # At once, not one after another: each is a round trip before the first reconcile. Every
                 # answer is awaited, and the first problem in the caches' order is the one reported, so the
                 # message does not depend on which answer came first.
-                results = await asyncio.gather(*(self._check(s) for s in self._specs.values()),
+                results = await asyncio.gather(*(self._check(s, deadline) for s in self._specs.values()),
                                                return_exceptions=True)
         except TimeoutError:
             raise StartupError(f"the API server did not answer within {PREFLIGHT_TIMEOUT_SECONDS:.0f} s "
@@ -120,14 +126,34 @@ class Manager:
         store = self.stores.get(NAMESPACE)
         return None if store is None else store.get(name)
 
-    async def _check(self, spec: CacheSpec) -> None:
+    async def _check(self, spec: CacheSpec, deadline: float) -> None:
         for namespace in self._namespaces_of(spec.resource) or (None,):
             try:
-                await self.client.check_list(spec.resource, namespace, spec.label_selector, spec.metadata_only)
+                await self._while_busy(functools.partial(self.client.check_list, spec.resource, namespace,
+                                                         spec.label_selector, spec.metadata_only), deadline)
             except ApiError as e:
                 if spec.optional and e.is_not_found():
                     return  # its watcher starts the cache once the API is installed
                 raise StartupError(_startup_problem(spec.resource, namespace, e)) from None
+
+    async def _while_busy(self, call: Callable[[], Awaitable[T]], deadline: float) -> T:
+        """`call()`, made again while the API server answers that it is busy or not ready (429, 5xx: e.g.
+        "storage is (re)initializing" for a resource whose CRD was just installed, or a server starting),
+        after the wait it asks for or a backoff; the last such answer is raised when the next try would
+        come after `deadline` (the loop's time). Not an unreachable server: that is the kubeconfig's."""
+        loop, attempt = asyncio.get_running_loop(), 0
+        while True:
+            try:
+                return await call()
+            except ApiError as e:
+                if not e.is_retryable() or e.is_transport():
+                    raise
+                delay = max(STARTUP_BACKOFF.delay(attempt, self._rng), e.wait_asked())
+                if loop.time() + delay > deadline:
+                    raise
+                attempt += 1
+                self.log.info("the API server is not ready; asking again", error=str(e), retry_in=round(delay, 2))
+                await asyncio.sleep(delay)
 
     def _start_informer(self, spec: CacheSpec) -> AnyInformer:
         def make(namespace: str | None) -> Informer:
@@ -150,7 +176,12 @@ class Manager:
         """Start every cache whose API is served and wait until all have listed, so the first reconciles
         already see every child (an optional one included)."""
         optional = [s for s in self._specs.values() if s.optional]
-        served = await asyncio.gather(*(self.client.serves(s.resource) for s in optional))
+        deadline = asyncio.get_running_loop().time() + PREFLIGHT_TIMEOUT_SECONDS
+        try:
+            served = await asyncio.gather(*(self._while_busy(functools.partial(self.client.serves, s.resource),
+                                                             deadline) for s in optional))
+        except ApiError as e:
+            raise StartupError(f"cannot tell which optional APIs the cluster serves: {e}") from None
         for spec in self._specs.values():
             if not spec.optional or served[optional.index(spec)]:
                 self.stores.add(spec.resource, self._start_informer(spec).store)
@@ -163,7 +194,7 @@ class Manager:
         """Without the API, reconciles say so; once it is installed, start its cache and catch up."""
         self.log.warning(f"no {spec.resource.plural}.{spec.resource.group} API in the cluster; "
                          "its objects are not created until it is installed")
-        while not await self.client.serves(spec.resource):
+        while not await self._serves_yet(spec.resource):
             await asyncio.sleep(OPTIONAL_API_RECHECK_SECONDS)
         informer = self._start_informer(spec)
         await informer.synced.wait()
@@ -171,6 +202,15 @@ class Manager:
         self.log.info(f"{spec.resource.plural}.{spec.resource.group} API found: catching up")
         for ctrl in self.controllers:
             ctrl.enqueue_all(self.stores)
+
+    async def _serves_yet(self, resource: Resource) -> bool:
+        """Whether the API is installed now; a failed discovery is "not yet" (the waiter must not end)."""
+        try:
+            return await self.client.serves(resource)
+        except ApiError as e:
+            self.log.warning(f"cannot tell whether the {resource.plural}.{resource.group} API is installed; "
+                             f"looking again in {OPTIONAL_API_RECHECK_SECONDS:.0f} s", error=str(e))
+            return False
 
     async def stop_caches(self) -> None:
         for task in self._tasks:
