@@ -8,9 +8,11 @@ against the real one by e2e/test_bench.py and `make bench`.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from typing import Any
 
+from e2e.bench import manifests
 from e2e.bench.client import Api
 from e2e.bench.limit import LimitClient, mark_of
 from kaos_modelapi.settings import Settings
@@ -54,3 +56,38 @@ def test_no_rewrite_for_a_stale_event_or_while_a_write_is_in_flight() -> None:
     c.in_flight["m"] = 0
     assert c._lost("m", ("Ready", 1))
     assert not client()._lost("m", ("Ready", 1))  # nothing seen yet: nothing known
+
+
+async def test_a_pending_write_that_lands_over_the_ready_one_is_written_again() -> None:
+    """The Pending write (sent first) is answered last, over the Ready one, and the event that shows it came
+    while it was in flight: the status written last (Ready) is written again."""
+    c = client()
+    obj = {**manifests.modelapi(0, "ns", prefix="m"), "metadata": {"name": "m", "namespace": "ns", "uid": "u",
+                                                                   "generation": 1, "resourceVersion": "5"}}
+    c.modelapis["m"], c.applied_generation["m"] = obj, 1
+    gates = [asyncio.Event(), asyncio.Event()]
+    sent: list[str] = []
+    version = iter(range(10, 20))
+
+    async def apply(body: dict[str, Any], manager: str, **_: Any) -> dict[str, Any]:
+        sent.append(body["status"]["phase"])
+        if len(sent) <= len(gates):
+            await gates[len(sent) - 1].wait()
+        return event(next(version), body["status"]["phase"])
+
+    c.api.apply = apply  # type: ignore[method-assign]
+    pending = asyncio.create_task(c._status("m"))
+    await asyncio.sleep(0)
+    c.deployments["m"] = {"spec": {"replicas": 1}, "status": {
+        "replicas": 1, "readyReplicas": 1, "updatedReplicas": 1, "availableReplicas": 1,
+        "conditions": [{"type": "Available", "status": "True"}]}}
+    ready = asyncio.create_task(c._status("m"))
+    await asyncio.sleep(0)
+    gates[1].set()
+    await ready  # answered first (version 10)
+    c._note(event(11, "Pending"))  # the Pending write's event, while it is still in flight
+    await c._status("m")  # (what the event wakes: nothing known yet)
+    gates[0].set()
+    await pending  # answered last (version 11)
+    assert sent == ["Pending", "Ready", "Ready"]
+    assert c.stored["m"][1] == ("Ready", 1)
