@@ -92,7 +92,7 @@ def add_run_parser(sub: Any) -> None:
     run.add_argument("--namespaces", default=_env("WATCH_NAMESPACES", ""),
                      help="comma-separated namespaces to watch (default: all)")
     add_settings_flags(run)
-    run.add_argument("--workers", type=int, default=4, help="concurrent reconciles")
+    run.add_argument("--workers", type=int, default=16, help="concurrent reconciles")
     # No client-side limit by default, as controller-runtime since 0.21 on SIG API Machinery's advice: the API
     # server's Priority and Fairness shares it out; a fixed rate only made a large converge wait on itself.
     run.add_argument("--kube-api-qps", type=float, default=0.0,
@@ -100,6 +100,9 @@ def add_run_parser(sub: Any) -> None:
                           "limit, API Priority and Fairness applies)")
     run.add_argument("--kube-api-burst", type=int, default=200,
                      help="requests allowed at once before --kube-api-qps (when it is set)")
+    run.add_argument("--kube-api-in-flight", type=int, default=4,
+                     help="requests to the API server in flight at once, watches and the leader's Lease aside "
+                          "(0: no limit); each is a connection, held open until it idles out")
     run.add_argument("--resync-period", type=float, default=600.0, help="seconds between full resyncs")
     run.add_argument("--watch-timeout", type=int, default=300,
                      help="the API server ends each watch after between this many seconds and twice that (a new "
@@ -131,6 +134,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
         raise InputError("--workers must be at least 1")
     if args.kube_api_burst < 1:
         raise InputError("--kube-api-burst must be at least 1")
+    if args.kube_api_in_flight < 0:
+        raise InputError("--kube-api-in-flight must be 0 (no limit) or more")
     if args.watch_timeout < 1:
         raise InputError("--watch-timeout must be at least 1 second")
     return Options(
@@ -147,6 +152,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         lease=lease,
         kube_api_qps=args.kube_api_qps,
         kube_api_burst=args.kube_api_burst,
+        kube_api_in_flight=args.kube_api_in_flight,
         watch_timeout=args.watch_timeout,
         log_level=args.log_level,
         log_format=args.log_format,

@@ -9,6 +9,7 @@ good at: kubeconfig/in-cluster loading, TLS and bearer-token refresh.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import os
@@ -305,11 +306,16 @@ class KubeClient:
         user_agent: str = USER_AGENT,
         qps: float = 0.0,
         burst: int = 1,
+        max_in_flight: int = 0,
     ) -> None:
         self._api = api_client
         # Client-side limits, as client-go's: a burst, then `qps` requests a second (a watch counts once).
         # qps <= 0: none (the API server's priority and fairness still apply).
         self._limiter = BucketRateLimiter(qps, burst) if qps > 0 else None
+        # Requests in flight at once, watches aside (max_in_flight <= 0: no cap). Over HTTP/1.1 each is a
+        # connection of its own, whose TLS state and buffers stay resident until it idles out: without a cap a
+        # burst opens one for each worker waiting on the API server. (client-go multiplexes all on one.)
+        self._lane = asyncio.Semaphore(max_in_flight) if max_in_flight > 0 else None
         self._on_response = on_response
         self._by_type = {(r.api_version, r.kind): r for r in resources}
         self._timeout = request_timeout
@@ -322,10 +328,16 @@ class KubeClient:
         self.write_fence = fence
 
     def unfenced(self) -> KubeClient:
-        """The same client without the write fence: for the Lease itself, which is what opens it."""
+        """The same client without the write fence: for the Lease itself, which is what opens it. Nor does it
+        queue for the requests' lane: a renewal must not wait behind a burst of reconciles."""
         twin = copy.copy(self)
         twin.write_fence = None
+        twin._lane = None
         return twin
+
+    def _in_lane(self) -> contextlib.AbstractAsyncContextManager[object]:
+        """Held from a request's sending until its answer is read (the connection is free again)."""
+        return self._lane if self._lane is not None else contextlib.nullcontext()
 
     def resource_for(self, obj: Mapping[str, Any]) -> Resource:
         key = (obj.get("apiVersion"), obj.get("kind"))
@@ -347,17 +359,18 @@ class KubeClient:
         query = _query(container=container, tailLines=lines, limitBytes=limit_bytes)
         # The log is plain text, yet the API server negotiates this route as for objects: text/plain is
         # refused (406 Not Acceptable); kubectl asks for anything too.
-        response = await self._send("GET", POD.path(namespace, pod, "log"), query, "*/*", None,
-                                    aiohttp.ClientTimeout(total=seconds))
-        try:
-            if response.status != 200:
-                raise await self._error_from_response(response)
+        async with self._in_lane():
+            response = await self._send("GET", POD.path(namespace, pod, "log"), query, "*/*", None,
+                                        aiohttp.ClientTimeout(total=seconds))
             try:
-                data = (await response.read())[:limit_bytes]  # the server cuts at limitBytes already
-            except (aiohttp.ClientError, TimeoutError) as err:
-                raise ApiError(0, type(err).__name__, str(err) or repr(err)) from err
-        finally:
-            response.release()
+                if response.status != 200:
+                    raise await self._error_from_response(response)
+                try:
+                    data = (await response.read())[:limit_bytes]  # the server cuts at limitBytes already
+                except (aiohttp.ClientError, TimeoutError) as err:
+                    raise ApiError(0, type(err).__name__, str(err) or repr(err)) from err
+            finally:
+                response.release()
         return data.decode("utf-8", "replace")
 
     async def check_list(self, resource: Resource, namespace: str | None, label_selector: str | None = None,
@@ -542,17 +555,18 @@ class KubeClient:
         accept: str = JSON,
         content_type: str = JSON,
     ) -> Obj:
-        timeout = aiohttp.ClientTimeout(total=self._timeout)
-        response = await self._send(method, path, query or [], accept, (body, content_type), timeout)
-        try:
-            if not 200 <= response.status < 300:
-                raise await self._error_from_response(response)
+        timeout = aiohttp.ClientTimeout(total=self._timeout)  # (from the sending: a wait for the lane is not in it)
+        async with self._in_lane():
+            response = await self._send(method, path, query or [], accept, (body, content_type), timeout)
             try:
-                data = await response.read()
-            except (aiohttp.ClientError, TimeoutError) as err:
-                raise ApiError(0, type(err).__name__, str(err) or repr(err)) from err
-        finally:
-            response.release()
+                if not 200 <= response.status < 300:
+                    raise await self._error_from_response(response)
+                try:
+                    data = await response.read()
+                except (aiohttp.ClientError, TimeoutError) as err:
+                    raise ApiError(0, type(err).__name__, str(err) or repr(err)) from err
+            finally:
+                response.release()
         try:
             decoded = orjson.loads(data) if data else {}
         except ValueError as err:

@@ -66,6 +66,7 @@ class Options:
     lease: LeaseTiming
     kube_api_qps: float = 0.0  # none: API Priority and Fairness (cli.py)
     kube_api_burst: int = 200
+    kube_api_in_flight: int = 4
     watch_timeout: int = 300  # seconds; each watch lasts a random time between this and twice this
     log_level: str = "info"
     log_format: str = "json"
@@ -304,7 +305,7 @@ async def run(options: Options, log: Log) -> int:
     metrics = Metrics(registry, controller.NAME)
     api_client = await load_api_client(options.kubeconfig)
     client = KubeClient(api_client, on_response=metrics.on_response, qps=options.kube_api_qps,
-                        burst=options.kube_api_burst)
+                        burst=options.kube_api_burst, max_in_flight=options.kube_api_in_flight)
     identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
     manager = Manager(client, options.namespaces, log, options.watch_timeout)
     # One view of the namespaces being deleted, for the reconciler's writes and the recorder's Events.

@@ -505,3 +505,38 @@ async def test_a_fence_that_closes_before_the_writes_bytes_leave_still_stops_it(
     env.server.reply(200, cm())
     await env.client.get(CONFIGMAP, "ns", "x")  # reads pass: the fence is for writes only
     assert [s.method for s in env.server.seen] == ["GET"]
+
+
+async def test_requests_in_flight_are_capped_but_watches_and_the_lease_are_not(env: Env) -> None:
+    """A burst of workers shares `max_in_flight` connections; the watches and the Lease's renewals never queue."""
+    client = KubeClient(env.client._api, max_in_flight=2)
+    release = asyncio.Event()
+    in_flight: list[int] = [0, 0]  # now, most at once
+
+    async def held(request: web.Request) -> web.StreamResponse:
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight)
+        await release.wait()
+        in_flight[0] -= 1
+        return web.json_response(cm())
+
+    async def until(count: int) -> None:
+        while len(env.server.seen) < count:
+            await asyncio.sleep(0.01)
+
+    env.server.routes.extend([held] * 5)
+    reads = [asyncio.create_task(client.get(CONFIGMAP, "ns", "x")) for _ in range(5)]
+    await asyncio.wait_for(until(2), timeout=5)
+    env.server.stream([line("ADDED", cm("w"))])
+    env.server.routes.insert(0, env.server.routes.pop())  # (answered next: the three other reads still wait)
+    events = await asyncio.wait_for(collect(client.watch(CONFIGMAP, "ns")), timeout=5)  # the lane is full
+    assert [e.object["metadata"]["name"] for e in events] == ["w"]
+    env.server.reply(200, cm("lease"))
+    env.server.routes.insert(0, env.server.routes.pop())
+    lease = await asyncio.wait_for(client.unfenced().get(CONFIGMAP, "ns", "lease"), timeout=5)  # the Lease's
+    assert lease["metadata"]["name"] == "lease"
+    assert len(env.server.seen) == 4 and in_flight[0] == 2
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*reads), timeout=5)
+    assert len(env.server.seen) == 7
+    assert in_flight[1] == 2  # never more than two at once

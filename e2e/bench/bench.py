@@ -10,7 +10,7 @@ Environment:
     BENCH_OPERATOR   the operator's command line (default: `kaos-modelapi run ...`); placeholders {python},
                      {kubeconfig} (its own credentials: use them), {resync} (seconds between resyncs)
     BENCH_CRD        a CRD file for that operator (default: `kaos-modelapi crd`)
-    BENCH_WORKERS    the limit client's concurrency (default 4, the operator's --workers default)
+    BENCH_WORKERS    the limit client's concurrency (default 4, the operator's requests in flight: --kube-api-in-flight)
     BENCH_NOISE      ConfigMaps,Deployments,Secrets of the noise scenario (default 5000,1000,2000)
     BENCH_APPLY_ROUNDS  rounds of the user's apply on the operator's cluster, with it and without (default 8 at
                      N=100, 3 from N=300: scenarios.apply_rounds; 0: none)

@@ -47,7 +47,7 @@ WRITE_VERBS = ("POST", "PUT", "PATCH", "APPLY", "DELETE", "DELETECOLLECTION", "C
 class Options:
     operator: str = DEFAULT_OPERATOR
     crd: str = ""  # a file; empty: `kaos-modelapi crd`
-    workers: int = 4
+    workers: int = 4  # the limit client's, as the operator's --kube-api-in-flight (its requests in flight)
     noise: tuple[int, int, int] = (5000, 1000, 2000)  # ConfigMaps, Deployments, Secrets
     resync_floor: float = 15.0
     propagation_samples: int = 10
