@@ -1,8 +1,8 @@
 """The limit: the same children and statuses as the operator, written by a minimal client, in its own process.
 
 No informer caches, no work queue with deduplication or backoff, no diff: a watch on the namespace's ModelAPIs
-and one on its Deployments feed a plain FIFO that `workers` tasks drain (as many as the operator has requests in flight, --kube-api-in-flight). A ModelAPI
-whose generation is new gets every child `kaos_modelapi.desired` builds (server-side apply; the generated
+and one on its Deployments feed a plain FIFO that `workers` tasks drain (as many as the operator's requests in
+flight, --kube-api-in-flight). A ModelAPI whose generation is new gets every child `kaos_modelapi.desired` builds (server-side apply; the generated
 master-key Secret created once), then its status; a Deployment that has rolled out writes its ModelAPI's status
 when the phase or the generation it reports changes. What the operator cannot beat is this client's time.
 
