@@ -4,7 +4,8 @@ No informer caches, no work queue with deduplication or backoff, no diff: a watc
 and one on its Deployments feed a plain FIFO that `workers` tasks drain (as many as the operator's requests in
 flight, --kube-api-in-flight). A ModelAPI whose generation is new gets every child `kaos_modelapi.desired`
 builds (server-side apply; the generated master-key Secret created once), then its status; a Deployment that
-has rolled out writes its ModelAPI's status when the phase or the generation it reports changes. What the operator cannot beat is this client's time.
+has rolled out writes its ModelAPI's status when the phase or the generation it reports changes. What the
+operator cannot beat is this client's time.
 
 It keeps the last object of each watch and what it last wrote, and nothing more; two rules keep it correct:
 - Two status writes of one ModelAPI can be in flight at once (a Pending from its children's worker, a Ready
