@@ -46,6 +46,7 @@ WRITE_VERBS = ("POST", "PUT", "PATCH", "APPLY", "DELETE", "DELETECOLLECTION", "C
 @dataclass
 class Options:
     operator: str = DEFAULT_OPERATOR
+    python: str = sys.executable  # {python}: the operator's and the limit client's interpreter
     crd: str = ""  # a file; empty: `kaos-modelapi crd`
     workers: int = 4  # the limit client's, as the operator's --kube-api-in-flight (its requests in flight)
     noise: tuple[int, int, int] = (5000, 1000, 2000)  # ConfigMaps, Deployments, Secrets
@@ -271,7 +272,7 @@ async def tracked(c: Cluster, namespace: str) -> Tracker:
 async def start_limit(c: Cluster, namespace: str, options: Options) -> OperatorProcess:
     """The limit client's process, watching `namespace` (both its watches have listed when this returns, so
     its start-up is not counted in a scenario)."""
-    proc = OperatorProcess.from_template(LIMIT, c.folder / f"limit-{namespace}.log", python=sys.executable,
+    proc = OperatorProcess.from_template(LIMIT, c.folder / f"limit-{namespace}.log", python=options.python,
                                          kubeconfig=c.identities["limit"], namespace=namespace,
                                          workers=str(options.workers))
     proc.cwd = REPO
@@ -338,13 +339,13 @@ class Run:
     @classmethod
     async def create(cls, c: Cluster, options: Options) -> Run:
         log = c.folder / "operator.log"
-        op = OperatorProcess.from_template(options.operator, log, python=sys.executable,
+        op = OperatorProcess.from_template(options.operator, log, python=options.python,
                                            kubeconfig=c.identities["operator"], resync=str(IDLE_RESYNC))
         return cls(c, options, op, await tracked(c, options.ns("canary")))
 
     def _with_resync(self, seconds: float) -> None:
         self.op = OperatorProcess.from_template(
-            self.options.operator, self.op.log_path, python=sys.executable,
+            self.options.operator, self.op.log_path, python=self.options.python,
             kubeconfig=self.c.identities["operator"], resync=str(round(seconds)))
 
     async def start(self, resync: float = IDLE_RESYNC) -> dict[str, Any]:
