@@ -359,19 +359,9 @@ class KubeClient:
         query = _query(container=container, tailLines=lines, limitBytes=limit_bytes)
         # The log is plain text, yet the API server negotiates this route as for objects: text/plain is
         # refused (406 Not Acceptable); kubectl asks for anything too.
-        async with self._in_lane():
-            response = await self._send("GET", POD.path(namespace, pod, "log"), query, "*/*", None,
-                                        aiohttp.ClientTimeout(total=seconds))
-            try:
-                if response.status != 200:
-                    raise await self._error_from_response(response)
-                try:
-                    data = (await response.read())[:limit_bytes]  # the server cuts at limitBytes already
-                except (aiohttp.ClientError, TimeoutError) as err:
-                    raise ApiError(0, type(err).__name__, str(err) or repr(err)) from err
-            finally:
-                response.release()
-        return data.decode("utf-8", "replace")
+        _, data = await self._exchange("GET", POD.path(namespace, pod, "log"), query, "*/*", None,
+                                       aiohttp.ClientTimeout(total=seconds))
+        return data[:limit_bytes].decode("utf-8", "replace")  # (the server cuts at limitBytes already)
 
     async def check_list(self, resource: Resource, namespace: str | None, label_selector: str | None = None,
                          metadata_only: bool = False) -> None:
@@ -555,25 +545,38 @@ class KubeClient:
         accept: str = JSON,
         content_type: str = JSON,
     ) -> Obj:
-        timeout = aiohttp.ClientTimeout(total=self._timeout)  # (from the sending: a wait for the lane is not in it)
+        timeout = aiohttp.ClientTimeout(total=self._timeout)
+        code, data = await self._exchange(method, path, query or [], accept, (body, content_type), timeout)
+        try:
+            decoded = orjson.loads(data) if data else {}
+        except ValueError as err:
+            raise ApiError(code, "BadResponse", f"not JSON: {data[:200]!r}") from err
+        if not isinstance(decoded, dict):
+            raise ApiError(code, "BadResponse", f"not a JSON object: {data[:200]!r}")
+        return decoded
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        query: Query,
+        accept: str,
+        payload: tuple[Obj | None, str] | None,
+        client_timeout: aiohttp.ClientTimeout,
+    ) -> tuple[int, bytes]:
+        """A request and its whole answer (status code, body), in the lane from the sending until the connection
+        is free again. The timeout runs from the sending: a wait for the lane is not in it."""
         async with self._in_lane():
-            response = await self._send(method, path, query or [], accept, (body, content_type), timeout)
+            response = await self._send(method, path, query, accept, payload, client_timeout)
             try:
                 if not 200 <= response.status < 300:
                     raise await self._error_from_response(response)
                 try:
-                    data = await response.read()
+                    return response.status, await response.read()
                 except (aiohttp.ClientError, TimeoutError) as err:
                     raise ApiError(0, type(err).__name__, str(err) or repr(err)) from err
             finally:
                 response.release()
-        try:
-            decoded = orjson.loads(data) if data else {}
-        except ValueError as err:
-            raise ApiError(response.status, "BadResponse", f"not JSON: {data[:200]!r}") from err
-        if not isinstance(decoded, dict):
-            raise ApiError(response.status, "BadResponse", f"not a JSON object: {data[:200]!r}")
-        return decoded
 
     async def _send(
         self,
