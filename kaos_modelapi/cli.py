@@ -101,8 +101,8 @@ def add_run_parser(sub: Any) -> None:
     run.add_argument("--kube-api-burst", type=int, default=200,
                      help="requests allowed at once before --kube-api-qps (when it is set)")
     run.add_argument("--kube-api-in-flight", type=int, default=4,
-                     help="requests to the API server in flight at once, watches and the leader's Lease aside "
-                          "(0: no limit); each is a connection, held open until it idles out")
+                     help="requests to the API server in flight at once, watches, the leader's Lease and pod log "
+                          "reads aside (0: no limit); each is a connection, held open until it idles out")
     run.add_argument("--resync-period", type=float, default=600.0, help="seconds between full resyncs")
     run.add_argument("--watch-timeout", type=int, default=300,
                      help="the API server ends each watch after between this many seconds and twice that (a new "

@@ -359,8 +359,10 @@ class KubeClient:
         query = _query(container=container, tailLines=lines, limitBytes=limit_bytes)
         # The log is plain text, yet the API server negotiates this route as for objects: text/plain is
         # refused (406 Not Acceptable); kubectl asks for anything too.
+        # Outside the lane: the kubelet answers it, and a slow node must not hold up the reconciles' requests
+        # (there is one read every few seconds for each pulling ModelAPI at most).
         _, data = await self._exchange("GET", POD.path(namespace, pod, "log"), query, "*/*", None,
-                                       aiohttp.ClientTimeout(total=seconds))
+                                       aiohttp.ClientTimeout(total=seconds), in_lane=False)
         return data[:limit_bytes].decode("utf-8", "replace")  # (the server cuts at limitBytes already)
 
     async def check_list(self, resource: Resource, namespace: str | None, label_selector: str | None = None,
@@ -563,10 +565,12 @@ class KubeClient:
         accept: str,
         payload: tuple[Obj | None, str] | None,
         client_timeout: aiohttp.ClientTimeout,
+        *,
+        in_lane: bool = True,
     ) -> tuple[int, bytes]:
         """A request and its whole answer (status code, body), in the lane from the sending until the connection
         is free again. The timeout runs from the sending: a wait for the lane is not in it."""
-        async with self._in_lane():
+        async with self._in_lane() if in_lane else contextlib.nullcontext():
             response = await self._send(method, path, query, accept, payload, client_timeout)
             try:
                 if not 200 <= response.status < 300:

@@ -507,8 +507,9 @@ async def test_a_fence_that_closes_before_the_writes_bytes_leave_still_stops_it(
     assert [s.method for s in env.server.seen] == ["GET"]
 
 
-async def test_requests_in_flight_are_capped_but_watches_and_the_lease_are_not(env: Env) -> None:
-    """A burst of workers shares `max_in_flight` connections; the watches and the Lease's renewals never queue."""
+async def test_requests_in_flight_are_capped_but_watches_the_lease_and_logs_are_not(env: Env) -> None:
+    """A burst of workers shares `max_in_flight` connections; the watches, the Lease's renewals and the pods' log
+    reads (which the kubelet answers) never queue."""
     client = KubeClient(env.client._api, max_in_flight=2)
     release = asyncio.Event()
     in_flight: list[int] = [0, 0]  # now, most at once
@@ -535,8 +536,12 @@ async def test_requests_in_flight_are_capped_but_watches_and_the_lease_are_not(e
     env.server.routes.insert(0, env.server.routes.pop())
     lease = await asyncio.wait_for(client.unfenced().get(CONFIGMAP, "ns", "lease"), timeout=5)  # the Lease's
     assert lease["metadata"]["name"] == "lease"
-    assert len(env.server.seen) == 4 and in_flight[0] == 2
+    env.server.reply(200, "pulling 42%")
+    env.server.routes.insert(0, env.server.routes.pop())
+    tail = await asyncio.wait_for(client.log_tail("ns", "p", "c", 10, 1000, 5), timeout=5)  # (the kubelet's)
+    assert tail == "pulling 42%"
+    assert len(env.server.seen) == 5 and in_flight[0] == 2
     release.set()
     await asyncio.wait_for(asyncio.gather(*reads), timeout=5)
-    assert len(env.server.seen) == 7
+    assert len(env.server.seen) == 8
     assert in_flight[1] == 2  # never more than two at once
