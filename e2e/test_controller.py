@@ -533,6 +533,7 @@ async def test_metrics_use_controller_runtime_names_with_real_values(kubectl: Ku
     for gauge in ("workqueue_unfinished_work_seconds", "workqueue_longest_running_processor_seconds",
                   "kaos_modelapi_burst_held"):
         assert f'{gauge}{{name="modelapi"}} ' in text, gauge  # read from the queue when scraped
+    assert "\nkaos_modelapi_api_requests_waiting 0.0\n" in text  # read from the client's lane: none when idle
     for name in ("controller_runtime_reconcile_errors_total", "workqueue_depth", "workqueue_retries_total",
                  "controller_runtime_terminal_reconcile_errors_total", "leader_election_master_status"):
         assert f"# TYPE {name} " in text, name

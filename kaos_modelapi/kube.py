@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import enum
 import json
 import os
 import urllib.request
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -289,6 +291,61 @@ def _split_lines(buffer: bytearray) -> list[bytes]:
     return lines
 
 
+class Place(enum.Enum):
+    """Where a request waits for a place in the client's lane of requests in flight."""
+
+    FIRST = 0  # a status write: what a user waits for goes ahead of the children's writes queued before it
+    QUEUED = 1  # every other request, in the order sent
+    OUTSIDE = 2  # not in the lane (answered by a node's kubelet, not by the API server)
+
+
+class Lane:
+    """At most `size` requests in flight at once (size <= 0: no cap); when all places are taken, a request
+    waits in line, `Place.FIRST` ahead of `Place.QUEUED`, each line first come, first served."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._free = size
+        self._lines: tuple[deque[asyncio.Future[None]], deque[asyncio.Future[None]]] = (deque(), deque())
+
+    @property
+    def waiting(self) -> int:
+        return len(self._lines[0]) + len(self._lines[1])
+
+    async def acquire(self, place: Place) -> None:
+        if self._size <= 0:
+            return
+        if self._free > 0 and not self.waiting:
+            self._free -= 1
+            return
+        line = self._lines[place.value]
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        line.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a place as it was cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):  # (release() may have dropped it already)
+                    line.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        if self._size <= 0:
+            return
+        for line in self._lines:
+            while line:
+                waiter = line.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)  # the place goes to it: _free stays as it is
+                    return
+        self._free += 1
+
+
+UNCAPPED = Lane(0)
+
+
 class KubeClient:
     """Async dynamic client. One per process; pass it to whatever needs the API.
 
@@ -315,7 +372,7 @@ class KubeClient:
         # Requests in flight at once, watches aside (max_in_flight <= 0: no cap). Over HTTP/1.1 each is a
         # connection of its own, whose TLS state and buffers stay resident until it idles out: without a cap a
         # burst opens one for each worker waiting on the API server. (client-go multiplexes all on one.)
-        self._lane = asyncio.Semaphore(max_in_flight) if max_in_flight > 0 else None
+        self.lane = Lane(max_in_flight)
         self._on_response = on_response
         self._by_type = {(r.api_version, r.kind): r for r in resources}
         self._timeout = request_timeout
@@ -332,12 +389,8 @@ class KubeClient:
         queue for the requests' lane: a renewal must not wait behind a burst of reconciles."""
         twin = copy.copy(self)
         twin.write_fence = None
-        twin._lane = None
+        twin.lane = UNCAPPED
         return twin
-
-    def _in_lane(self) -> contextlib.AbstractAsyncContextManager[object]:
-        """Held from a request's sending until its answer is read (the connection is free again)."""
-        return self._lane if self._lane is not None else contextlib.nullcontext()
 
     def resource_for(self, obj: Mapping[str, Any]) -> Resource:
         key = (obj.get("apiVersion"), obj.get("kind"))
@@ -362,7 +415,7 @@ class KubeClient:
         # Outside the lane: the kubelet answers it, and a slow node must not hold up the reconciles' requests
         # (there is one read every few seconds for each pulling ModelAPI at most).
         _, data = await self._exchange("GET", POD.path(namespace, pod, "log"), query, "*/*", None,
-                                       aiohttp.ClientTimeout(total=seconds), in_lane=False)
+                                       aiohttp.ClientTimeout(total=seconds), place=Place.OUTSIDE)
         return data[:limit_bytes].decode("utf-8", "replace")  # (the server cuts at limitBytes already)
 
     async def check_list(self, resource: Resource, namespace: str | None, label_selector: str | None = None,
@@ -487,7 +540,8 @@ class KubeClient:
         namespace, name = _identity(obj, resource)
         query = _query(fieldManager=field_manager, force="true" if force else None)
         result = await self._json("PATCH", resource.path(namespace, name, subresource), query=query,
-                                  body=dict(obj), content_type=APPLY_PATCH, accept=accept_for(metadata_only))
+                                  body=dict(obj), content_type=APPLY_PATCH, accept=accept_for(metadata_only),
+                                  place=Place.FIRST if subresource == "status" else Place.QUEUED)
         return with_type(result, resource)
 
     async def create(self, obj: Mapping[str, Any], field_manager: str | None = None, *,
@@ -546,9 +600,11 @@ class KubeClient:
         body: Obj | None = None,
         accept: str = JSON,
         content_type: str = JSON,
+        place: Place = Place.QUEUED,
     ) -> Obj:
         timeout = aiohttp.ClientTimeout(total=self._timeout)
-        code, data = await self._exchange(method, path, query or [], accept, (body, content_type), timeout)
+        code, data = await self._exchange(method, path, query or [], accept, (body, content_type), timeout,
+                                          place=place)
         try:
             decoded = orjson.loads(data) if data else {}
         except ValueError as err:
@@ -566,11 +622,13 @@ class KubeClient:
         payload: tuple[Obj | None, str] | None,
         client_timeout: aiohttp.ClientTimeout,
         *,
-        in_lane: bool = True,
+        place: Place = Place.QUEUED,
     ) -> tuple[int, bytes]:
         """A request and its whole answer (status code, body), in the lane from the sending until the connection
         is free again. The timeout runs from the sending: a wait for the lane is not in it."""
-        async with self._in_lane() if in_lane else contextlib.nullcontext():
+        lane = self.lane if place is not Place.OUTSIDE else UNCAPPED
+        await lane.acquire(place)
+        try:
             response = await self._send(method, path, query, accept, payload, client_timeout)
             try:
                 if not 200 <= response.status < 300:
@@ -581,6 +639,8 @@ class KubeClient:
                     raise ApiError(0, type(err).__name__, str(err) or repr(err)) from err
             finally:
                 response.release()
+        finally:
+            lane.release()
 
     async def _send(
         self,

@@ -72,6 +72,10 @@ class Metrics:
                              "Seconds the longest running processor has been running", q, registry=registry)
         self.held = Gauge("kaos_modelapi_burst_held", "Keys created or changed in a user's burst, queued once it "
                           "has passed", q, registry=registry)
+        # Requests are few at once (--kube-api-in-flight); those waiting for a place are what a slow API server
+        # or a burst shows as first, before reconciles take longer.
+        self.waiting = Gauge("kaos_modelapi_api_requests_waiting", "Requests to the API server waiting for one of "
+                             "the places in flight (--kube-api-in-flight)", registry=registry)
         self.requests = Counter("rest_client_requests_total", "API server requests by status code and method",
                                 ["code", "method"], registry=registry)
         self.leader = Gauge("leader_election_master_status", "1 when this process is the leader", ["name"],
@@ -98,6 +102,9 @@ class Metrics:
 
     def track_held(self, held: Callable[[], int]) -> None:
         self.held.labels(self._queue).set_function(held)
+
+    def track_waiting(self, waiting: Callable[[], int]) -> None:
+        self.waiting.set_function(waiting)
 
     def count_modelapis(self, list_modelapis: Callable[[], Iterable[dict[str, Any]]]) -> None:
         self.registry.register(_PhaseCollector(list_modelapis))

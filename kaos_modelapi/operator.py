@@ -306,6 +306,7 @@ async def run(options: Options, log: Log) -> int:
     api_client = await load_api_client(options.kubeconfig)
     client = KubeClient(api_client, on_response=metrics.on_response, qps=options.kube_api_qps,
                         burst=options.kube_api_burst, max_in_flight=options.kube_api_in_flight)
+    metrics.track_waiting(lambda: client.lane.waiting)
     identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
     manager = Manager(client, options.namespaces, log, options.watch_timeout)
     # One view of the namespaces being deleted, for the reconciler's writes and the recorder's Events.

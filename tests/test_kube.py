@@ -28,6 +28,8 @@ from kaos_modelapi.kube import (
     ApiError,
     Gone,
     KubeClient,
+    Lane,
+    Place,
     Resource,
     WatchEvent,
     load_api_client,
@@ -545,3 +547,73 @@ async def test_requests_in_flight_are_capped_but_watches_the_lease_and_logs_are_
     await asyncio.wait_for(asyncio.gather(*reads), timeout=5)
     assert len(env.server.seen) == 8
     assert in_flight[1] == 2  # never more than two at once
+
+
+async def test_a_status_write_goes_ahead_of_the_childrens_writes_queued_before_it(env: Env) -> None:
+    """A burst's children queue for the lane; a ModelAPI's status, what its user waits for, is sent next."""
+    client = KubeClient(env.client._api, max_in_flight=1)
+    release = asyncio.Event()
+
+    async def held(_: web.Request) -> web.StreamResponse:
+        await release.wait()
+        return web.json_response(cm())
+
+    env.server.routes.extend([held] * 4)
+    writes = [asyncio.create_task(client.apply(cm(f"child-{i}"), "m")) for i in range(3)]
+    while client.lane.waiting < 2:
+        await asyncio.sleep(0.01)
+    writes.append(asyncio.create_task(client.apply_status(cm("modelapi", status={}), "m")))
+    while client.lane.waiting < 3:
+        await asyncio.sleep(0.01)
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*writes), timeout=5)
+    assert [(s.path.rsplit("/", 2)[-2:]) for s in env.server.seen] == [
+        ["configmaps", "child-0"], ["modelapi", "status"], ["configmaps", "child-1"], ["configmaps", "child-2"]]
+    assert client.lane.waiting == 0
+
+
+async def test_lane_order_and_cancelled_waiters() -> None:
+    lane = Lane(1)
+    await lane.acquire(Place.QUEUED)
+    order: list[str] = []
+
+    async def take(name: str, place: Place) -> None:
+        await lane.acquire(place)
+        order.append(name)
+        lane.release()
+
+    tasks = {name: asyncio.create_task(take(name, place)) for name, place in
+             [("a", Place.QUEUED), ("gone", Place.QUEUED), ("b", Place.QUEUED), ("first", Place.FIRST)]}
+    while lane.waiting < 4:
+        await asyncio.sleep(0)
+    tasks["gone"].cancel()  # a cancelled waiter leaves the line, and takes no place
+    with contextlib.suppress(asyncio.CancelledError):
+        await tasks["gone"]
+    assert lane.waiting == 3
+    lane.release()
+    await asyncio.wait_for(asyncio.gather(tasks["a"], tasks["b"], tasks["first"]), timeout=5)
+    assert order == ["first", "a", "b"]
+    await asyncio.wait_for(lane.acquire(Place.QUEUED), timeout=1)  # every place given back
+
+
+async def test_a_waiter_cancelled_once_handed_the_place_passes_it_on() -> None:
+    lane = Lane(1)
+    await lane.acquire(Place.QUEUED)
+    handed = asyncio.create_task(lane.acquire(Place.QUEUED))
+    nxt = asyncio.create_task(lane.acquire(Place.QUEUED))
+    while lane.waiting < 2:
+        await asyncio.sleep(0)
+    lane.release()  # the place is handed to `handed`, which is cancelled before it runs
+    handed.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await handed
+    await asyncio.wait_for(nxt, timeout=1)
+    assert lane.waiting == 0
+
+
+async def test_a_lane_of_zero_never_waits() -> None:
+    lane = Lane(0)
+    for _ in range(100):
+        await asyncio.wait_for(lane.acquire(Place.QUEUED), timeout=1)
+    lane.release()
+    assert lane.waiting == 0

@@ -36,3 +36,13 @@ def test_requests_are_counted_by_code_and_method() -> None:
         metrics.on_response(method, code)
     assert registry.get_sample_value("rest_client_requests_total", {"code": "200", "method": "PATCH"}) == 2
     assert registry.get_sample_value("rest_client_requests_total", {"code": "404", "method": "GET"}) == 1
+
+
+def test_requests_waiting_for_the_lane_are_read_when_scraped() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, "modelapi")
+    waiting = [3]
+    metrics.track_waiting(lambda: waiting[0])
+    assert registry.get_sample_value("kaos_modelapi_api_requests_waiting") == 3
+    waiting[0] = 0
+    assert registry.get_sample_value("kaos_modelapi_api_requests_waiting") == 0
