@@ -15,7 +15,7 @@ Environment:
     BENCH_WORKERS    the limit client's concurrency (default 4, the operator's requests in flight: --kube-api-in-flight)
     BENCH_NOISE      ConfigMaps,Deployments,Secrets of the noise scenario (default 5000,1000,2000)
     BENCH_APPLY_ROUNDS  rounds of the user's apply on the operator's cluster, with it and without (default 8 at
-                     N=100, 3 from N=300: scenarios.apply_rounds; 0: none)
+                     N=100, 5 from N=160: scenarios.apply_rounds; 0: none)
     BENCH_QUICK=1    cold, update, restart and resync only (the smoke test)
     BENCH_ONLY=limit the limit client's phase only (no operator)
     BENCH_MIX        default, or peer / peer-kaos: the ModelAPIs both this CRD and KAOS's accept, spelled for
