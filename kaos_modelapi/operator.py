@@ -64,9 +64,9 @@ class Options:
     leader_election_id: str
     leader_election_namespace: str
     lease: LeaseTiming
+    kube_api_in_flight: int  # (cli.KUBE_API_IN_FLIGHT)
     kube_api_qps: float = 0.0  # none: API Priority and Fairness (cli.py)
     kube_api_burst: int = 200
-    kube_api_in_flight: int = 4
     watch_timeout: int = 300  # seconds; each watch lasts a random time between this and twice this
     log_level: str = "info"
     log_format: str = "json"

@@ -136,11 +136,11 @@ def test_no_client_side_request_limit_unless_asked() -> None:
 
 def test_many_workers_share_a_few_requests_in_flight() -> None:
     """A reconcile mostly waits on the API server: 16 of them at once fold more of their watch events into one
-    reconcile, while 4 connections carry their requests (--kube-api-in-flight 0 lifts the cap)."""
+    reconcile, while 3 connections carry their requests (--kube-api-in-flight 0 lifts the cap)."""
     from kaos_modelapi.cli import InputError, build_parser, options_from_args
 
     default = options_from_args(build_parser().parse_args(["run"]))
-    assert (default.workers, default.kube_api_in_flight) == (16, 4)
+    assert (default.workers, default.kube_api_in_flight) == (16, 3)
     assert options_from_args(build_parser().parse_args(["run", "--kube-api-in-flight", "0"])).kube_api_in_flight == 0
     with pytest.raises(InputError, match="--kube-api-in-flight must be 0"):
         options_from_args(build_parser().parse_args(["run", "--kube-api-in-flight", "-1"]))

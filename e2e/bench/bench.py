@@ -12,7 +12,7 @@ Environment:
     BENCH_CRD        a CRD file for that operator (default: `kaos-modelapi crd`)
     BENCH_PYTHON     the interpreter of the operator and the limit client ({python}; default: this one's).
                      `make bench` gives the image's (Debian's python3.11, in .venv-runtime) when it is here
-    BENCH_WORKERS    the limit client's concurrency (default 4, the operator's requests in flight: --kube-api-in-flight)
+    BENCH_WORKERS    the limit client's concurrency (default 3: the operator's --kube-api-in-flight)
     BENCH_NOISE      ConfigMaps,Deployments,Secrets of the noise scenario (default 5000,1000,2000)
     BENCH_APPLY_ROUNDS  rounds of the user's apply on the operator's cluster, with it and without (default 8 at
                      N=100, 5 from N=160: scenarios.apply_rounds; 0: none)

@@ -40,6 +40,7 @@ from e2e.bench.client import Api, ApiError, Obj, path
 from e2e.bench.tracker import rolled_out
 from kaos_modelapi import desired, status
 from kaos_modelapi.api import ModelAPI
+from kaos_modelapi.cli import KUBE_API_IN_FLIGHT
 from kaos_modelapi.settings import GatewayRef, Settings
 
 MANAGER = "kaos-bench-limit"
@@ -80,7 +81,7 @@ class LimitClient:
     api: Api
     namespace: str
     settings: Settings
-    workers: int = 4
+    workers: int = KUBE_API_IN_FLIGHT
     queue: asyncio.Queue[tuple[str, Obj]] = field(default_factory=asyncio.Queue)
     modelapis: dict[str, Obj] = field(default_factory=dict)  # the last watch event of each: the object itself
     deployments: dict[str, Obj] = field(default_factory=dict)
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m e2e.bench.limit", description=__doc__.split("\n")[0])
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--namespace", required=True)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=KUBE_API_IN_FLIGHT)
     parser.add_argument("--gateway-name", default="")
     parser.add_argument("--gateway-namespace", default="")
     return asyncio.run(run(parser.parse_args(argv)))

@@ -27,6 +27,7 @@ from e2e.bench.client import Api, ApiError, bounded
 from e2e.bench.process import OperatorProcess
 from e2e.bench.tracker import Tracker, is_ready
 from kaos_modelapi import crd as kaos_crd
+from kaos_modelapi.cli import KUBE_API_IN_FLIGHT
 from kaos_modelapi.settings import GatewayRef, Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,7 +49,7 @@ class Options:
     operator: str = DEFAULT_OPERATOR
     python: str = sys.executable  # {python}: the operator's and the limit client's interpreter
     crd: str = ""  # a file; empty: `kaos-modelapi crd`
-    workers: int = 4  # the limit client's, as the operator's --kube-api-in-flight (its requests in flight)
+    workers: int = KUBE_API_IN_FLIGHT  # the limit client's, as the operator's requests in flight
     noise: tuple[int, int, int] = (5000, 1000, 2000)  # ConfigMaps, Deployments, Secrets
     resync_floor: float = 15.0
     propagation_samples: int = 10
