@@ -84,6 +84,7 @@ def render(args: argparse.Namespace, out: TextIO) -> None:
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
+
 # Requests in flight at once (--kube-api-in-flight). Three keep up with 16 workers on a busy API server as four
 # did (a cold converge of 500, alternating: 40-46 s and 5.3-6.2 s of CPU either way) and open one connection
 # fewer in a burst: 23.6-26.6 KiB per ModelAPI above idle at N=100 against 27.6-29.7.
