@@ -147,7 +147,7 @@ def test_resource_paths() -> None:
 # -- requests -----------------------------------------------------------------------------------------
 
 
-async def test_get_sends_our_user_agent_token_and_accept(env: Env) -> None:
+async def test_get_sends_our_user_agent_token_and_accept_and_asks_for_no_compression(env: Env) -> None:
     env.server.reply(body={"metadata": {"name": "x"}, "data": {}})
     got = await env.client.get(CONFIGMAP, "ns", "x")
     assert got["kind"] == "ConfigMap" and got["apiVersion"] == "v1"
@@ -156,6 +156,7 @@ async def test_get_sends_our_user_agent_token_and_accept(env: Env) -> None:
     assert seen.headers["User-Agent"] == f"kaos-modelapi/{__version__}"
     assert seen.headers["Accept"] == "application/json"
     assert seen.headers["authorization"] == "Bearer t0ken"
+    assert seen.headers["Accept-Encoding"] == "identity"
     assert env.responses == [("GET", 200)]
 
 
@@ -383,6 +384,7 @@ async def test_watch_streams_typed_events_split_across_chunks(env: Env) -> None:
         "resourceVersion": "4",
         "timeoutSeconds": "30",
     }
+    assert env.last.headers["Accept-Encoding"] == "identity"  # (a streaming list's initial events: not gzipped)
     assert env.responses == [("GET", 200)]
 
 

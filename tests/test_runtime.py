@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -44,6 +45,30 @@ async def test_a_pass_of_reconciles_that_write_nothing_lets_other_tasks_run() ->
     await asyncio.gather(runner, return_exceptions=True)
     assert len(reconciler.done) == 200
     assert any(0 < t < 200 for t in ticks), "the other task only ran before or after the whole pass"
+
+
+async def test_between_two_reconciles_that_write_nothing_the_event_loop_runs_everything_else() -> None:
+    """One worker pauses at a time: with 16 workers each pausing on its own, a pass of reconciles that never
+    suspend ran 16 of them between two passes of the event loop, and an answer a user's reconcile awaited
+    (ready at the next pass) waited behind as many."""
+    reconciler = Instant()
+    ctrl = Builder("t").for_(CacheSpec(kube.MODELAPI)).complete(
+        reconciler, workers=16, resync_seconds=3600, metrics=Metrics(CollectorRegistry(), "t"),
+        log=structlog.get_logger("test"))
+    for i in range(200):
+        ctrl.queue.add(f"ns/m{i}")
+    seen: list[int] = []  # reconciles done, at each pass of the loop
+
+    async def other_task() -> None:
+        while len(reconciler.done) < 200:
+            seen.append(len(reconciler.done))
+            await asyncio.sleep(0)
+
+    runner = asyncio.create_task(ctrl.run(Stores()))
+    await asyncio.wait_for(other_task(), 10)
+    runner.cancel()
+    await asyncio.gather(runner, return_exceptions=True)
+    assert max(b - a for a, b in itertools.pairwise(seen)) == 1
 
 
 class Slow:
