@@ -35,6 +35,8 @@ USER_AGENT = f"kaos-modelapi/{__version__}"
 
 JSON = "application/json"
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Seconds a watch may outlast the timeoutSeconds it asked for before its connection is taken for dead.
+WATCH_DEADLINE_GRACE = 30.0
 
 
 def _not_leader(what: str) -> ApiError:
@@ -499,11 +501,18 @@ class KubeClient:
             resourceVersionMatch="NotOlderThan" if initial_events else None,
         )
         accept = accept_for(metadata_only)
-        # The server ends the stream after timeout_seconds; if it goes silent for much longer the
-        # connection is dead and we would rather find out than hang.
-        read_timeout = (timeout_seconds + 30) if timeout_seconds else None
-        timeout = aiohttp.ClientTimeout(total=None, connect=self._timeout, sock_read=read_timeout)
-        response = await self._send("GET", resource.path(namespace), query, accept, None, timeout)
+        # The server ends the stream after timeout_seconds; one still open well after that is on a dead
+        # connection, and is closed rather than left to hang. One deadline for the whole stream, not a read
+        # timeout: aiohttp moves a read timeout's timer at every chunk received (2 % of a cold converge's CPU).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_seconds + WATCH_DEADLINE_GRACE if timeout_seconds else None
+        timeout = aiohttp.ClientTimeout(total=None, connect=self._timeout)
+        try:
+            async with asyncio.timeout_at(deadline):
+                response = await self._send("GET", resource.path(namespace), query, accept, None, timeout)
+        except TimeoutError as err:
+            raise _watch_expired(resource) from err
+        expired = loop.call_at(deadline, response.close) if deadline is not None else None
         try:
             if response.status != 200:
                 raise await self._error_from_response(response)
@@ -514,7 +523,13 @@ class KubeClient:
                     event = parse_watch_line(line, resource, metadata_only)
                     if event is not None:
                         yield event
+        except ApiError as err:
+            if deadline is not None and loop.time() >= deadline:
+                raise _watch_expired(resource) from err
+            raise
         finally:
+            if expired is not None:
+                expired.cancel()
             # A half-read stream cannot go back to the pool.
             response.close()
 
@@ -723,7 +738,9 @@ def _session_over(api_client: ApiClient) -> tuple[aiohttp.ClientSession, dict[st
     the environment (HTTPS_PROXY, NO_PROXY) is looked up once here instead, as client-go does per client."""
     configuration = api_client.configuration
     pool: aiohttp.ClientSession = api_client.rest_client.pool_manager
+    # No cookie jar: the API server sets no cookies, and a jar is searched at every request and answer.
     session = aiohttp.ClientSession(connector=pool.connector, connector_owner=False, trust_env=False,
+                                    cookie_jar=aiohttp.DummyCookieJar(),
                                     read_bufsize=2**21)  # as the library's: a watch event can be large
     options: dict[str, Any] = {}
     if proxy := configuration.proxy or _env_proxy(str(configuration.host)):
@@ -740,6 +757,11 @@ def _env_proxy(url: str) -> str | None:
     if not parts.hostname or urllib.request.proxy_bypass(parts.hostname):
         return None
     return urllib.request.getproxies().get(parts.scheme)
+
+
+def _watch_expired(resource: Resource) -> ApiError:
+    return ApiError(0, "WatchExpired", f"the watch of {resource.plural} outlived its timeoutSeconds by "
+                    f"{WATCH_DEADLINE_GRACE:g} s: its connection is taken for dead")
 
 
 def accept_for(metadata_only: bool) -> str:

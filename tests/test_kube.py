@@ -18,7 +18,7 @@ from aiohttp import web
 from kubernetes_asyncio.client import ApiClient, Configuration
 from multidict import CIMultiDict
 
-from kaos_modelapi import __version__
+from kaos_modelapi import __version__, kube
 from kaos_modelapi.kube import (
     CONFIGMAP,
     DEPLOYMENT,
@@ -52,6 +52,7 @@ class Seen:
 class FakeApiServer:
     routes: list[Handler] = field(default_factory=list)
     seen: list[Seen] = field(default_factory=list)
+    released: asyncio.Event = field(default_factory=asyncio.Event)  # ends the stalled answers (`stall`)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.seen.append(
@@ -73,6 +74,20 @@ class FakeApiServer:
             for chunk in chunks:
                 await response.write(chunk)
             await response.write_eof()
+            return response
+
+        self.routes.append(respond)
+
+    def stall(self, chunks: list[bytes], headers: bool = True) -> None:
+        """Send these chunks (or not even the headers), then nothing, the connection left open: a dead peer."""
+
+        async def respond(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            if headers:
+                await response.prepare(request)
+                for chunk in chunks:
+                    await response.write(chunk)
+            await self.released.wait()
             return response
 
         self.routes.append(respond)
@@ -117,6 +132,7 @@ async def env() -> AsyncIterator[Env]:
     try:
         yield Env(fake, client, responses, port)
     finally:
+        fake.released.set()
         await api_client.close()
         await runner.cleanup()
 
@@ -386,6 +402,20 @@ async def test_watch_streams_typed_events_split_across_chunks(env: Env) -> None:
     }
     assert env.last.headers["Accept-Encoding"] == "identity"  # (a streaming list's initial events: not gzipped)
     assert env.responses == [("GET", 200)]
+
+
+@pytest.mark.parametrize("headers", [True, False], ids=["silent-after-an-event", "no-answer"])
+async def test_a_watch_on_a_dead_connection_ends_with_an_error_once_well_past_its_timeout(
+    env: Env, monkeypatch: pytest.MonkeyPatch, headers: bool
+) -> None:
+    monkeypatch.setattr(kube, "WATCH_DEADLINE_GRACE", 0.3)
+    env.server.stall([line("ADDED", cm("a"))], headers=headers)
+    seen: list[WatchEvent] = []
+    with pytest.raises(ApiError) as raised:
+        async for event in env.client.watch(CONFIGMAP, "ns", resource_version="1", timeout_seconds=1):
+            seen.append(event)
+    assert raised.value.reason == "WatchExpired" and "configmaps" in raised.value.message
+    assert [e.type for e in seen] == (["ADDED"] if headers else [])
 
 
 async def test_watch_error_410_is_gone(env: Env) -> None:
