@@ -251,10 +251,24 @@ def _proxy_plan(m: ModelAPI) -> _ProxyPlan:
     return _ProxyPlan(_config_yaml(json.dumps(generated)), cm_volume, auth, model, ())
 
 
+# libyaml's emitter (PyYAML's C binding) writes a config 5x faster than the pure-Python one, and the same text
+# for strings of printable ASCII on lines too short to wrap; not always otherwise (long escaped strings wrap
+# elsewhere), and another text would roll every LiteLLM pod. tests/test_properties.py checks the two agree.
+_FAST_DUMPER: Any = getattr(yaml, "CSafeDumper", None)
+_WRAP_WIDTH = 80  # (the emitters' default)
+
+
 @functools.lru_cache(maxsize=4096)
 def _config_yaml(config_json: str) -> str:
-    """YAML emission is most of a reconcile's CPU, and every reconcile of a ModelAPI renders the same config."""
-    return yaml.safe_dump(json.loads(config_json), sort_keys=False)
+    """YAML emission is most of a build's CPU, and every reconcile of a ModelAPI renders the same config."""
+    config = json.loads(config_json)
+    # (json.dumps escapes every quote, backslash, control and non-ASCII character: without a backslash, every
+    # string is printable ASCII but for DEL)
+    if _FAST_DUMPER is not None and "\\" not in config_json and "\x7f" not in config_json:
+        text: str = yaml.dump(config, Dumper=_FAST_DUMPER, sort_keys=False)
+        if all(len(line) <= _WRAP_WIDTH for line in text.splitlines()):
+            return text
+    return yaml.safe_dump(config, sort_keys=False)
 
 
 def _proxy_env(m: ModelAPI, plan: _ProxyPlan) -> list[dict[str, Any]]:

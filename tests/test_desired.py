@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,17 @@ def test_single_model_and_mock_variants() -> None:
     mock = children(modelapi({"mode": "Proxy", "proxyConfig": {"model": "gpt-3.5-turbo"}}))
     assert litellm_config(mock) == litellm.mock_config("gpt-3.5-turbo")
     assert env_of(container(mock, "model-api"))["KAOS_LITELLM_AUTH"] == "mock"
+
+
+def test_a_usual_generated_config_is_written_by_the_fast_emitter(monkeypatch: pytest.MonkeyPatch) -> None:
+    def pure(*_: Any, **__: Any) -> str:
+        raise AssertionError("the pure-Python emitter wrote it")
+
+    monkeypatch.setattr(yaml, "safe_dump", pure)
+    desired._config_yaml.cache_clear()  # (what an earlier test rendered)
+    for config in (litellm.single_model_config("http://ollama.models:11434", "ollama/llama3.1:8b-instruct"),
+                   litellm.mock_config("gpt-4o-mini"), litellm.wildcard_config("https://api.openai.com/v1")):
+        assert yaml.safe_load(desired._config_yaml(json.dumps(config))) == config
 
 
 def test_config_yaml_from_string_is_passed_through_untouched() -> None:

@@ -4,13 +4,15 @@ merge raises only its own error and never changes its inputs, and the status is 
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import pydantic
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kaos_modelapi import desired, ollama, status
+from kaos_modelapi import desired, litellm, ollama, status
 from kaos_modelapi.api import ModelAPI
 from kaos_modelapi.settings import GatewayRef, Settings
 from kaos_modelapi.smp import StrategicMergeError, merge_pod_spec
@@ -86,3 +88,17 @@ def test_an_empty_patch_changes_nothing_but_directives(base: dict[str, Any]) -> 
     except StrategicMergeError:
         return
     assert merged == merge_pod_spec(merged, {})  # idempotent
+
+
+# Printable ASCII with YAML's indicators and words (the fast emitter's strings), or any text at all.
+CONFIG_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=90) \
+    | st.text(" ab:-#'\"!&*?|>%@`,[]{}~\t\n0123456789.eE+_/", max_size=90) | st.text(max_size=90)
+
+
+@settings(max_examples=600, deadline=None)
+@given(model=CONFIG_TEXT, api_base=CONFIG_TEXT)
+def test_a_generated_config_is_the_text_the_pure_python_emitter_writes(model: str, api_base: str) -> None:
+    """Whichever emitter wrote it: a different text would roll every LiteLLM pod after an upgrade."""
+    for config in (litellm.single_model_config(api_base, model), litellm.mock_config(model),
+                   litellm.wildcard_config(api_base)):
+        assert desired._config_yaml(json.dumps(config)) == yaml.safe_dump(config, sort_keys=False)
