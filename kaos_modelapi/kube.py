@@ -738,9 +738,7 @@ def _session_over(api_client: ApiClient) -> tuple[aiohttp.ClientSession, dict[st
     the environment (HTTPS_PROXY, NO_PROXY) is looked up once here instead, as client-go does per client."""
     configuration = api_client.configuration
     pool: aiohttp.ClientSession = api_client.rest_client.pool_manager
-    # No cookie jar: the API server sets no cookies, and a jar is searched at every request and answer.
     session = aiohttp.ClientSession(connector=pool.connector, connector_owner=False, trust_env=False,
-                                    cookie_jar=aiohttp.DummyCookieJar(),
                                     read_bufsize=2**21)  # as the library's: a watch event can be large
     options: dict[str, Any] = {}
     if proxy := configuration.proxy or _env_proxy(str(configuration.host)):

@@ -144,6 +144,22 @@ def cm(name: str = "x", **extra: Any) -> dict[str, Any]:
 # -- paths --------------------------------------------------------------------------------------------
 
 
+def test_a_client_can_be_made_while_no_event_loop_runs() -> None:
+    """As a sync fixture makes one, over an ApiClient made in the loop (e2e/test_informer.py)."""
+
+    async def api_client() -> ApiClient:
+        return ApiClient(configuration=Configuration(host="http://127.0.0.1:1"))
+
+    loop = asyncio.new_event_loop()
+    try:
+        made = loop.run_until_complete(api_client())
+        client = KubeClient(made)
+        assert client.resource_for(cm()) == CONFIGMAP
+        loop.run_until_complete(made.close())
+    finally:
+        loop.close()
+
+
 def test_resource_paths() -> None:
     assert CONFIGMAP.path("ns", "x") == "/api/v1/namespaces/ns/configmaps/x"
     assert CONFIGMAP.path() == "/api/v1/configmaps"
