@@ -392,9 +392,18 @@ async def test_a_store_the_pods_user_may_not_write_fails_the_pull_and_says_why(
         assert status["conditions"][0]["reason"] == "ModelPullFailed"
         hint = f"kubectl logs -n {namespace} -l modelapi=rootstore -c {ollama.PULL_CONTAINER}"
         assert hint in status["message"]
-        # What the hint shows: Ollama could not write its state into the volume.
-        log = kubectl.run(*hint.split()[1:], "--tail", "-1", check=False).stdout
-        assert f"mkdir {ollama.DATA_DIR}/.ollama: permission denied" in log, log
+        # What the hint shows: Ollama could not write its state into the volume. (The kubelet starts the pull
+        # again after each failure, and a new attempt's log may still be empty: the last one's is --previous.)
+        denied = f"mkdir {ollama.DATA_DIR}/.ollama: permission denied"
+
+        def shown() -> str | None:
+            for previous in ((), ("--previous",)):
+                log: str = kubectl.run(*hint.split()[1:], "--tail", "-1", *previous, check=False).stdout
+                if denied in log:
+                    return log
+            return None
+
+        wait_until(shown, 60, f"{denied!r} in the output of {hint}")
     finally:
         kubectl.run("delete", "modelapi", "-n", namespace, "rootstore", "--wait=false", check=False)
         kubectl.run("delete", "pv", volume, "--wait=false", check=False)
