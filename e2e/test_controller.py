@@ -132,6 +132,15 @@ async def test_config_change_rolls_pods_and_route_change_does_not(kubectl: Kubec
 
     wait_until(lambda: pods_run_only(kubectl, "edit", namespace, second), 60, "pods of the new template only")
     kubectl.wait_phase("edit", namespace, "Ready")
+
+    def roll_told_over() -> bool:
+        """`kubectl describe` tells the roll, and that it is over: the last state it tells is Available (it was
+        Available moments before the roll too)."""
+        said = reasons_said(kubectl, "edit", namespace)
+        states = [r for r in said if r != "ConfigRolled"]
+        return "ConfigRolled" in said and states[-1:] == ["Available"]
+
+    wait_until(roll_told_over, 30, "Events: ConfigRolled, and Available once the roll is over")
     generation = kubectl.get("deployment", "modelapi-edit", namespace)["metadata"]["generation"]
 
     spec = wildcard("http://two.example:11434") | {"gatewayRoute": {"timeout": "5m"}}

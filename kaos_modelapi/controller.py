@@ -554,9 +554,9 @@ class Reconciler:
         self._unseen.setdefault(ctx.key, {})[_ref(child)] = Unseen(child, _version(live), self._monotonic())
         (ctx.outcome.created if live is None else ctx.outcome.updated).append(_ref(child))
         # Events are for what a user acts on (a roll, a state change, an error), not for every child written.
-        if child["kind"] == "Deployment" and live is not None and _config_hash(child) != _config_hash(live):
+        if child["kind"] == "Deployment" and live is not None and (rolled := _config_hash(child)) != _config_hash(live):
             await self._recorder.emit(ctx.obj, Event(NORMAL, "ConfigRolled", "Update",
-                                                     f"pod template changed: rolling {_ref(child)}"))
+                                                     f"pod template changed (config {rolled}): rolling {_ref(child)}"))
 
     def _cache_behind(self, ctx: Context, child: Obj, live: Obj | None) -> bool:
         """Whether `child` is what this reconciler applied over `live` moments ago, the cache not showing it
@@ -706,7 +706,8 @@ class Reconciler:
             # flight, and opened that many more connections to the API server (each ~130 KiB resident until it
             # idles out), for a wait of a millisecond or two. (A failed status write is retried, Event and all.)
             await self._recorder.emit(ctx.obj, Event(NORMAL if new["phase"] != "Failed" else WARNING,
-                                                     new["conditions"][0]["reason"], "Reconcile", new["message"]))
+                                                     new["conditions"][0]["reason"], "Reconcile", new["message"],
+                                                     about="Ready"))
         ctx.outcome.status_written = True
         self._status_written_at[ctx.key] = now
         self._status_unseen[ctx.key] = (_version(ctx.obj), new)

@@ -1,8 +1,9 @@
 """Kubernetes Events (events.k8s.io/v1) about ModelAPIs, for `kubectl describe modelapi`.
 
 The reconciler emits an Event only when it changes something or when a ModelAPI's state changes, so a
-steady cluster writes none; the recorder also drops an identical Event seen recently, so an object that
-flaps or fails in a loop cannot flood the API server.
+steady cluster writes none. The recorder also drops an Event that repeats the last one told about the same
+thing (a warning a reconcile finds again), and, as client-go's spam filter, lets an object have a burst of
+Events and then one every few minutes, so an object that flaps or fails in a loop cannot flood the API server.
 """
 
 from __future__ import annotations
@@ -34,6 +35,22 @@ class Event:
     reason: str
     action: str
     note: str
+    # What the Event tells the news of; an Event is dropped as a repeat only of the last one about the same thing
+    # (its reason when unset). A ModelAPI's states are one thing: Available after a roll is news again, however
+    # recently the one before the roll was told.
+    about: str | None = None
+
+    @property
+    def topic(self) -> str:
+        return self.about or self.reason
+
+
+@dataclass(slots=True)
+class _Told:
+    """What the recorder has told about one object: the last note on each topic, and its spam filter's tokens."""
+    notes: dict[str, tuple[str, str, datetime]]  # topic -> (reason, note, when)
+    tokens: float
+    at: datetime
 
 
 def event_object(regarding: dict[str, Any], event: Event, instance: str, now: datetime) -> dict[str, Any]:
@@ -65,35 +82,50 @@ class Recorder:
         instance: str,
         log: structlog.typing.FilteringBoundLogger,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        dedup_seconds: float = 600.0,
-        dedup_size: int = 4096,
+        repeat_seconds: float = 600.0,
+        burst: int = 25,
+        refill_seconds: float = 300.0,
+        objects_kept: int = 4096,
         terminating: TerminatingNamespaces | None = None,
     ) -> None:
         self._writer = writer
         self._instance = instance
         self._log = log
         self._clock = clock
-        self._dedup_seconds = dedup_seconds
-        self._dedup_size = dedup_size
-        self._recent: OrderedDict[tuple[str, str, str], datetime] = OrderedDict()
+        self._repeat_seconds = repeat_seconds
+        self._burst = burst
+        self._refill_seconds = refill_seconds
+        self._objects_kept = objects_kept
+        self._told: OrderedDict[str, _Told] = OrderedDict()  # by the object's UID, least recently told first
         self._terminating = terminating or TerminatingNamespaces()
 
-    def _is_duplicate(self, key: tuple[str, str, str], now: datetime) -> bool:
-        last = self._recent.get(key)
-        if last is not None and (now - last).total_seconds() < self._dedup_seconds:
-            return True
-        self._recent[key] = now
-        self._recent.move_to_end(key)
-        while len(self._recent) > self._dedup_size:
-            self._recent.popitem(last=False)
-        return False
+    def _may_tell(self, uid: str, event: Event, now: datetime) -> bool:
+        """Whether `event` is news and the object still has a token; if so, it is taken as told."""
+        told = self._told.get(uid)
+        if told is None:
+            told = self._told[uid] = _Told({}, float(self._burst), now)
+        last = told.notes.get(event.topic)
+        if last is not None and last[:2] == (event.reason, event.note) \
+                and (now - last[2]).total_seconds() < self._repeat_seconds:
+            return False
+        tokens = min(float(self._burst), told.tokens + (now - told.at).total_seconds() / self._refill_seconds)
+        told.tokens, told.at = tokens, now
+        if tokens < 1:
+            self._log.debug("event not recorded: too many about this object", reason=event.reason)
+            return False
+        told.tokens -= 1
+        told.notes[event.topic] = (event.reason, event.note, now)
+        self._told.move_to_end(uid)
+        while len(self._told) > self._objects_kept:
+            self._told.popitem(last=False)
+        return True
 
     async def emit(self, regarding: dict[str, Any], event: Event) -> None:
         """Best effort: an Event that cannot be written is logged, never fails a reconcile."""
         now = self._clock()
         if self._terminating.holds(regarding):
             return
-        if self._is_duplicate((str(regarding["metadata"].get("uid")), event.reason, event.note), now):
+        if not self._may_tell(str(regarding["metadata"].get("uid")), event, now):
             return
         try:
             await self._writer.create(event_object(regarding, event, self._instance, now), metadata_only=True)
