@@ -213,7 +213,7 @@ def chart(results: list[dict[str, Any]], target: Path) -> Path | None:
     left.set(xlabel="ModelAPIs (N)", ylabel="seconds", title="Converge time")
     right.set(xlabel="ModelAPIs (N)", ylabel="writes per ModelAPI", title="Writes to converge (API server count)")
     for ax in (left, right):
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.08)  # (headroom: the highest line would lie on the frame)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
