@@ -124,13 +124,17 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     def add(name: str, ok: bool | None, figures: Any) -> None:
         out.append({"target": name, "status": _met(ok), "figures": figures})
 
+    # The absolute figures were measured on another machine: each shows the limit's of this run beside the
+    # operator's, which says whether this machine can meet it at all.
     for n, peer in PEER_READY_S.items():
         ours = _get(by_n.get(n, {}), "operator", "cold", "ready_s")
-        add(f"cold converge at N={n} faster than KAOS ({peer} s)", None if ours is None else ours < peer, ours)
+        add(f"cold converge at N={n} faster than KAOS ({peer} s)", None if ours is None else ours < peer,
+            {"operator": ours, "limit": _get(by_n.get(n, {}), "limit", "cold", "ready_s")})
     eff = efficiency(by_n[1000]) if 1000 in by_n else None
     add("efficiency at N=1000 >= 0.8 of the limit", None if eff is None else eff >= 0.8, eff)
     cpu = [_get(o, "cold", "cpu_ms_per_modelapi") for o in op]
-    add("operator CPU <= 8 ms per ModelAPI on cold converge", _all(cpu, lambda v: v <= 8), cpu)
+    add("operator CPU <= 8 ms per ModelAPI on cold converge", _all(cpu, lambda v: v <= 8),
+        {"operator": cpu, "limit": [_get(r, "limit", "cold", "cpu_ms_per_modelapi") for r in results]})
     writes = [(_get(r, "operator", "cold", "writes_per_modelapi_by_resource") or {}) for r in results]
     extra = [_cold_write_excess(w, _get(r, "operator", "cold", "children_per_modelapi"))
              for w, r in zip(writes, results, strict=True)]
