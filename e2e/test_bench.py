@@ -8,6 +8,10 @@ requests were counted at the API server; it never asserts on a timing.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,9 @@ from typing import Any
 import pytest
 
 from e2e.bench import bench, counting, report, scenarios
+from e2e.operator_process import wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
 
 N = 5
 
@@ -68,3 +75,38 @@ async def test_bench_smoke_reports_every_figure(tmp_path: Path) -> None:
     assert chart is not None and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(json.dumps({"results": [result], "targets": targets}))["results"][0]["n"] == N
     assert counting.writes(Counter(cold["requests"])) == cold["writes"]
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # (gone meanwhile)
+            continue
+        if text in args:
+            found.append(args)
+    return found
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(180)
+def test_a_bench_stopped_by_sigterm_stops_and_removes_what_it_started(tmp_path: Path) -> None:
+    """A cancelled CI job or a `kill` sends SIGTERM: the control plane the bench started, and its folder, go too."""
+    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}  # (a private control plane, as `make bench`)
+    env |= {"TMPDIR": str(tmp_path), "BENCH_N": "5", "BENCH_QUICK": "1", "BENCH_OUT": str(tmp_path / "out")}
+    log = tmp_path / "bench.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "e2e/bench/bench.py"], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        wait_until(lambda: "kubectl apply without an operator" in log.read_text() or proc.poll() is not None, 120,
+                   "the bench's control plane up")
+        assert proc.poll() is None, log.read_text()
+        assert [p.name for p in tmp_path.glob("kaos-bench-cluster-*")], "the control plane's folder"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 128 + signal.SIGTERM, log.read_text()
+    finally:
+        proc.kill()
+    assert not list(tmp_path.glob("kaos-bench-*")), log.read_text()
+    assert not _processes_mentioning(str(tmp_path))

@@ -26,6 +26,8 @@ Environment:
     KUBECONFIG       use this cluster for both phases instead of private ones (namespaces are deleted between)
 
 `python e2e/bench/bench.py report A.json B.json` prints and charts the results of several runs as one.
+Stopped by Ctrl-C or SIGTERM, it stops what it started (control planes, the operator, the limit client) and
+removes their folders.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +67,16 @@ async def fresh_cluster() -> AsyncIterator[str]:
 async def private_cluster() -> AsyncIterator[str]:
     """A local control plane of its own (stand-in node), on free ports, stopped and removed afterwards."""
     state = Path(tempfile.mkdtemp(prefix="kaos-bench-cluster-"))
-    started = await asyncio.to_thread(cluster.start, state, cluster.free_ports(), exit_with_parent=True)
+    starting = asyncio.ensure_future(asyncio.to_thread(cluster.start, state, cluster.free_ports(),
+                                                       exit_with_parent=True))
     try:
+        # (shielded: cancelled while it starts, the start still ends, and what it started is stopped below)
+        started = await asyncio.shield(starting)
         yield str(started.kubeconfig)
     finally:
-        await asyncio.to_thread(cluster.stop, cluster=started)
+        with contextlib.suppress(Exception):  # (a start that failed left nothing running)
+            await starting
+        await asyncio.to_thread(cluster.stop, state)
 
 
 def with_limit() -> bool:
@@ -166,8 +174,28 @@ def merged(paths: list[str]) -> dict[str, Any]:
             "runs": [{k: run.get(k) for k in ("date", "machine", "duration_s")} for run in runs]}
 
 
+async def until_sigterm(work: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """`work`, cancelled by a SIGTERM (a cancelled CI job, `kill`) as asyncio.run cancels it on Ctrl-C, so that the
+    context managers that started clusters and processes stop them on the way out."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await work
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 def main() -> int:
-    summary = merged(sys.argv[2:]) if sys.argv[1:2] == ["report"] else asyncio.run(main_async())
+    if sys.argv[1:2] == ["report"]:
+        summary = merged(sys.argv[2:])
+    else:
+        try:
+            summary = asyncio.run(until_sigterm(main_async()))
+        except asyncio.CancelledError:
+            print("bench: stopped by SIGTERM; what it started is stopped and removed", file=sys.stderr)
+            return 128 + signal.SIGTERM
     print(report.table(summary["results"]))
     print()
     for t in summary["targets"]:

@@ -153,16 +153,18 @@ class Cluster:
     @contextlib.asynccontextmanager
     async def running(cls, kubeconfig: str, options: Options, actors: list[str]) -> AsyncIterator[Cluster]:
         """setup(), and afterwards the admin client closed and the scratch folder (the identities' credentials,
-        the operator's log) removed; after a failure the folder is kept, for its logs, and named."""
+        the operator's log) removed; after a failure (not a stop) the folder is kept, for its logs, and named."""
         c = await cls.setup(kubeconfig, options, actors)
+        failed = False
         try:
             yield c
-        except BaseException:
+        except Exception:  # (not a stop by Ctrl-C or SIGTERM: nothing to look into then)
+            failed = True
             print(f"bench: the operator's log and credentials are kept in {c.folder}", file=sys.stderr)
             raise
-        else:
-            shutil.rmtree(c.folder, ignore_errors=True)
         finally:
+            if not failed:
+                shutil.rmtree(c.folder, ignore_errors=True)
             await c.admin.close()
 
     async def namespace(self, name: str) -> None:

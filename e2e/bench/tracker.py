@@ -74,7 +74,11 @@ class Tracker:
             asyncio.create_task(self.api.watch(path("ModelAPI", self.namespace), self._modelapi, ready[0])),
             asyncio.create_task(self.api.watch(path("Deployment", self.namespace), self._deployment, ready[1])),
         ]
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 120)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 120)
+        except BaseException:  # (it never lists, or the run is stopped: the watches go too)
+            await self.stop()
+            raise
 
     async def stop(self) -> None:
         for task in self._tasks:
