@@ -110,6 +110,10 @@ class LeaderElector:
         held_by_other = record[0] not in ("", self.identity)
         if held_by_other and self._monotonic() - self._observed_at < self._timing.lease_duration:
             return False
+        if self._leading and not self.may_write():
+            # A leader past renew_deadline without a renewal (frozen while this attempt was under way) has given
+            # the Lease up, as client-go's does: it writes nothing more, not even the renewal.
+            return False
         body = lease_body(self._namespace, self._name, self.identity, self._timing, self._wall(), lease)
         await self._client.apply(body, _FIELD_MANAGER, force=True)
         return True

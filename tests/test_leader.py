@@ -17,6 +17,7 @@ class FakeLeases:
 
     def __init__(self) -> None:
         self.lease: dict[str, Any] | None = None
+        self.writes = 0
 
     async def get(self, resource: Any, namespace: str, name: str) -> dict[str, Any]:
         if self.lease is None:
@@ -24,6 +25,7 @@ class FakeLeases:
         return self.lease
 
     async def create(self, obj: dict[str, Any], field_manager: str) -> dict[str, Any]:
+        self.writes += 1
         self.lease = {**obj, "metadata": {**obj["metadata"], "resourceVersion": "1"}}
         return self.lease
 
@@ -31,9 +33,9 @@ class FakeLeases:
         return await self.create(obj, field_manager)
 
 
-def elector(now: list[float]) -> LeaderElector:
-    return LeaderElector(FakeLeases(), "ns", "lease", "me", structlog.get_logger(), TIMING,  # type: ignore[arg-type]
-                         monotonic=lambda: now[0])
+def elector(now: list[float], leases: FakeLeases | None = None) -> LeaderElector:
+    return LeaderElector(leases or FakeLeases(), "ns", "lease", "me", structlog.get_logger(),  # type: ignore[arg-type]
+                         TIMING, monotonic=lambda: now[0])
 
 
 async def test_no_write_before_leading() -> None:
@@ -49,5 +51,23 @@ async def test_the_fence_closes_renew_deadline_after_the_last_renewal_was_sent()
     assert e.may_write()
     now[0] = 110.0  # e.g. frozen since: a standby may take the Lease 15 s after it saw that renewal
     assert not e.may_write()
-    assert await e._attempt()  # a renewal opens it again
-    assert e.may_write()
+
+
+async def test_a_leader_frozen_while_renewing_sends_no_renewal_once_thawed() -> None:
+    """SIGSTOPped between a renewal's GET and its write, past the renew deadline: once thawed it writes nothing,
+    not even the renewal (which the Lease's resourceVersion would have refused if a standby had taken it)."""
+    now, leases = [100.0], FakeLeases()
+    e = elector(now, leases)
+    await e.acquire()
+    written = leases.writes
+    real_get = leases.get
+
+    async def frozen_get(*args: Any) -> dict[str, Any]:
+        lease = await real_get(*args)
+        now[0] += 16  # frozen past the lease duration while the answer waited
+        return lease
+
+    leases.get = frozen_get  # type: ignore[method-assign]
+    assert not await e._attempt()
+    assert leases.writes == written
+    assert not e.may_write()
